@@ -1,0 +1,126 @@
+"""Pipeline configuration: one YAML file, one pydantic model per stage section, unknown keys are errors.
+
+Relative paths in a config (inputs, work_dir) are resolved against the directory of the config file.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+
+from tasks.clean import CleanConfig, SourceConfig
+from tasks.perplexity import PerplexityConfig
+from tasks.quality import QualityConfig
+
+
+class ConfigError(ValueError):
+    """A config problem, stated with the file, the key and what is allowed."""
+
+
+class RunnerConfig(BaseModel):
+    """Where data-stage shards run: threads (default), local processes, or a Dask cluster (prefect-dask)."""
+
+    model_config = ConfigDict(extra="forbid")
+    kind: Literal["threads", "processes", "dask"] = "threads"
+    max_workers: int | None = Field(None, gt=0, description="threads/processes; default: number of cores")
+    dask_address: str | None = Field(None, description="Address of an existing Dask scheduler; None starts a local cluster")
+    dask_workers: int = Field(2, gt=0, description="Workers of the local Dask cluster")
+
+
+class PipelineConfig(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    name: str = Field(pattern=r"^[A-Za-z0-9][A-Za-z0-9_.-]*$")
+    work_dir: str = Field("work", description="Stage outputs go to <work_dir>/<stage>/<fingerprint>/")
+    base_model: str = Field(description="'builtin:tiny-llama', a local from_pretrained directory, or a hub id")
+    trust_remote_code: bool = Field(False, description="Allow model repositories to run their own code")
+    seed: int = 0
+    input_fingerprint: Literal["mtime", "content"] = Field(
+        "mtime", description="How input files enter the clean fingerprint: size+mtime (fast) or sha256 of content"
+    )
+    runner: RunnerConfig = RunnerConfig()
+    sources: list[SourceConfig] = Field(min_length=1)
+    clean: CleanConfig = CleanConfig()
+    quality: QualityConfig = QualityConfig()
+    perplexity: PerplexityConfig = PerplexityConfig()
+
+    # Set by load_config, not by the YAML: where relative paths start.
+    base_dir: str = Field(".", exclude=True)
+
+    @model_validator(mode="after")
+    def _unique_source_names(self) -> "PipelineConfig":
+        names = [s.name for s in self.sources]
+        duplicates = sorted({n for n in names if names.count(n) > 1})
+        if duplicates:
+            raise ValueError(f"source names must be unique; repeated: {', '.join(duplicates)}")
+        return self
+
+    def resolve(self, path: str) -> Path:
+        candidate = Path(path).expanduser()
+        return candidate if candidate.is_absolute() else (Path(self.base_dir) / candidate).resolve()
+
+    @property
+    def work_path(self) -> Path:
+        return self.resolve(self.work_dir)
+
+
+def _allowed_keys(model: type[BaseModel], loc: tuple) -> list[str]:
+    """Field names allowed at the place an error points to (walks nested models and lists)."""
+    current: Any = model
+    for part in loc[:-1]:
+        if isinstance(part, int) or current is None:
+            continue
+        field = current.model_fields.get(part) if isinstance(current, type) and issubclass(current, BaseModel) else None
+        if field is None:
+            return []
+        annotation = field.annotation
+        current = None
+        for candidate in (annotation, *getattr(annotation, "__args__", ())):
+            inner = (candidate, *getattr(candidate, "__args__", ()))
+            for option in inner:
+                if isinstance(option, type) and issubclass(option, BaseModel):
+                    current = option
+    if isinstance(current, type) and issubclass(current, BaseModel):
+        return [name for name, f in current.model_fields.items() if not f.exclude]
+    return []
+
+
+def format_validation_error(err: ValidationError, source: str, model: type[BaseModel] = PipelineConfig) -> str:
+    lines = [f"{source}: invalid configuration"]
+    for error in err.errors():
+        loc = tuple(error["loc"])
+        key = ".".join(str(p) for p in loc) or "(top level)"
+        if error["type"] == "extra_forbidden":
+            allowed = _allowed_keys(model, loc)
+            lines.append(f"  - unknown key '{key}'" + (f" (allowed here: {', '.join(allowed)})" if allowed else ""))
+        elif error["type"] == "missing":
+            lines.append(f"  - missing required key '{key}'")
+        else:
+            got = error.get("input")
+            shown = "" if isinstance(got, (dict, list)) else f" (got {got!r})"
+            lines.append(f"  - {key}: {error['msg']}{shown}")
+    return "\n".join(lines)
+
+
+def load_config(path: str | Path, work_dir: str | Path | None = None) -> PipelineConfig:
+    """Read and validate a pipeline YAML; `work_dir` (e.g. from --work-dir) overrides the file's."""
+    path = Path(path)
+    if not path.is_file():
+        raise ConfigError(f"{path}: config file not found")
+    try:
+        data = yaml.safe_load(path.read_text(encoding="utf-8"))
+    except yaml.YAMLError as err:
+        raise ConfigError(f"{path}: not valid YAML: {err}") from None
+    if not isinstance(data, dict):
+        raise ConfigError(f"{path}: expected a mapping of sections at the top level")
+    if "base_dir" in data:
+        raise ConfigError(f"{path}: unknown key 'base_dir'")
+    if work_dir is not None:
+        data["work_dir"] = str(Path(work_dir).resolve())
+    try:
+        config = PipelineConfig.model_validate(dict(data, base_dir=str(path.resolve().parent)))
+    except ValidationError as err:
+        raise ConfigError(format_validation_error(err, str(path))) from None
+    return config

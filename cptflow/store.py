@@ -1,0 +1,109 @@
+"""Stage store: every stage writes into `<work_dir>/<stage>/<fingerprint>/` and commits with manifest.json.
+
+The manifest is written last with an atomic rename, so a directory without one is never read as done.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import json
+import os
+import shutil
+import time
+from pathlib import Path
+from typing import Any, Iterator
+
+STAGES = ("clean", "quality", "perplexity", "mix", "tokenize", "cpt", "sft", "evaluate")
+MANIFEST = "manifest.json"
+WORK = "_work"  # per-shard partial results and completion markers of an unfinished stage
+
+
+def canonical_json(value: Any) -> str:
+    return json.dumps(value, sort_keys=True, separators=(",", ":"), ensure_ascii=False, default=str)
+
+
+def fingerprint(payload: dict) -> str:
+    """Short content address of a stage: sha256 of the canonical JSON payload."""
+    return hashlib.sha256(canonical_json(payload).encode()).hexdigest()[:16]
+
+
+def sha256_file(path: Path, chunk_bytes: int = 1 << 20) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as handle:
+        while chunk := handle.read(chunk_bytes):
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
+def stage_dir(work_dir: Path, stage: str, stage_fingerprint: str) -> Path:
+    return Path(work_dir) / stage / stage_fingerprint
+
+
+@contextlib.contextmanager
+def atomic_path(path: Path) -> Iterator[Path]:
+    """Yield a temporary sibling of `path`; rename it onto `path` only if the block succeeds."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    try:
+        yield tmp
+        with open(tmp, "rb+") as handle:  # durable before it becomes visible
+            os.fsync(handle.fileno())
+        os.replace(tmp, path)
+    finally:
+        if tmp.exists():
+            tmp.unlink()
+
+
+def atomic_write_text(path: Path, text: str) -> None:
+    with atomic_path(path) as tmp:
+        tmp.write_text(text, encoding="utf-8")
+
+
+def atomic_write_json(path: Path, value: Any) -> None:
+    atomic_write_text(path, json.dumps(value, indent=2, sort_keys=True, ensure_ascii=False, default=str) + "\n")
+
+
+def read_json(path: Path) -> Any:
+    return json.loads(Path(path).read_text(encoding="utf-8"))
+
+
+def read_manifest(directory: Path) -> dict | None:
+    path = Path(directory) / MANIFEST
+    return read_json(path) if path.is_file() else None
+
+
+def file_entry(path: Path, root: Path) -> dict:
+    return {"path": str(Path(path).relative_to(root)), "bytes": Path(path).stat().st_size, "sha256": sha256_file(path)}
+
+
+def commit_manifest(directory: Path, manifest: dict) -> dict:
+    """Record every output file with its sha256, then write the manifest (the commit point)."""
+    directory = Path(directory)
+    outputs = sorted(
+        p for p in directory.rglob("*") if p.is_file() and WORK not in p.relative_to(directory).parts and p.name != MANIFEST
+    )
+    manifest = dict(manifest, outputs=[file_entry(p, directory) for p in outputs])
+    atomic_write_json(directory / MANIFEST, manifest)
+    shutil.rmtree(directory / WORK, ignore_errors=True)
+    return manifest
+
+
+def reset_stage_dir(directory: Path) -> None:
+    """Forget a stage's result (for --force): the manifest goes first so a crash leaves it 'not done'."""
+    directory = Path(directory)
+    (directory / MANIFEST).unlink(missing_ok=True)
+    shutil.rmtree(directory, ignore_errors=True)
+
+
+def other_done_fingerprints(work_dir: Path, stage: str, current: str) -> list[str]:
+    """Fingerprints of earlier finished runs of a stage (their presence makes the current one 'stale')."""
+    root = Path(work_dir) / stage
+    if not root.is_dir():
+        return []
+    return sorted(p.name for p in root.iterdir() if p.name != current and (p / MANIFEST).is_file())
+
+
+def now_iso() -> str:
+    return time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())

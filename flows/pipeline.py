@@ -1,0 +1,218 @@
+"""The cptflow DAG as one Prefect flow: clean → quality → perplexity (→ mix → tokenize → cpt → sft → evaluate).
+
+Stages pass small records (paths, fingerprints, counts). Each data stage is a subflow that maps its
+shards over the configured task runner, then commits with a task cached by the stage fingerprint.
+"""
+
+from __future__ import annotations
+
+import time
+from pathlib import Path
+
+import cptflow  # noqa: F401  (sets Prefect defaults before prefect is imported)
+from prefect import flow, task, unmapped
+from prefect.artifacts import create_markdown_artifact, create_table_artifact
+from prefect.cache_policies import NO_CACHE
+from prefect.filesystems import LocalFileSystem
+from prefect.logging import get_run_logger
+
+from cptflow.config import PipelineConfig, RunnerConfig, load_config
+from cptflow.docshards import ShardCounts
+from cptflow.plan import PIPELINE_STAGES, UPSTREAM, StageRun, plan_pipeline
+from cptflow.store import read_manifest, reset_stage_dir
+from tasks import clean, perplexity, quality
+
+STAGE_MODULES = {"clean": clean, "quality": quality, "perplexity": perplexity}
+
+
+class StageSelectionError(ValueError):
+    pass
+
+
+def make_task_runner(runner: RunnerConfig):
+    if runner.kind == "threads":
+        from prefect.task_runners import ThreadPoolTaskRunner
+
+        return ThreadPoolTaskRunner(max_workers=runner.max_workers)
+    if runner.kind == "processes":
+        from prefect.task_runners import ProcessPoolTaskRunner
+
+        return ProcessPoolTaskRunner(max_workers=runner.max_workers)
+    from prefect_dask import DaskTaskRunner  # the `dask` extra
+
+    if runner.dask_address:
+        return DaskTaskRunner(address=runner.dask_address)
+    return DaskTaskRunner(cluster_kwargs={"n_workers": runner.dask_workers, "threads_per_worker": 1, "processes": True})
+
+
+def select_stages(only: list[str] | None, from_stage: str | None, force: list[str] | None) -> tuple[list[str], set[str]]:
+    """(stages to execute, stages to recompute even if done) from --only/--from/--force."""
+    for name in [*(only or []), *([from_stage] if from_stage else []), *(force or [])]:
+        if name not in PIPELINE_STAGES:
+            raise StageSelectionError(f"unknown stage '{name}' (this pipeline runs: {', '.join(PIPELINE_STAGES)})")
+    selected = list(PIPELINE_STAGES)
+    forced = set(force or [])
+    if from_stage:
+        selected = selected[selected.index(from_stage) :]
+        forced |= set(selected)
+    if only:
+        selected = [s for s in selected if s in only]
+    return selected, forced
+
+
+def _stage_report(run: StageRun, state: str) -> dict:
+    manifest = read_manifest(run.path) or {}
+    return {
+        "stage": run.stage,
+        "state": state,
+        "fingerprint": run.fingerprint,
+        "directory": run.directory,
+        "counts": manifest.get("counts"),
+        "seconds": (manifest.get("timings") or {}).get("seconds"),
+    }
+
+
+@task(name="shard", cache_policy=NO_CACHE, persist_result=False, task_run_name="{stage}-{shard_name}")
+def process_shard(stage: str, shard_name: str, item, run: StageRun, cfg: PipelineConfig) -> ShardCounts:
+    """One shard of a data stage; a shard finished before a kill returns its recorded counts at once."""
+    return STAGE_MODULES[stage].process(run, cfg, item)
+
+
+def _stage_cache_key(context, parameters) -> str:
+    run: StageRun = parameters["run"]
+    return f"cptflow-{run.stage}-{run.fingerprint}"  # no RUN_ID: a new flow run hits the cache too
+
+
+@task(name="commit-stage", cache_key_fn=_stage_cache_key, persist_result=True, task_run_name="{stage}")
+def commit_stage(stage: str, run: StageRun, cfg: PipelineConfig, shard_counts: list[ShardCounts] | None, started: float) -> dict:
+    """Global decisions (duplicates, percentile bands), final shards, manifest, artifacts."""
+    if run.is_done():  # the Prefect cache was lost but the store has the result: no work
+        return _stage_report(run, "cached")
+    manifest = STAGE_MODULES[stage].commit(run, cfg, shard_counts, started)
+    publish_stage_artifacts(manifest)
+    return _stage_report(run, "ran")
+
+
+def _data_stage(stage: str, run: StageRun, cfg: PipelineConfig, force: bool) -> dict:
+    logger = get_run_logger()
+    if force:
+        reset_stage_dir(run.path)
+    done = run.is_done()
+    shard_counts, started = None, time.time()
+    if not done:
+        items = STAGE_MODULES[stage].plan(run, cfg)
+        names = [shard_name(item) for item in items]
+        logger.info("%s: %d shards → %s", stage, len(items), run.directory)
+        futures = process_shard.map(stage=unmapped(stage), shard_name=names, item=items, run=unmapped(run), cfg=unmapped(cfg))
+        shard_counts = [future.result() for future in futures]
+    storage = LocalFileSystem(basepath=str(cfg.work_path / ".prefect-results"))
+    state = commit_stage.with_options(result_storage=storage, refresh_cache=not done)(
+        stage, run, cfg, shard_counts, started, return_state=True
+    )
+    report = state.result()
+    if state.name == "Cached" or done:
+        report = dict(report, state="cached")
+    logger.info("%s: %s (%s)", stage, report["state"], run.fingerprint)
+    return report
+
+
+def shard_name(item) -> str:
+    if isinstance(item, tuple):  # clean: (InputShard, SourceConfig)
+        return item[0].name
+    return item["shard"]
+
+
+@flow(name="data-stage", flow_run_name="{stage}", log_prints=True)
+def data_stage(stage: str, run: StageRun, cfg: PipelineConfig, force: bool = False) -> dict:
+    return _data_stage(stage, run, cfg, force)
+
+
+def run_stage(stage: str, runs: dict[str, StageRun], cfg: PipelineConfig, selected: list[str], forced: set[str]) -> dict:
+    run = runs[stage]
+    if stage not in selected:
+        return _stage_report(run, "done" if run.is_done() else "not run")
+    runner = make_task_runner(cfg.runner)
+    return data_stage.with_options(task_runner=runner)(stage, run, cfg, force=stage in forced)
+
+
+@flow(name="cptflow-pipeline", log_prints=True)
+def cptflow_pipeline(
+    config_path: str,
+    only: list[str] | None = None,
+    from_stage: str | None = None,
+    force: list[str] | None = None,
+    work_dir: str | None = None,
+) -> list[dict]:
+    """Curate, mix, tokenize, train and evaluate, as configured in `config_path`."""
+    cfg = load_config(config_path, work_dir)
+    selected, forced = select_stages(only, from_stage, force)
+    runs = plan_pipeline(cfg)
+    check_upstreams_available(runs, selected)
+
+    clean_report = run_stage("clean", runs, cfg, selected, forced)
+    quality_report = run_stage("quality", runs, cfg, selected, forced)
+    perplexity_report = run_stage("perplexity", runs, cfg, selected, forced)
+
+    reports = [clean_report, quality_report, perplexity_report]
+    publish_run_summary(cfg, reports)
+    return reports
+
+
+def check_upstreams_available(runs: dict[str, StageRun], selected: list[str]) -> None:
+    """--only a stage whose upstream is neither done nor selected cannot run: say so before any work."""
+    for stage in selected:
+        upstream = UPSTREAM.get(stage)
+        if upstream and upstream not in selected and not runs[upstream].is_done():
+            raise StageSelectionError(
+                f"stage '{stage}' needs the output of '{upstream}' ({runs[upstream].fingerprint}), which is not done; "
+                f"run with --from {upstream} or without --only"
+            )
+
+
+# ----------------------------------------------------------------------------------------------------
+# Artifacts (keys: lowercase letters, digits and dashes only)
+# ----------------------------------------------------------------------------------------------------
+def stage_table_rows(manifest: dict) -> list[dict]:
+    by_source = manifest["counts_by_source"]
+    sources = sorted(by_source)
+
+    def row(measure: str, pick) -> dict:
+        values = {"measure": measure, "total": pick(manifest["counts"])}
+        values.update({name: pick(by_source[name]) for name in sources})
+        return values
+
+    rows = [row("documents in", lambda c: c["in"]), row("kept", lambda c: c["kept"])]
+    for kind in ("excluded", "rejected"):
+        reasons = sorted({r for c in [manifest["counts"], *by_source.values()] for r in c[kind]})
+        rows += [row(f"{kind}: {reason}", lambda c, k=kind, r=reason: c[k].get(r, 0)) for reason in reasons]
+    timing = manifest["timings"]
+    rows.append({"measure": "docs/s per worker", "total": timing["docs_per_s_per_worker"]})
+    rows.append({"measure": "seconds (wall)", "total": timing["seconds"]})
+    return rows
+
+
+def publish_stage_artifacts(manifest: dict) -> None:
+    stage = manifest["stage"]
+    create_table_artifact(
+        key=f"{stage}-counts",
+        table=stage_table_rows(manifest),
+        description=f"{stage} ({manifest['fingerprint']}): documents in, kept, dropped per reason, throughput",
+    )
+
+
+def publish_run_summary(cfg: PipelineConfig, reports: list[dict]) -> None:
+    lines = [f"# cptflow run: {cfg.name}", "", "| stage | state | in | kept | excluded | rejected | seconds | fingerprint |", "|---|---|---|---|---|---|---|---|"]
+    for report in reports:
+        counts = report.get("counts") or {}
+        excluded = sum((counts.get("excluded") or {}).values()) if counts else ""
+        rejected = sum((counts.get("rejected") or {}).values()) if counts else ""
+        lines.append(
+            f"| {report['stage']} | {report['state']} | {counts.get('in', '')} | {counts.get('kept', '')} | {excluded} | "
+            f"{rejected} | {report.get('seconds') or ''} | `{report['fingerprint']}` |"
+        )
+    lines += ["", f"Work directory: `{cfg.work_path}`", "", "Rerun one stage: `cptflow run CONFIG --from STAGE`."]
+    create_markdown_artifact(key="pipeline-summary", markdown="\n".join(lines), description=f"cptflow {cfg.name}")
+
+
+def run_pipeline(config_path: str | Path, **options) -> list[dict]:
+    return cptflow_pipeline(config_path=str(config_path), **options)
