@@ -20,10 +20,15 @@ PIPELINE_STAGES = ("clean", "quality", "perplexity")
 UPSTREAM = {"quality": "clean", "perplexity": "quality", "mix": "perplexity", "tokenize": "mix", "cpt": "tokenize", "sft": "cpt", "evaluate": "sft"}
 
 
-def stage_versions() -> dict[str, int]:
+def stage_module(stage: str):
+    """The module in tasks/ that does a stage's work: plan(), process() and commit()."""
     from tasks import clean, perplexity, quality
 
-    return {"clean": clean.STAGE_VERSION, "quality": quality.STAGE_VERSION, "perplexity": perplexity.STAGE_VERSION}
+    return {"clean": clean, "quality": quality, "perplexity": perplexity}[stage]
+
+
+def stage_versions() -> dict[str, int]:
+    return {stage: stage_module(stage).STAGE_VERSION for stage in PIPELINE_STAGES}
 
 
 @dataclass(frozen=True)
@@ -148,6 +153,24 @@ def upstream_shards(run: StageRun) -> list[dict]:
     if manifest is None:
         raise RuntimeError(f"{run.stage}: upstream output {run.upstream_directory} is not committed (run the upstream stage first)")
     return [{"shard": s["shard"], "source": s["source"]} for s in manifest["shards"]]
+
+
+def run_data_stage_plain(run: StageRun, cfg: PipelineConfig, force: bool = False) -> str:
+    """A data stage without Prefect, shard after shard: the reference the flow must agree with.
+
+    Returns "cached" if the stage was already committed, else "ran".
+    """
+    from cptflow.store import reset_stage_dir
+
+    if force:
+        reset_stage_dir(run.path)
+    if run.is_done():
+        return "cached"
+    module = stage_module(run.stage)
+    started = time.time()
+    counts = [module.process(run, cfg, item) for item in module.plan(run, cfg)]
+    module.commit(run, cfg, counts, started)
+    return "ran"
 
 
 assert set(PIPELINE_STAGES) <= set(STAGES)

@@ -81,6 +81,8 @@ def file_entry(path: Path, root: Path) -> dict:
 def commit_manifest(directory: Path, manifest: dict) -> dict:
     """Record every output file with its sha256, then write the manifest (the commit point)."""
     directory = Path(directory)
+    for stale in directory.rglob(".*.tmp-*"):  # left by a writer that was killed
+        stale.unlink()
     outputs = sorted(
         p for p in directory.rglob("*") if p.is_file() and WORK not in p.relative_to(directory).parts and p.name != MANIFEST
     )

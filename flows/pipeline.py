@@ -13,16 +13,12 @@ import cptflow  # noqa: F401  (sets Prefect defaults before prefect is imported)
 from prefect import flow, task, unmapped
 from prefect.artifacts import create_markdown_artifact, create_table_artifact
 from prefect.cache_policies import NO_CACHE
-from prefect.filesystems import LocalFileSystem
 from prefect.logging import get_run_logger
 
 from cptflow.config import PipelineConfig, RunnerConfig, load_config
 from cptflow.docshards import ShardCounts
-from cptflow.plan import PIPELINE_STAGES, UPSTREAM, StageRun, plan_pipeline
+from cptflow.plan import PIPELINE_STAGES, UPSTREAM, StageRun, plan_pipeline, stage_module
 from cptflow.store import read_manifest, reset_stage_dir
-from tasks import clean, perplexity, quality
-
-STAGE_MODULES = {"clean": clean, "quality": quality, "perplexity": perplexity}
 
 
 class StageSelectionError(ValueError):
@@ -75,7 +71,7 @@ def _stage_report(run: StageRun, state: str) -> dict:
 @task(name="shard", cache_policy=NO_CACHE, persist_result=False, task_run_name="{stage}-{shard_name}")
 def process_shard(stage: str, shard_name: str, item, run: StageRun, cfg: PipelineConfig) -> ShardCounts:
     """One shard of a data stage; a shard finished before a kill returns its recorded counts at once."""
-    return STAGE_MODULES[stage].process(run, cfg, item)
+    return stage_module(stage).process(run, cfg, item)
 
 
 def _stage_cache_key(context, parameters) -> str:
@@ -87,10 +83,11 @@ def _stage_cache_key(context, parameters) -> str:
 def commit_stage(stage: str, run: StageRun, cfg: PipelineConfig, shard_counts: list[ShardCounts] | None, started: float) -> dict:
     """Global decisions (duplicates, percentile bands), final shards, manifest, artifacts."""
     if run.is_done():  # the Prefect cache was lost but the store has the result: no work
-        return _stage_report(run, "cached")
-    manifest = STAGE_MODULES[stage].commit(run, cfg, shard_counts, started)
+        return {"stage": stage, "fingerprint": run.fingerprint, "state": "cached"}
+    manifest = stage_module(stage).commit(run, cfg, shard_counts, started)
     publish_stage_artifacts(manifest)
-    return _stage_report(run, "ran")
+    # Small and independent of the work directory: the cache key is the fingerprint alone.
+    return {"stage": stage, "fingerprint": run.fingerprint, "state": "ran"}
 
 
 def _data_stage(stage: str, run: StageRun, cfg: PipelineConfig, force: bool) -> dict:
@@ -100,18 +97,15 @@ def _data_stage(stage: str, run: StageRun, cfg: PipelineConfig, force: bool) -> 
     done = run.is_done()
     shard_counts, started = None, time.time()
     if not done:
-        items = STAGE_MODULES[stage].plan(run, cfg)
+        items = stage_module(stage).plan(run, cfg)
         names = [shard_name(item) for item in items]
         logger.info("%s: %d shards → %s", stage, len(items), run.directory)
         futures = process_shard.map(stage=unmapped(stage), shard_name=names, item=items, run=unmapped(run), cfg=unmapped(cfg))
         shard_counts = [future.result() for future in futures]
-    storage = LocalFileSystem(basepath=str(cfg.work_path / ".prefect-results"))
-    state = commit_stage.with_options(result_storage=storage, refresh_cache=not done)(
-        stage, run, cfg, shard_counts, started, return_state=True
-    )
-    report = state.result()
-    if state.name == "Cached" or done:
-        report = dict(report, state="cached")
+    # The store is the truth: a stage not committed there is recomputed even if Prefect has a record.
+    state = commit_stage.with_options(refresh_cache=not done)(stage, run, cfg, shard_counts, started, return_state=True)
+    ran = state.result()["state"] == "ran" and state.name != "Cached"
+    report = _stage_report(run, "ran" if ran else "cached")
     logger.info("%s: %s (%s)", stage, report["state"], run.fingerprint)
     return report
 
@@ -132,7 +126,7 @@ def run_stage(stage: str, runs: dict[str, StageRun], cfg: PipelineConfig, select
     if stage not in selected:
         return _stage_report(run, "done" if run.is_done() else "not run")
     runner = make_task_runner(cfg.runner)
-    return data_stage.with_options(task_runner=runner)(stage, run, cfg, force=stage in forced)
+    return data_stage.with_options(name=stage, task_runner=runner)(stage, run, cfg, force=stage in forced)
 
 
 @flow(name="cptflow-pipeline", log_prints=True)

@@ -7,6 +7,7 @@ exact-duplicate removal. Unreadable records are rejected with file, line and rea
 from __future__ import annotations
 
 import ast
+import functools
 import glob
 import gzip
 import hashlib
@@ -352,12 +353,17 @@ _CONTROL_CHARS = re.compile(r"[\x00-\x08\x0b\x0c\x0e-\x1f\x7f]")
 
 
 def fix_unicode(text: str) -> str:
-    """Mojibake repair with ftfy (skipped for ASCII, which cannot hold mojibake), then NFC."""
+    """Mojibake repair with ftfy where its badness heuristic fires, then NFC and no control characters.
+
+    ASCII cannot hold mojibake, and `is_bad` costs a tenth of `fix_text`: most documents skip ftfy.
+    """
     if not text.isascii():
         import ftfy
+        from ftfy.badness import is_bad
 
-        # Keep curly quotes and entities as written: entities are handled by the HTML step.
-        text = ftfy.fix_text(text, ftfy.TextFixerConfig(uncurl_quotes=False, unescape_html=False, normalization="NFC"))
+        if is_bad(text):
+            # Keep curly quotes and entities as written: entities are handled by the HTML step.
+            text = ftfy.fix_text(text, ftfy.TextFixerConfig(uncurl_quotes=False, unescape_html=False, normalization="NFC"))
         text = unicodedata.normalize("NFC", text)
     return _CONTROL_CHARS.sub("", text)
 
@@ -465,17 +471,21 @@ def remove_boilerplate_lines(text: str, matcher: re.Pattern, max_line_chars: int
     return (_BLANK_LINES.sub("\n\n", "\n".join(kept)).strip("\n"), removed) if removed else (text, 0)
 
 
+# One alternation, one pass over the text. At a given position the first alternative wins, so card
+# numbers come before phone numbers (a card contains phone-like digit runs).
 _PII_PATTERNS = {
-    # Order matters: card numbers before phone numbers (a card contains phone-like digit runs).
-    "email": re.compile(r"(?<![\w.+-])[A-Za-z0-9._%+-]+@[A-Za-z0-9-]+(?:\.[A-Za-z0-9-]+)*\.[A-Za-z]{2,}\b"),
-    "credit_card": re.compile(r"(?<![\d-])\d(?:[ -]?\d){12,18}(?![\d-])"),
-    "ssn": re.compile(r"(?<![\d-])(?!000|666|9\d\d)\d{3}-(?!00)\d{2}-(?!0000)\d{4}(?![\d-])"),
-    "phone": re.compile(
-        r"(?<![\w+])(?:\+\d{1,3}[ .-]?)?(?:\(\d{3}\)\s?|\d{3}[ .-])\d{3}[ .-]\d{4}(?!\w)"
-        r"|(?<![\w+])\+\d{2,3}(?:[ .-]\d{1,4}){3,5}(?!\w)"
-    ),
-    "ipv4": re.compile(r"(?<![\d.])(?:(?:25[0-5]|2[0-4]\d|1\d\d|[1-9]?\d)\.){3}(?:25[0-5]|2[0-4]\d|1\d\d|[1-9]?\d)(?![\d.])"),
+    "email": r"(?<![\w.+-])[A-Za-z0-9._%+-]+@[A-Za-z0-9-]+(?:\.[A-Za-z0-9-]+)*\.[A-Za-z]{2,}\b",
+    "credit_card": r"(?<![\d-])\d(?:[ -]?\d){12,18}(?![\d-])",
+    "ssn": r"(?<![\d-])(?!000|666|9\d\d)\d{3}-(?!00)\d{2}-(?!0000)\d{4}(?![\d-])",
+    "phone": r"(?<![\w+])(?:\+\d{1,3}[ .-]?)?(?:\(\d{3}\)\s?|\d{3}[ .-])\d{3}[ .-]\d{4}(?!\w)"
+    r"|(?<![\w+])\+\d{2,3}(?:[ .-]\d{1,4}){3,5}(?!\w)",
+    "ipv4": r"(?<![\d.])(?:(?:25[0-5]|2[0-4]\d|1\d\d|[1-9]?\d)\.){3}(?:25[0-5]|2[0-4]\d|1\d\d|[1-9]?\d)(?![\d.])",
 }
+
+
+@functools.lru_cache(maxsize=8)
+def _pii_regex(kinds: tuple[str, ...]) -> re.Pattern:
+    return re.compile("|".join(f"(?P<{kind}>{_PII_PATTERNS[kind]})" for kind in _PII_PATTERNS if kind in kinds))
 
 
 def luhn_valid(digits: str) -> bool:
@@ -490,21 +500,17 @@ def luhn_valid(digits: str) -> bool:
 
 def scrub_pii(text: str, cfg: PIIConfig, tally: Counter) -> str:
     """Replace personal data with placeholders; card numbers only when the Luhn check passes."""
-    for kind in ("email", "credit_card", "ssn", "phone", "ipv4"):
-        if kind not in cfg.kinds:
-            continue
-        placeholder = cfg.placeholder.format(kind=kind.upper())
 
-        def replace(match: re.Match, kind=kind, placeholder=placeholder) -> str:
-            if kind == "credit_card":
-                digits = re.sub(r"\D", "", match.group())
-                if not (13 <= len(digits) <= 19 and luhn_valid(digits)):
-                    return match.group()
-            tally[f"pii_{kind}"] += 1
-            return placeholder
+    def replace(match: re.Match) -> str:
+        kind = match.lastgroup
+        if kind == "credit_card":
+            digits = re.sub(r"\D", "", match.group())
+            if not (13 <= len(digits) <= 19 and luhn_valid(digits)):
+                return match.group()
+        tally[f"pii_{kind}"] += 1
+        return cfg.placeholder.format(kind=kind.upper())
 
-        text = _PII_PATTERNS[kind].sub(replace, text)
-    return text
+    return _pii_regex(tuple(cfg.kinds)).sub(replace, text)
 
 
 def python_parses(text: str) -> bool:
@@ -579,6 +585,14 @@ def metadata_reason(record: dict, filters: list[MetadataFilter]) -> str | None:
     return None
 
 
+@functools.lru_cache(maxsize=4096)
+def _relative(file: str, base_dir: Path) -> str:
+    try:
+        return str(Path(file).resolve().relative_to(base_dir.resolve()))
+    except ValueError:
+        return file
+
+
 def _to_document(raw: RawRecord, source: SourceConfig, base_dir: Path) -> tuple[dict | None, str | None, str]:
     """A document from a parsed record, or (None, reject reason, detail) naming the field."""
     record = raw.record
@@ -589,13 +603,9 @@ def _to_document(raw: RawRecord, source: SourceConfig, base_dir: Path) -> tuple[
         return None, "wrong_type_text_field", f"field '{source.text_field}' is {type(text).__name__}, expected a string"
     if not text.strip():
         return None, "empty_text", f"field '{source.text_field}' is empty"
-    try:
-        where = str(Path(raw.file).resolve().relative_to(base_dir.resolve()))
-    except ValueError:
-        where = raw.file
     doc_id = record.get(source.id_field) if source.id_field else None
     if isinstance(doc_id, (dict, list)) or doc_id is None or doc_id == "":
-        doc_id = f"{source.name}:{where}:{raw.line}"
+        doc_id = f"{source.name}:{_relative(raw.file, base_dir)}:{raw.line}"
     meta = {k: v for k, v in record.items() if k not in (source.text_field, source.id_field)}
     return {"id": str(doc_id), "source": source.name, "text": text, "meta": meta}, None, ""
 

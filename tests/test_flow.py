@@ -1,0 +1,182 @@
+"""The Prefect flow on real sample data: run, rerun (all cached), change one stage, kill and resume."""
+
+from __future__ import annotations
+
+import gzip
+import json
+import os
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
+
+import pytest
+import yaml
+
+from cptflow.config import load_config
+from cptflow.plan import PIPELINE_STAGES, plan_pipeline, stage_status
+from cptflow.store import read_manifest
+
+REPO = Path(__file__).resolve().parents[1]
+DATA = REPO / "data" / "raw"
+
+
+def head_lines(path: Path, n: int) -> list[bytes]:
+    opener = gzip.open if path.name.endswith(".gz") else open
+    with opener(path, "rb") as handle:
+        return [line for _, line in zip(range(n), handle)]
+
+
+@pytest.fixture(scope="module")
+def corpus(tmp_path_factory) -> Path:
+    """A slice of the committed sample corpora, dirt included (HTML, duplicates, PII, malformed lines)."""
+    root = tmp_path_factory.mktemp("corpus")
+    (root / "domain").mkdir()
+    (root / "general").mkdir()
+    (root / "domain" / "abstracts.jsonl").write_bytes(b"".join(head_lines(DATA / "domain" / "abstracts.jsonl", 160)))
+    with gzip.open(root / "general" / "web-000.jsonl.gz", "wb") as handle:
+        handle.write(b"".join(head_lines(DATA / "general" / "web-000.jsonl.gz", 200)))
+    (root / "general" / "web-002-dirty.jsonl").write_bytes((DATA / "general" / "web-002-dirty.jsonl").read_bytes())
+    return root
+
+
+def write_config(directory: Path, corpus: Path, model: Path, **overrides) -> Path:
+    config = {
+        "name": "flow-test",
+        "work_dir": "work",
+        "base_model": str(model),
+        "sources": [
+            {"name": "domain", "role": "domain", "paths": [str(corpus / "domain")], "documents_per_shard": 50},
+            {
+                "name": "general",
+                "role": "general",
+                "paths": [str(corpus / "general")],
+                "text_field": "content",
+                "id_field": "doc_id",
+                "documents_per_shard": 60,
+            },
+        ],
+        "perplexity": {"keep_band": [0, 95], "batch_tokens": 4096},
+    }
+    config.update(overrides)
+    directory.mkdir(parents=True, exist_ok=True)
+    path = directory / "pipeline.yaml"
+    path.write_text(yaml.safe_dump(config))
+    return path
+
+
+def outputs(manifest: dict) -> dict[str, str]:
+    return {entry["path"]: entry["sha256"] for entry in manifest["outputs"]}
+
+
+def file_times(root: Path) -> dict[str, int]:
+    return {str(p.relative_to(root)): p.stat().st_mtime_ns for p in root.rglob("*") if p.is_file()}
+
+
+def test_run_rerun_change_and_force(prefect_harness, corpus, tiny_llama_dir, tmp_path):
+    from flows.pipeline import run_pipeline
+
+    config = write_config(tmp_path, corpus, tiny_llama_dir)
+    reports = run_pipeline(config)
+    assert [(r["stage"], r["state"]) for r in reports] == [(s, "ran") for s in PIPELINE_STAGES]
+
+    manifests = {r["stage"]: read_manifest(Path(r["directory"])) for r in reports}
+    assert all(manifests[r["stage"]]["fingerprint"] == Path(r["directory"]).name for r in reports)
+    for stage, manifest in manifests.items():
+        counts = manifest["counts"]
+        assert counts["in"] == counts["kept"] + sum(counts["excluded"].values()) + sum(counts["rejected"].values()), stage
+    # documents flow from one stage to the next, none lost on the way
+    assert manifests["quality"]["counts"]["in"] == manifests["clean"]["counts"]["kept"]
+    assert manifests["perplexity"]["counts"]["in"] == manifests["quality"]["counts"]["kept"]
+    clean_counts = manifests["clean"]["counts"]
+    assert clean_counts["rejected"]["malformed_json"] >= 1 and clean_counts["excluded"].get("exact_duplicate", 0) >= 1
+    assert manifests["quality"]["counts"]["excluded"].get("language_not_allowed", 0) >= 1
+    assert manifests["perplexity"]["counts"]["excluded"].get("perplexity_above_band", 0) >= 1
+
+    work = tmp_path / "work"
+    before = file_times(work)
+    rerun = run_pipeline(config)
+    assert [r["state"] for r in rerun] == ["cached"] * len(PIPELINE_STAGES)
+    assert file_times(work) == before  # no stage work: nothing written, nothing touched
+
+    status = {row["stage"]: row["state"] for row in stage_status(load_config(config))}
+    assert status == {s: "done" for s in PIPELINE_STAGES}
+
+    # Changing quality's config re-runs quality and what follows; clean stays cached.
+    changed = write_config(tmp_path, corpus, tiny_llama_dir, quality={"gopher_quality": {"min_words": 60}})
+    assert {row["stage"]: row["state"] for row in stage_status(load_config(changed))} == {
+        "clean": "done",
+        "quality": "stale",
+        "perplexity": "stale",
+    }
+    after_change = run_pipeline(changed)
+    assert [r["state"] for r in after_change] == ["cached", "ran", "ran"]
+    assert after_change[1]["fingerprint"] != reports[1]["fingerprint"]
+
+    # --force recomputes a stage in place and produces the same bytes.
+    forced = run_pipeline(changed, force=["clean"])
+    assert [r["state"] for r in forced] == ["ran", "cached", "cached"]
+    assert outputs(read_manifest(Path(forced[0]["directory"]))) == outputs(manifests["clean"])
+
+    from prefect.client.orchestration import get_client
+
+    with get_client(sync_client=True) as client:
+        keys = {artifact.key for artifact in client.read_artifacts()}
+    assert {"clean-counts", "quality-counts", "perplexity-counts", "pipeline-summary"} <= keys
+
+
+KILL_SCRIPT = textwrap.dedent(
+    """
+    import os, signal, sys
+    from cptflow.config import load_config
+    from cptflow.plan import plan_pipeline, run_data_stage_plain
+    import cptflow.docshards as docshards
+    import tasks.quality as quality
+
+    cfg = load_config(sys.argv[1], sys.argv[2])
+    runs = plan_pipeline(cfg)
+    run_data_stage_plain(runs["clean"], cfg)
+
+    # SIGKILL in the middle of the quality stage's third shard, with its files half written.
+    original = quality.read_documents
+    shards_started = 0
+    def dying_reader(path):
+        global shards_started
+        shards_started += 1
+        for index, doc in enumerate(original(path)):
+            if shards_started == 3 and index == 10:
+                os.kill(os.getpid(), signal.SIGKILL)
+            yield doc
+    quality.read_documents = dying_reader
+    run_data_stage_plain(runs["quality"], cfg)
+    """
+)
+
+
+def test_killed_stage_resumes_and_ends_byte_identical(prefect_harness, corpus, tiny_llama_dir, tmp_path):
+    from flows.pipeline import run_pipeline
+
+    config = write_config(tmp_path, corpus, tiny_llama_dir)
+    reference = run_pipeline(config, work_dir=str(tmp_path / "reference"))
+
+    killed_dir = tmp_path / "killed"
+    result = subprocess.run(
+        [sys.executable, "-c", KILL_SCRIPT, str(config), str(killed_dir)],
+        cwd=REPO,
+        env=dict(os.environ),
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert result.returncode == -9, result.stderr[-2000:]
+    runs = plan_pipeline(load_config(config, killed_dir))
+    quality_dir = runs["quality"].path
+    assert not (quality_dir / "manifest.json").exists()
+    finished = sorted(p.name for p in (quality_dir / "_work").glob("*.done.json"))
+    assert len(finished) == 2  # two shards survived the kill; the third was half written
+    assert list((quality_dir / "_work").glob(".*.tmp-*"))
+
+    resumed = run_pipeline(config, work_dir=str(killed_dir))
+    assert [r["state"] for r in resumed] == ["cached", "ran", "ran"]
+    for ref, res in zip(reference, resumed):
+        assert outputs(read_manifest(Path(res["directory"]))) == outputs(read_manifest(Path(ref["directory"])))
