@@ -70,10 +70,12 @@ def run(
     """Run the pipeline; finished stages whose inputs and config are unchanged are cached."""
     cfg = _load(config, work_dir)
     _preflight(cfg)
-    from flows.pipeline import StageSelectionError, cptflow_pipeline, select_stages
+    from cptflow.plan import plan_pipeline
+    from flows.pipeline import StageSelectionError, check_upstreams_available, cptflow_pipeline, select_stages
 
     try:
-        select_stages(only, from_stage, force)
+        selected, _ = select_stages(only, from_stage, force)
+        check_upstreams_available(plan_pipeline(cfg), selected)  # before a Prefect server is started
         reports = cptflow_pipeline(
             config_path=str(config), only=only, from_stage=from_stage, force=force, work_dir=str(work_dir) if work_dir else None
         )

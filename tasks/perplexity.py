@@ -345,6 +345,7 @@ def perplexity_shard(input_path: Path, shard: str, source: str, cfg, stage_direc
             tokenizer,
             max_length=section.max_length,
             batch_tokens=resolve_batch_tokens(section, model),
+            progress=True,
         )
     kept_scores = []
     with JsonlWriter(shard_work_file(stage_directory, shard, "kept.jsonl")) as kept, JsonlWriter(

@@ -180,3 +180,15 @@ def test_killed_stage_resumes_and_ends_byte_identical(prefect_harness, corpus, t
     assert [r["state"] for r in resumed] == ["cached", "ran", "ran"]
     for ref, res in zip(reference, resumed):
         assert outputs(read_manifest(Path(res["directory"]))) == outputs(read_manifest(Path(ref["directory"])))
+
+
+def test_dask_runner_gives_the_same_bytes_as_threads(prefect_harness, corpus, tiny_llama_dir, tmp_path):
+    from flows.pipeline import run_pipeline
+
+    threads = write_config(tmp_path / "threads", corpus, tiny_llama_dir)
+    dask = write_config(tmp_path / "dask", corpus, tiny_llama_dir, runner={"kind": "dask", "dask_workers": 2})
+    by_threads = run_pipeline(threads, only=["clean", "quality"])
+    by_dask = run_pipeline(dask, only=["clean", "quality"])
+    for ref, res in zip(by_threads[:2], by_dask[:2]):
+        assert res["state"] == "ran" and ref["fingerprint"] == res["fingerprint"]
+        assert outputs(read_manifest(Path(res["directory"]))) == outputs(read_manifest(Path(ref["directory"])))
