@@ -69,7 +69,7 @@ def _stage_report(run: StageRun, state: str) -> dict:
 
 
 @task(name="shard", cache_policy=NO_CACHE, persist_result=False, task_run_name="{stage}-{shard_name}")
-def process_shard(stage: str, shard_name: str, item, run: StageRun, cfg: PipelineConfig) -> ShardCounts:
+def process_shard(stage: str, shard_name: str, item: dict, run: StageRun, cfg: PipelineConfig) -> ShardCounts:
     """One shard of a data stage; a shard finished before a kill returns its recorded counts at once."""
     return stage_module(stage).process(run, cfg, item)
 
@@ -90,7 +90,9 @@ def commit_stage(stage: str, run: StageRun, cfg: PipelineConfig, shard_counts: l
     return {"stage": stage, "fingerprint": run.fingerprint, "state": "ran"}
 
 
-def _data_stage(stage: str, run: StageRun, cfg: PipelineConfig, force: bool) -> dict:
+@flow(name="data-stage", flow_run_name="{stage}", log_prints=True)
+def data_stage(stage: str, run: StageRun, cfg: PipelineConfig, force: bool = False) -> dict:
+    """Map a data stage's shards over the configured task runner, then commit it."""
     logger = get_run_logger()
     if force:
         reset_stage_dir(run.path)
@@ -98,7 +100,7 @@ def _data_stage(stage: str, run: StageRun, cfg: PipelineConfig, force: bool) -> 
     shard_counts, started = None, time.time()
     if not done:
         items = stage_module(stage).plan(run, cfg)
-        names = [shard_name(item) for item in items]
+        names = [item["shard"] for item in items]
         logger.info("%s: %d shards → %s", stage, len(items), run.directory)
         futures = process_shard.map(stage=unmapped(stage), shard_name=names, item=items, run=unmapped(run), cfg=unmapped(cfg))
         shard_counts = [future.result() for future in futures]
@@ -108,17 +110,6 @@ def _data_stage(stage: str, run: StageRun, cfg: PipelineConfig, force: bool) -> 
     report = _stage_report(run, "ran" if ran else "cached")
     logger.info("%s: %s (%s)", stage, report["state"], run.fingerprint)
     return report
-
-
-def shard_name(item) -> str:
-    if isinstance(item, tuple):  # clean: (InputShard, SourceConfig)
-        return item[0].name
-    return item["shard"]
-
-
-@flow(name="data-stage", flow_run_name="{stage}", log_prints=True)
-def data_stage(stage: str, run: StageRun, cfg: PipelineConfig, force: bool = False) -> dict:
-    return _data_stage(stage, run, cfg, force)
 
 
 def run_stage(stage: str, runs: dict[str, StageRun], cfg: PipelineConfig, selected: list[str], forced: set[str]) -> dict:

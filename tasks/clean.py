@@ -667,19 +667,19 @@ def duplicate_decisions(stage_directory: Path, shard_names: list[str], dedup: bo
     return drops
 
 
-def plan(run, cfg) -> list[tuple[InputShard, SourceConfig]]:
+def plan(run, cfg) -> list[dict]:
     """Input shards of every source, after checking that the inputs exist and have the text field."""
     base = Path(cfg.base_dir)
     shards = []
     for source in cfg.sources:
         check_text_field(source, base)
-        shards.extend((shard, source) for shard in plan_input_shards(source, base))
+        shards.extend({"shard": s.name, "source": source.name, "input": s} for s in plan_input_shards(source, base))
     return shards
 
 
-def process(run, cfg, item: tuple[InputShard, SourceConfig]) -> ShardCounts:
-    shard, source = item
-    return clean_shard(shard, source, cfg.clean, run.path, Path(cfg.base_dir))
+def process(run, cfg, item: dict) -> ShardCounts:
+    source = next(s for s in cfg.sources if s.name == item["source"])
+    return clean_shard(item["input"], source, cfg.clean, run.path, Path(cfg.base_dir))
 
 
 def commit(run, cfg, shard_counts: list[ShardCounts], started: float) -> dict:

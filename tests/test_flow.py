@@ -113,6 +113,10 @@ def test_run_rerun_change_and_force(prefect_harness, corpus, tiny_llama_dir, tmp
     assert [r["state"] for r in after_change] == ["cached", "ran", "ran"]
     assert after_change[1]["fingerprint"] != reports[1]["fingerprint"]
 
+    # --from recomputes a stage and everything after it.
+    from_perplexity = run_pipeline(changed, from_stage="perplexity")
+    assert [r["state"] for r in from_perplexity] == ["cached", "cached", "ran"]
+
     # --force recomputes a stage in place and produces the same bytes.
     forced = run_pipeline(changed, force=["clean"])
     assert [r["state"] for r in forced] == ["ran", "cached", "cached"]
