@@ -21,6 +21,11 @@ os.environ["PREFECT_HOME"] = tempfile.mkdtemp(prefix="cptflow-test-prefect-")
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
 
+# Prefect binds its log handler to the sys.stderr of the moment it is first imported: import it
+# now, not inside a test whose stderr (e.g. typer's CliRunner) is closed afterwards.
+import cptflow  # noqa: E402,F401
+from prefect import flow as _prefect_flow  # noqa: E402,F401  (prefect.main sets up logging)
+
 _SUBJECTS = [
     "My neighbour", "The old baker", "Our teacher", "A friend of mine", "The city council",
     "My sister", "The local library", "The bus driver", "Every gardener", "The new cafe",
