@@ -12,8 +12,10 @@ import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
 from tasks.clean import CleanConfig, SourceConfig
+from tasks.mix import MixConfig
 from tasks.perplexity import PerplexityConfig
 from tasks.quality import QualityConfig
+from tasks.tokenize import TokenizeConfig
 
 
 class ConfigError(ValueError):
@@ -45,6 +47,8 @@ class PipelineConfig(BaseModel):
     clean: CleanConfig = CleanConfig()
     quality: QualityConfig = QualityConfig()
     perplexity: PerplexityConfig = PerplexityConfig()
+    mix: MixConfig = MixConfig()
+    tokenize: TokenizeConfig = TokenizeConfig()
 
     # Set by load_config, not by the YAML: where relative paths start.
     base_dir: str = Field(".", exclude=True)
@@ -55,6 +59,9 @@ class PipelineConfig(BaseModel):
         duplicates = sorted({n for n in names if names.count(n) > 1})
         if duplicates:
             raise ValueError(f"source names must be unique; repeated: {', '.join(duplicates)}")
+        unknown = sorted(set(self.perplexity.apply_to or []) - set(names))
+        if unknown:
+            raise ValueError(f"perplexity.apply_to names unknown sources {unknown}; sources are {names}")
         return self
 
     def resolve(self, path: str) -> Path:

@@ -16,15 +16,15 @@ from cptflow.docshards import ShardCounts, counts_by_source, total_counts
 from cptflow.store import STAGES, commit_manifest, fingerprint, now_iso, other_done_fingerprints, read_manifest, stage_dir
 
 # The stages this version of the pipeline runs, in DAG order (later issues extend it).
-PIPELINE_STAGES = ("clean", "quality", "perplexity")
+PIPELINE_STAGES = ("clean", "quality", "perplexity", "mix", "tokenize")
 UPSTREAM = {"quality": "clean", "perplexity": "quality", "mix": "perplexity", "tokenize": "mix", "cpt": "tokenize", "sft": "cpt", "evaluate": "sft"}
 
 
 def stage_module(stage: str):
     """The module in tasks/ that does a stage's work: plan(), process() and commit()."""
-    from tasks import clean, perplexity, quality
+    from tasks import clean, mix, perplexity, quality, tokenize
 
-    return {"clean": clean, "quality": quality, "perplexity": perplexity}[stage]
+    return {"clean": clean, "quality": quality, "perplexity": perplexity, "mix": mix, "tokenize": tokenize}[stage]
 
 
 def stage_versions() -> dict[str, int]:
@@ -68,6 +68,20 @@ def stage_payloads(cfg: PipelineConfig) -> dict[str, dict]:
             "config": cfg.perplexity.model_dump(mode="json"),
             "model": model_fingerprint(cfg.perplexity.model or cfg.base_model),
             "version": versions["perplexity"],
+        },
+        # The held-out sets and the stream order depend on the seed; token counts on the tokenizer.
+        "mix": {
+            "config": cfg.mix.model_dump(mode="json"),
+            "tokenizer": model_fingerprint(cfg.base_model),
+            "roles": {s.name: s.role for s in cfg.sources},
+            "seed": cfg.seed,
+            "version": versions["mix"],
+        },
+        "tokenize": {
+            "config": cfg.tokenize.model_dump(mode="json"),
+            "tokenizer": model_fingerprint(cfg.base_model),
+            "seed": cfg.seed,
+            "version": versions["tokenize"],
         },
     }
 

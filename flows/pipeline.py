@@ -137,8 +137,10 @@ def cptflow_pipeline(
     clean_report = run_stage("clean", runs, cfg, selected, forced)
     quality_report = run_stage("quality", runs, cfg, selected, forced)
     perplexity_report = run_stage("perplexity", runs, cfg, selected, forced)
+    mix_report = run_stage("mix", runs, cfg, selected, forced)
+    tokenize_report = run_stage("tokenize", runs, cfg, selected, forced)
 
-    reports = [clean_report, quality_report, perplexity_report]
+    reports = [clean_report, quality_report, perplexity_report, mix_report, tokenize_report]
     publish_run_summary(cfg, reports)
     return reports
 
@@ -183,6 +185,16 @@ def publish_stage_artifacts(manifest: dict) -> None:
         table=stage_table_rows(manifest),
         description=f"{stage} ({manifest['fingerprint']}): documents in, kept, dropped per reason, throughput",
     )
+    if "thresholds" in manifest:  # perplexity: the cutoffs each source's band turned into
+        rows = [{"source": source, **limits} for source, limits in sorted(manifest["thresholds"].items())]
+        create_table_artifact(key="perplexity-thresholds", table=rows, description="perplexity cutoffs per source")
+    if "schedule" in manifest:  # mix: target vs realised domain share along the stream
+        windows = manifest["schedule"]
+        step = max(1, len(windows) // 50)  # at most ~50 rows in the UI; the manifest has them all
+        rows = [dict(w, target=round(w["target"], 4), realised=round(w["realised"], 4)) for w in windows[::step]]
+        create_table_artifact(key="mix-schedule", table=rows, description="domain share per window: target vs realised")
+        tokens = [{"source": s, "stream_tokens": n} for s, n in sorted(manifest.get("tokens_by_source", {}).items())]
+        create_table_artifact(key="mix-tokens", table=tokens, description="training-stream tokens per source")
 
 
 def publish_run_summary(cfg: PipelineConfig, reports: list[dict]) -> None:

@@ -8,6 +8,7 @@ from pathlib import Path
 from typer.testing import CliRunner
 
 from cptflow.cli import app
+from cptflow.plan import PIPELINE_STAGES
 
 REPO = Path(__file__).resolve().parents[1]
 DEMO = str(REPO / "configs" / "demo.yaml")
@@ -40,7 +41,7 @@ def test_status_json_on_an_empty_work_dir_lists_every_stage_missing(tmp_path):
     result = runner.invoke(app, ["status", DEMO, "--work-dir", str(tmp_path), "--json"])
     assert result.exit_code == 0, result.output
     rows = json.loads(result.output)
-    assert [r["stage"] for r in rows] == ["clean", "quality", "perplexity"]
+    assert [r["stage"] for r in rows] == list(PIPELINE_STAGES)
     assert all(r["state"] == "missing" and r["manifest"] is None and len(r["fingerprint"]) == 16 for r in rows)
 
 

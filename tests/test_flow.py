@@ -57,6 +57,8 @@ def write_config(directory: Path, corpus: Path, model: Path, **overrides) -> Pat
             },
         ],
         "perplexity": {"keep_band": [0, 95], "batch_tokens": 4096},
+        "mix": {"domain_eval_documents": 10, "general_eval_documents": 10, "window_documents": 50},
+        "tokenize": {"seq_len": 64, "blocks_per_shard": 64},
     }
     config.update(overrides)
     directory.mkdir(parents=True, exist_ok=True)
@@ -92,6 +94,9 @@ def test_run_rerun_change_and_force(prefect_harness, corpus, tiny_llama_dir, tmp
     assert clean_counts["rejected"]["malformed_json"] >= 1 and clean_counts["excluded"].get("exact_duplicate", 0) >= 1
     assert manifests["quality"]["counts"]["excluded"].get("language_not_allowed", 0) >= 1
     assert manifests["perplexity"]["counts"]["excluded"].get("perplexity_above_band", 0) >= 1
+    assert manifests["mix"]["counts"]["in"] == manifests["perplexity"]["counts"]["kept"]
+    assert manifests["tokenize"]["counts"]["in"] == manifests["mix"]["stats"]["stream_documents"]
+    assert manifests["mix"]["counts"]["excluded"]["held_out_domain_eval"] == 10
 
     work = tmp_path / "work"
     before = file_times(work)
@@ -108,25 +113,27 @@ def test_run_rerun_change_and_force(prefect_harness, corpus, tiny_llama_dir, tmp
         "clean": "done",
         "quality": "stale",
         "perplexity": "stale",
+        "mix": "stale",
+        "tokenize": "stale",
     }
     after_change = run_pipeline(changed)
-    assert [r["state"] for r in after_change] == ["cached", "ran", "ran"]
+    assert [r["state"] for r in after_change] == ["cached", "ran", "ran", "ran", "ran"]
     assert after_change[1]["fingerprint"] != reports[1]["fingerprint"]
 
     # --from recomputes a stage and everything after it.
-    from_perplexity = run_pipeline(changed, from_stage="perplexity")
-    assert [r["state"] for r in from_perplexity] == ["done", "done", "ran"]  # earlier stages not even looked at
+    from_tokenize = run_pipeline(changed, from_stage="tokenize")
+    assert [r["state"] for r in from_tokenize] == ["done", "done", "done", "done", "ran"]  # earlier ones not looked at
 
     # --force recomputes a stage in place and produces the same bytes.
     forced = run_pipeline(changed, force=["clean"])
-    assert [r["state"] for r in forced] == ["ran", "cached", "cached"]
+    assert [r["state"] for r in forced] == ["ran", "cached", "cached", "cached", "cached"]
     assert outputs(read_manifest(Path(forced[0]["directory"]))) == outputs(manifests["clean"])
 
     from prefect.client.orchestration import get_client
 
     with get_client(sync_client=True) as client:
         keys = {artifact.key for artifact in client.read_artifacts()}
-    assert {"clean-counts", "quality-counts", "perplexity-counts", "pipeline-summary"} <= keys
+    assert {f"{s}-counts" for s in PIPELINE_STAGES} | {"pipeline-summary", "mix-schedule", "perplexity-thresholds"} <= keys
 
 
 KILL_SCRIPT = textwrap.dedent(
@@ -181,7 +188,7 @@ def test_killed_stage_resumes_and_ends_byte_identical(prefect_harness, corpus, t
     assert list((quality_dir / "_work").glob(".*.tmp-*"))
 
     resumed = run_pipeline(config, work_dir=str(killed_dir))
-    assert [r["state"] for r in resumed] == ["cached", "ran", "ran"]
+    assert [r["state"] for r in resumed] == ["cached", "ran", "ran", "ran", "ran"]
     for ref, res in zip(reference, resumed):
         assert outputs(read_manifest(Path(res["directory"]))) == outputs(read_manifest(Path(ref["directory"])))
 
