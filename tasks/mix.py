@@ -33,7 +33,7 @@ from cptflow.docshards import (
 )
 from cptflow.store import atomic_path, atomic_write_json, read_json
 
-STAGE_VERSION = 1
+STAGE_VERSION = 2
 
 ROLES = ("domain", "general")
 MIX_SHARD = "mix"  # the stage's one work item: mixing is a single global decision
@@ -198,8 +198,14 @@ def document_tokens(texts: Sequence[str], tokenizer) -> list[int]:
     if not texts:
         return []
     # verbose=False: documents longer than model_max_length are expected (tokenize packs them).
+    # split_special_tokens: a literal "</s>" in web text is text, not an end-of-document marker.
     encoded = tokenizer(
-        list(texts), add_special_tokens=True, return_attention_mask=False, return_token_type_ids=False, verbose=False
+        list(texts),
+        add_special_tokens=True,
+        split_special_tokens=True,
+        return_attention_mask=False,
+        return_token_type_ids=False,
+        verbose=False,
     )
     return [len(ids) + 1 for ids in encoded["input_ids"]]
 

@@ -31,7 +31,7 @@ from cptflow.docshards import (
 )
 from cptflow.store import atomic_write_json, read_json
 
-STAGE_VERSION = 1
+STAGE_VERSION = 2
 
 REASON_ABOVE_MAX = "perplexity_above_max"
 REASON_BELOW_BAND = "perplexity_below_band"
@@ -126,7 +126,7 @@ def _tokenize(texts: list[str], tokenizer, max_length: int) -> list[list[int]]:
     # One batched call: fast tokenizers encode the batch in parallel in Rust. The tokenizer's own
     # special-token handling (BOS for Llama-style models) is kept: it is what the model saw.
     encoded = tokenizer(
-        list(texts), truncation=True, max_length=max_length, add_special_tokens=True
+        list(texts), truncation=True, max_length=max_length, add_special_tokens=True, split_special_tokens=True
     )
     return encoded["input_ids"]
 
@@ -234,7 +234,7 @@ def score_texts_naive(texts: list[str], model, tokenizer, *, max_length: int) ->
     try:
         with torch.inference_mode():
             for text in texts:
-                ids = tokenizer(text, truncation=True, max_length=max_length)["input_ids"]
+                ids = tokenizer(text, truncation=True, max_length=max_length, split_special_tokens=True)["input_ids"]
                 if len(ids) < 2:
                     scores.append(_UNSCORABLE)
                     continue

@@ -20,7 +20,7 @@ from cptflow.docshards import ShardCounts, load_finished_shard, mark_shard_finis
 from cptflow.store import WORK, atomic_path, atomic_write_json, read_json, sha256_file
 from cptflow.token_shards import tokenizer_fingerprint, write_token_shard
 
-STAGE_VERSION = 1
+STAGE_VERSION = 2
 
 REASON_FINAL_BLOCK_DROPPED = "final_block_dropped"
 ROLES = ("domain", "general")
@@ -64,7 +64,10 @@ def document_token_ids(texts: list[str], tokenizer) -> list[list[int]]:
     if eos is None:
         raise ValueError(f"tokenizer {getattr(tokenizer, 'name_or_path', '')!r} has no EOS token; documents need one to be packed")
     # verbose=False: documents longer than model_max_length are expected here (they get packed).
-    ids = tokenizer(list(texts), add_special_tokens=True, return_attention_mask=False, verbose=False)["input_ids"]
+    # split_special_tokens: a literal "</s>" in web text is text, never an injected EOS.
+    ids = tokenizer(
+        list(texts), add_special_tokens=True, split_special_tokens=True, return_attention_mask=False, verbose=False
+    )["input_ids"]
     for row in ids:
         row.append(eos)
     return ids

@@ -344,3 +344,15 @@ def test_config_rejects_unknown_keys_and_bad_values():
     assert TokenizeConfig().model_dump() == {
         "seq_len": 512, "final_block": "pad", "rows_per_batch": 256, "blocks_per_shard": 2048, "batch_documents": 1000
     }
+
+
+def test_literal_special_token_text_is_not_an_injected_eos(tiny_llama_dir):
+    from cptflow.models import load_tokenizer
+    from tasks.mix import document_tokens
+    from tasks.tokenize import document_token_ids
+
+    tokenizer = load_tokenizer(str(tiny_llama_dir))
+    texts = ["the page said </s> and then <s> again", "plain"]
+    ids = document_token_ids(texts, tokenizer)
+    assert [row.count(tokenizer.eos_token_id) for row in ids] == [1, 1] and ids[0][-1] == tokenizer.eos_token_id
+    assert document_tokens(texts, tokenizer) == [len(row) for row in ids]  # mix counts what tokenize packs
