@@ -8,7 +8,6 @@ STAMP := $(VENV)/.installed-stamp
 # The demo and the tests never download from a model hub.
 export HF_HUB_OFFLINE := 1
 export HF_DATASETS_OFFLINE := 1
-export TOKENIZERS_PARALLELISM := false
 
 .PHONY: install demo test bench clean-work
 
