@@ -161,6 +161,11 @@ def commit_data_stage(run: StageRun, shard_counts: list[ShardCounts], started: f
     return commit_manifest(run.path, manifest)
 
 
+def upstream_shard_path(run: StageRun, shard: str) -> Path:
+    """The committed document shard `shard` of the stage before `run`."""
+    return Path(run.upstream_directory) / "shards" / f"{shard}.jsonl"
+
+
 def upstream_shards(run: StageRun) -> list[dict]:
     """The shards the upstream stage committed (name and source), in order."""
     manifest = read_manifest(Path(run.upstream_directory))

@@ -366,7 +366,9 @@ def perplexity_shard(input_path: Path, shard: str, source: str, cfg, stage_direc
 
 
 def process(run, cfg, item: dict) -> ShardCounts:
-    input_path = Path(run.upstream_directory) / "shards" / f"{item['shard']}.jsonl"
+    from cptflow.plan import upstream_shard_path
+
+    input_path = upstream_shard_path(run, item["shard"])
     return perplexity_shard(input_path, item["shard"], item["source"], cfg, run.path)
 
 
