@@ -19,7 +19,14 @@ import pyarrow as pa
 import torch
 from torch.utils.data import IterableDataset, get_worker_info
 
-from cptflow.token_shards import END_OF_STREAM, METADATA_KEYS, METADATA_PREFIX, NO_TOKEN, SCHEMA_VERSION, TokenShardError
+from cptflow.token_shards import (
+    END_OF_STREAM,
+    METADATA_KEYS,
+    METADATA_PREFIX,
+    SCHEMA_VERSION,
+    TokenShardError,
+    decode_shard_metadata,
+)
 
 logger = logging.getLogger(__name__)
 
@@ -42,23 +49,8 @@ class _Block:
 
 def shard_metadata(path: Path, schema: pa.Schema) -> dict:
     """The `cptflow.*` schema metadata of a shard with short keys, typed as in `token_shards.METADATA_KEYS`
-    (bos_id None: no BOS); the same decoding as `token_shards.read_shard_metadata`."""
-    raw = schema.metadata or {}
-    missing = [key for key in METADATA_KEYS if (METADATA_PREFIX + key).encode() not in raw]
-    if missing:
-        raise TokenShardError(
-            f"token shard {path}: schema metadata lacks {', '.join(METADATA_PREFIX + k for k in missing)} "
-            f"(not written by cptflow's tokenize stage?)"
-        )
-    meta = {}
-    for key, kind in METADATA_KEYS.items():
-        text = raw[(METADATA_PREFIX + key).encode()].decode(errors="replace")
-        try:
-            meta[key] = kind(text)
-        except ValueError:
-            raise TokenShardError(f"token shard {path}: {METADATA_PREFIX}{key} is {text!r}, not a {kind.__name__}") from None
-    if meta["bos_id"] == NO_TOKEN:
-        meta["bos_id"] = None
+    (bos_id None: no BOS), refusing another schema version."""
+    meta = decode_shard_metadata(path, schema.metadata)
     if meta["schema_version"] != SCHEMA_VERSION:
         raise TokenShardError(
             f"token shard {path}: schema_version {meta['schema_version']}, this cptflow reads {SCHEMA_VERSION}"

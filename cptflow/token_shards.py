@@ -151,18 +151,22 @@ def open_token_shard(path: Path) -> pa.RecordBatchStreamReader:
     return pa.ipc.open_stream(pa.memory_map(str(path)))
 
 
-def _decode_metadata(path: Path, raw: dict[bytes, bytes] | None) -> dict:
+def decode_shard_metadata(path: Path, raw: dict[bytes, bytes] | None) -> dict:
+    """Schema metadata (`cptflow.*` keys) to short keys, typed as in METADATA_KEYS; bos_id None = no BOS."""
     raw = raw or {}
+    missing = [key for key in METADATA_KEYS if (METADATA_PREFIX + key).encode() not in raw]
+    if missing:
+        raise TokenShardError(
+            f"token shard {path}: schema metadata lacks {', '.join(METADATA_PREFIX + k for k in missing)} "
+            f"(not written by cptflow's tokenize stage?)"
+        )
     result = {}
     for key, kind in METADATA_KEYS.items():
-        value = raw.get((METADATA_PREFIX + key).encode())
-        if value is None:
-            raise TokenShardError(f"{path}: not a cptflow token shard (schema metadata has no {METADATA_PREFIX}{key})")
-        text = value.decode()
+        text = raw[(METADATA_PREFIX + key).encode()].decode(errors="replace")
         try:
             result[key] = kind(text)
         except ValueError:
-            raise TokenShardError(f"{path}: metadata {METADATA_PREFIX}{key} is {text!r}, not a {kind.__name__}") from None
+            raise TokenShardError(f"token shard {path}: {METADATA_PREFIX}{key} is {text!r}, not a {kind.__name__}") from None
     if result["bos_id"] == NO_TOKEN:
         result["bos_id"] = None
     return result
@@ -179,7 +183,7 @@ def read_shard_metadata(path: Path) -> dict:
             schema = pa.ipc.open_stream(source).schema
     except (pa.ArrowInvalid, OSError) as error:
         raise TokenShardError(f"{path}: not a readable Arrow IPC stream (truncated or corrupt): {error}") from None
-    return _decode_metadata(path, schema.metadata)
+    return decode_shard_metadata(path, schema.metadata)
 
 
 def check_shard(path: Path, expected: dict) -> None:
