@@ -38,7 +38,7 @@ def _load(config: Path, work_dir: Optional[Path]):
         _fail(str(err))
 
 
-def _preflight(cfg) -> None:
+def _preflight(cfg, stages: list[str] | None = None) -> None:
     """Inputs exist and have their text field, before a Prefect server is started or any work is done."""
     from cptflow.plan import plan_pipeline
     from tasks.clean import InputError, check_text_field
@@ -49,6 +49,16 @@ def _preflight(cfg) -> None:
         plan_pipeline(cfg)
     except (InputError, ValueError) as err:
         _fail(str(err))
+    if stages is not None and "sft" not in stages:
+        return
+    if not cfg.sft.data:
+        _fail("sft.data names no instruction file; the sft stage needs one (JSONL, Alpaca or chat form)")
+    for item in cfg.sft.data:
+        if not cfg.resolve(item.path).is_file():
+            _fail(f"sft.data: {cfg.resolve(item.path)} does not exist")
+    for stage in ("cpt", "sft"):
+        for warning in getattr(cfg, stage).warnings() if stages is None or stage in stages else []:
+            err_console.print(f"[yellow]warning:[/] {stage}: {warning}", highlight=False)
 
 
 @app.command()
@@ -69,12 +79,12 @@ def run(
 ) -> None:
     """Run the pipeline; finished stages whose inputs and config are unchanged are cached."""
     cfg = _load(config, work_dir)
-    _preflight(cfg)
     from cptflow.plan import plan_pipeline
     from flows.pipeline import StageSelectionError, check_upstreams_available, cptflow_pipeline, select_stages
 
     try:
         selected, _ = select_stages(only, from_stage, force)
+        _preflight(cfg, selected)
         check_upstreams_available(plan_pipeline(cfg), selected)  # before a Prefect server is started
         reports = cptflow_pipeline(
             config_path=str(config), only=only, from_stage=from_stage, force=force, work_dir=str(work_dir) if work_dir else None
@@ -107,6 +117,17 @@ def _print_reports(reports: list[dict]) -> None:
         if reasons:
             top = ", ".join(f"{k}={v}" for k, v in sorted(reasons.items(), key=lambda kv: -kv[1]))
             console.print(f"  {report['stage']}: {top}", highlight=False)
+    for report in reports:
+        if report.get("result"):
+            console.print(f"  {report['stage']}: {report['result']}", highlight=False)
+    evaluate = next((r for r in reports if r["stage"] == "evaluate" and r["state"] != "not run"), None)
+    if evaluate:
+        from cptflow.store import read_manifest
+
+        manifest = read_manifest(Path(evaluate["directory"]))
+        if manifest:
+            console.print("\nForgetting: perplexity on held-out text (lower is better)\n" + manifest["forgetting_table"], highlight=False)
+            console.print(f"Exported model: {Path(evaluate['directory']) / 'export'}", highlight=False)
 
 
 @app.command()

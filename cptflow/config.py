@@ -12,9 +12,12 @@ import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
 from tasks.clean import CleanConfig, SourceConfig
+from tasks.cpt import CptConfig
+from tasks.evaluate import EvaluateConfig
 from tasks.mix import MixConfig
 from tasks.perplexity import PerplexityConfig
 from tasks.quality import QualityConfig
+from tasks.sft import SftConfig
 from tasks.tokenize import TokenizeConfig
 
 
@@ -49,6 +52,9 @@ class PipelineConfig(BaseModel):
     perplexity: PerplexityConfig = PerplexityConfig()
     mix: MixConfig = MixConfig()
     tokenize: TokenizeConfig = TokenizeConfig()
+    cpt: CptConfig = CptConfig()
+    sft: SftConfig = SftConfig()
+    evaluate: EvaluateConfig = EvaluateConfig()
 
     # Set by load_config, not by the YAML: where relative paths start.
     base_dir: str = Field(".", exclude=True)

@@ -16,15 +16,19 @@ from cptflow.docshards import ShardCounts, counts_by_source, total_counts
 from cptflow.store import STAGES, commit_manifest, fingerprint, now_iso, other_done_fingerprints, read_manifest, stage_dir
 
 # The stages this version of the pipeline runs, in DAG order (later issues extend it).
-PIPELINE_STAGES = ("clean", "quality", "perplexity", "mix", "tokenize")
+PIPELINE_STAGES = ("clean", "quality", "perplexity", "mix", "tokenize", "cpt", "sft", "evaluate")
+DATA_STAGES = ("clean", "quality", "perplexity", "mix", "tokenize")  # sharded: plan / process / commit
+TRAINING_STAGES = ("cpt", "sft", "evaluate")  # one job each: run()
 UPSTREAM = {"quality": "clean", "perplexity": "quality", "mix": "perplexity", "tokenize": "mix", "cpt": "tokenize", "sft": "cpt", "evaluate": "sft"}
 
 
 def stage_module(stage: str):
-    """The module in tasks/ that does a stage's work: plan(), process() and commit()."""
-    from tasks import clean, mix, perplexity, quality, tokenize
+    """The module in tasks/ that does a stage's work: plan(), process() and commit(), or run()."""
+    from tasks import clean, cpt, evaluate, mix, perplexity, quality, sft, tokenize
 
-    return {"clean": clean, "quality": quality, "perplexity": perplexity, "mix": mix, "tokenize": tokenize}[stage]
+    modules = {"clean": clean, "quality": quality, "perplexity": perplexity, "mix": mix, "tokenize": tokenize}
+    modules.update({"cpt": cpt, "sft": sft, "evaluate": evaluate})
+    return modules[stage]
 
 
 def stage_versions() -> dict[str, int]:
@@ -40,6 +44,8 @@ class StageRun:
     directory: str
     upstream_directory: str | None
     payload: dict = field(compare=False, hash=False, repr=False)
+    # Every stage's directory in this plan: training stages also read mix's eval sets, evaluate reads cpt's adapter.
+    stage_directories: dict = field(default_factory=dict, compare=False, hash=False, repr=False)
 
     @property
     def path(self) -> Path:
@@ -53,6 +59,7 @@ def stage_payloads(cfg: PipelineConfig) -> dict[str, dict]:
     """What each stage's fingerprint covers (without upstream fingerprints, added in plan_pipeline)."""
     from cptflow.models import model_fingerprint
     from tasks.clean import input_file_fingerprints
+    from tasks.sft import sft_data_fingerprints
 
     versions = stage_versions()
     base = Path(cfg.base_dir)
@@ -83,6 +90,21 @@ def stage_payloads(cfg: PipelineConfig) -> dict[str, dict]:
             "seed": cfg.seed,
             "version": versions["tokenize"],
         },
+        # Training: the weights depend on the base model, the seed and (sft) the instruction files.
+        "cpt": {
+            "config": cfg.cpt.model_dump(mode="json", exclude={"retries"}),
+            "model": model_fingerprint(cfg.base_model),
+            "init_adapter": model_fingerprint(str(cfg.resolve(cfg.cpt.init_adapter))) if cfg.cpt.init_adapter else None,
+            "seed": cfg.seed,
+            "version": versions["cpt"],
+        },
+        "sft": {
+            "config": cfg.sft.model_dump(mode="json", exclude={"retries"}),
+            "data": sft_data_fingerprints(cfg),
+            "seed": cfg.seed,
+            "version": versions["sft"],
+        },
+        "evaluate": {"config": cfg.evaluate.model_dump(mode="json"), "seed": cfg.seed, "version": versions["evaluate"]},
     }
 
 
@@ -102,6 +124,9 @@ def plan_pipeline(cfg: PipelineConfig) -> dict[str, StageRun]:
             upstream_directory=runs[upstream].directory if upstream else None,
             payload=payload,
         )
+    directories = {stage: run.directory for stage, run in runs.items()}
+    for run in runs.values():
+        run.stage_directories.update(directories)
     return runs
 
 

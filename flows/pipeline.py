@@ -1,24 +1,33 @@
-"""The cptflow DAG as one Prefect flow: clean → quality → perplexity (→ mix → tokenize → cpt → sft → evaluate).
+"""The cptflow DAG as one Prefect flow: clean → quality → perplexity → mix → tokenize → cpt → sft → evaluate.
 
 Stages pass small records (paths, fingerprints, counts). Each data stage is a subflow that maps its
 shards over the configured task runner, then commits with a task cached by the stage fingerprint.
+Each training stage is one task, cached the same way; a retry resumes from its latest checkpoint.
 """
 
 from __future__ import annotations
 
+import json
 import time
 from pathlib import Path
 
 import cptflow  # noqa: F401  (sets Prefect defaults before prefect is imported)
 from prefect import flow, task, unmapped
-from prefect.artifacts import create_markdown_artifact, create_table_artifact
+from prefect.artifacts import (
+    create_link_artifact,
+    create_markdown_artifact,
+    create_progress_artifact,
+    create_table_artifact,
+    update_progress_artifact,
+)
 from prefect.cache_policies import NO_CACHE
 from prefect.logging import get_run_logger
 
 from cptflow.config import PipelineConfig, RunnerConfig, load_config
 from cptflow.docshards import ShardCounts
-from cptflow.plan import PIPELINE_STAGES, UPSTREAM, StageRun, plan_pipeline, stage_module
+from cptflow.plan import DATA_STAGES, PIPELINE_STAGES, UPSTREAM, StageRun, plan_pipeline, stage_module
 from cptflow.store import read_manifest, reset_stage_dir
+from cptflow.training import TrainingReporter
 
 
 class StageSelectionError(ValueError):
@@ -65,7 +74,19 @@ def _stage_report(run: StageRun, state: str) -> dict:
         "directory": run.directory,
         "counts": manifest.get("counts"),
         "seconds": (manifest.get("timings") or {}).get("seconds"),
+        "result": training_summary(manifest),
     }
+
+
+def training_summary(manifest: dict) -> str | None:
+    """One line for a training stage's result: held-out perplexities, or the forgetting table's gist."""
+    if "perplexity" in manifest:
+        p = manifest["perplexity"]
+        return " · ".join(f"{m}: domain {p[m]['domain']:.2f} general {p[m]['general']:.2f}" for m in ("base", "cpt", "sft"))
+    if "eval" in manifest and "train" in manifest:
+        evals = ", ".join(f"{name} ppl {values['perplexity']:.2f}" for name, values in manifest["eval"].items())
+        return f"{manifest['train']['steps']} steps, {manifest['train']['tokens']} tokens; {evals}"
+    return None
 
 
 @task(name="shard", cache_policy=NO_CACHE, persist_result=False, task_run_name="{stage}-{shard_name}")
@@ -112,12 +133,66 @@ def data_stage(stage: str, run: StageRun, cfg: PipelineConfig, force: bool = Fal
     return report
 
 
+class PrefectTrainingReporter(TrainingReporter):
+    """Training progress as artifacts: a live progress bar (step, loss, LR per group, tokens/s), the eval
+    table per step, and a link to the best checkpoint."""
+
+    def __init__(self, stage: str):
+        self.stage = stage
+        self.progress_id = None
+        self.logger = get_run_logger()
+
+    def on_start(self, info: dict) -> None:
+        self.total_steps = info["total_steps"]
+        self.progress_id = create_progress_artifact(0.0, key=f"{self.stage}-progress", description=f"{self.stage}: starting")
+        create_table_artifact(key=f"{self.stage}-param-groups", table=info["param_groups"], description=f"{self.stage}: optimizer parameter groups")
+        self.logger.info("%s: %d steps; param groups %s", self.stage, info["total_steps"], info["param_groups"])
+
+    def on_log(self, record: dict) -> None:
+        lrs = " ".join(f"{group}={lr:.3g}" for group, lr in record["lr"].items())
+        line = f"step {record['step']}/{record['total_steps']} loss {record['loss']:.4f} lr {lrs} tokens/s {record['tokens_per_s']:.0f}"
+        self.logger.info("%s: %s", self.stage, line)
+        if self.progress_id is not None:
+            update_progress_artifact(self.progress_id, 100.0 * record["step"] / record["total_steps"], description=f"{self.stage}: {line}")
+
+    def on_eval(self, step: int, results: dict) -> None:
+        self.logger.info("%s: eval at step %d: %s", self.stage, step, results)
+        self.evals = [*getattr(self, "evals", []), results]
+        rows = [
+            {"step": e["step"], **{f"{name} ppl": values["perplexity"] for name, values in e.items() if isinstance(values, dict)}}
+            for e in self.evals
+        ]
+        create_table_artifact(key=f"{self.stage}-eval", table=rows, description=f"{self.stage}: held-out perplexity per step")
+
+    def on_checkpoint(self, path: Path, best: Path | None) -> None:
+        if best is not None:
+            create_link_artifact(key=f"{self.stage}-best-checkpoint", link=best.resolve().as_uri(), link_text=str(best), description=f"{self.stage}: best checkpoint so far")
+
+
+@task(name="train-stage", cache_key_fn=_stage_cache_key, persist_result=True, task_run_name="{stage}")
+def training_stage(stage: str, run: StageRun, cfg: PipelineConfig) -> dict:
+    """cpt, sft or evaluate; a retry (or a rerun after a crash) resumes from the latest checkpoint."""
+    if run.is_done():
+        return {"stage": stage, "fingerprint": run.fingerprint, "state": "cached"}
+    manifest = stage_module(stage).run(run, cfg, reporter=PrefectTrainingReporter(stage))
+    publish_training_artifacts(manifest, run.path)
+    return {"stage": stage, "fingerprint": run.fingerprint, "state": "ran"}
+
+
 def run_stage(stage: str, runs: dict[str, StageRun], cfg: PipelineConfig, selected: list[str], forced: set[str]) -> dict:
     run = runs[stage]
     if stage not in selected:
         return _stage_report(run, "done" if run.is_done() else "not run")
-    runner = make_task_runner(cfg.runner)
-    return data_stage.with_options(name=stage, task_runner=runner)(stage, run, cfg, force=stage in forced)
+    if stage in DATA_STAGES:
+        runner = make_task_runner(cfg.runner)
+        return data_stage.with_options(name=stage, task_runner=runner)(stage, run, cfg, force=stage in forced)
+    if stage in forced:
+        reset_stage_dir(run.path)
+    done = run.is_done()
+    retries = getattr(getattr(cfg, stage), "retries", 0)
+    state = training_stage.with_options(refresh_cache=not done, retries=retries)(stage, run, cfg, return_state=True)
+    ran = state.result()["state"] == "ran" and state.name != "Cached"
+    return _stage_report(run, "ran" if ran else "cached")
 
 
 @flow(name="cptflow-pipeline", log_prints=True)
@@ -139,8 +214,11 @@ def cptflow_pipeline(
     perplexity_report = run_stage("perplexity", runs, cfg, selected, forced)
     mix_report = run_stage("mix", runs, cfg, selected, forced)
     tokenize_report = run_stage("tokenize", runs, cfg, selected, forced)
+    cpt_report = run_stage("cpt", runs, cfg, selected, forced)
+    sft_report = run_stage("sft", runs, cfg, selected, forced)
+    evaluate_report = run_stage("evaluate", runs, cfg, selected, forced)
 
-    reports = [clean_report, quality_report, perplexity_report, mix_report, tokenize_report]
+    reports = [clean_report, quality_report, perplexity_report, mix_report, tokenize_report, cpt_report, sft_report, evaluate_report]
     publish_run_summary(cfg, reports)
     return reports
 
@@ -197,6 +275,30 @@ def publish_stage_artifacts(manifest: dict) -> None:
         create_table_artifact(key="mix-tokens", table=tokens, description="training-stream tokens per source")
 
 
+def publish_training_artifacts(manifest: dict, directory: Path) -> None:
+    stage = manifest["stage"]
+    if stage == "evaluate":
+        rows = manifest["forgetting"]
+        create_table_artifact(key="evaluate-forgetting", table=rows, description="perplexity of base, cpt and sft on the same held-out tokens; % change vs base")
+        generations = json.loads((directory / manifest["generations"]).read_text(encoding="utf-8"))
+        if generations:
+            parts = ["# Generations (greedy)", ""]
+            for item in generations:
+                parts += [f"## {item['prompt']}", ""] + [f"- **{m}**: {item[m] or '(empty)'}" for m in ("base", "cpt", "sft")] + [""]
+            create_markdown_artifact(key="evaluate-generations", markdown="\n".join(parts), description="base, cpt and sft answers side by side")
+        merged = (manifest["export"] or {}).get("merged")
+        target = directory / (merged["path"] if merged else manifest["export"]["adapter"])
+        create_link_artifact(key="evaluate-export", link=target.resolve().as_uri(), link_text=str(target), description="exported model with its model card")
+        return
+    rows = [{"step": e["step"], **{f"{n} ppl": v["perplexity"] for n, v in e.items() if isinstance(v, dict)}} for e in manifest["evals"]]
+    create_table_artifact(key=f"{stage}-eval", table=rows, description=f"{stage}: held-out perplexity per step")
+    create_table_artifact(
+        key=f"{stage}-memory",
+        table=[{"phase": phase, **values} for phase, values in manifest["memory"].items()],
+        description=f"{stage}: peak memory per phase",
+    )
+
+
 def publish_run_summary(cfg: PipelineConfig, reports: list[dict]) -> None:
     lines = [f"# cptflow run: {cfg.name}", "", "| stage | state | in | kept | excluded | rejected | seconds | fingerprint |", "|---|---|---|---|---|---|---|---|"]
     for report in reports:
@@ -207,6 +309,12 @@ def publish_run_summary(cfg: PipelineConfig, reports: list[dict]) -> None:
             f"| {report['stage']} | {report['state']} | {counts.get('in', '')} | {counts.get('kept', '')} | {excluded} | "
             f"{rejected} | {report.get('seconds') or ''} | `{report['fingerprint']}` |"
         )
+    results = [f"- **{r['stage']}**: {r['result']}" for r in reports if r.get("result")]
+    if results:
+        lines += ["", "## Training and evaluation", "", *results]
+    evaluate = read_manifest(Path(reports[-1]["directory"])) if reports[-1]["stage"] == "evaluate" else None
+    if evaluate:
+        lines += ["", "## Forgetting (held-out perplexity)", "", evaluate["forgetting_table"]]
     lines += ["", f"Work directory: `{cfg.work_path}`", "", "Rerun one stage: `cptflow run CONFIG --from STAGE`."]
     create_markdown_artifact(key="pipeline-summary", markdown="\n".join(lines), description=f"cptflow {cfg.name}")
 

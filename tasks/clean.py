@@ -152,17 +152,19 @@ def list_input_files(source: SourceConfig, base_dir: Path) -> list[Path]:
     return files
 
 
+def file_fingerprint(path: Path, mode: Literal["mtime", "content"]) -> dict:
+    """How one input file enters a fingerprint: size and mtime, or size and sha256 of its bytes."""
+    stat = path.stat()
+    entry = {"path": str(path.resolve()), "bytes": stat.st_size}
+    if mode == "content":
+        entry["sha256"] = hashlib.sha256(path.read_bytes()).hexdigest()
+    else:
+        entry["mtime_ns"] = stat.st_mtime_ns
+    return entry
+
+
 def input_file_fingerprints(source: SourceConfig, base_dir: Path, mode: Literal["mtime", "content"]) -> list[dict]:
-    entries = []
-    for path in list_input_files(source, base_dir) if source.paths else []:
-        stat = path.stat()
-        entry = {"path": str(path.resolve()), "bytes": stat.st_size}
-        if mode == "content":
-            entry["sha256"] = hashlib.sha256(path.read_bytes()).hexdigest()
-        else:
-            entry["mtime_ns"] = stat.st_mtime_ns
-        entries.append(entry)
-    return entries
+    return [file_fingerprint(path, mode) for path in (list_input_files(source, base_dir) if source.paths else [])]
 
 
 def _open_binary(path: Path):

@@ -14,7 +14,7 @@ import pytest
 import yaml
 
 from cptflow.config import load_config
-from cptflow.plan import PIPELINE_STAGES, plan_pipeline, stage_status
+from cptflow.plan import DATA_STAGES, PIPELINE_STAGES, plan_pipeline, stage_status
 from cptflow.store import read_manifest
 
 REPO = Path(__file__).resolve().parents[1]
@@ -59,6 +59,12 @@ def write_config(directory: Path, corpus: Path, model: Path, **overrides) -> Pat
         "perplexity": {"keep_band": [0, 95], "batch_tokens": 4096},
         "mix": {"domain_eval_documents": 10, "general_eval_documents": 10, "window_documents": 50},
         "tokenize": {"seq_len": 64, "blocks_per_shard": 64},
+        # A few steps each: these tests are about orchestration, tests/test_training.py about learning.
+        "cpt": {"lora": {"r": 4, "alpha": 8}, "learning_rate": 1e-3, "embedding_learning_rate": 2.5e-4, "micro_batch_size": 4,
+                "max_steps": 4, "eval_steps": 2, "save_steps": 2},
+        "sft": {"data": [{"path": str(REPO / "data" / "instructions" / "alpaca.jsonl")}], "max_length": 96,
+                "micro_batch_size": 4, "max_steps": 3, "eval_steps": 3, "save_steps": 3},
+        "evaluate": {"prompts": ["What is a half-life?"], "max_new_tokens": 8},
     }
     config.update(overrides)
     directory.mkdir(parents=True, exist_ok=True)
@@ -84,8 +90,8 @@ def test_run_rerun_change_and_force(prefect_harness, corpus, tiny_llama_dir, tmp
 
     manifests = {r["stage"]: read_manifest(Path(r["directory"])) for r in reports}
     assert all(manifests[r["stage"]]["fingerprint"] == Path(r["directory"]).name for r in reports)
-    for stage, manifest in manifests.items():
-        counts = manifest["counts"]
+    for stage in DATA_STAGES:
+        counts = manifests[stage]["counts"]
         assert counts["in"] == counts["kept"] + sum(counts["excluded"].values()) + sum(counts["rejected"].values()), stage
     # documents flow from one stage to the next, none lost on the way
     assert manifests["quality"]["counts"]["in"] == manifests["clean"]["counts"]["kept"]
@@ -97,6 +103,11 @@ def test_run_rerun_change_and_force(prefect_harness, corpus, tiny_llama_dir, tmp
     assert manifests["mix"]["counts"]["in"] == manifests["perplexity"]["counts"]["kept"]
     assert manifests["tokenize"]["counts"]["in"] == manifests["mix"]["stats"]["stream_documents"]
     assert manifests["mix"]["counts"]["excluded"]["held_out_domain_eval"] == 10
+    # training stages chain: sft continues from cpt's adapter, evaluate compares all three
+    assert manifests["cpt"]["train"]["steps"] == 4 and manifests["sft"]["train"]["steps"] == 3
+    assert manifests["sft"]["continued_from"] == str(Path(reports[5]["directory"]) / "adapter")
+    assert set(manifests["evaluate"]["perplexity"]) == {"base", "cpt", "sft"}
+    assert (Path(reports[7]["directory"]) / "export" / "merged" / "model.safetensors").is_file()
 
     work = tmp_path / "work"
     before = file_times(work)
@@ -107,33 +118,32 @@ def test_run_rerun_change_and_force(prefect_harness, corpus, tiny_llama_dir, tmp
     status = {row["stage"]: row["state"] for row in stage_status(load_config(config))}
     assert status == {s: "done" for s in PIPELINE_STAGES}
 
+    # --from recomputes a stage and everything after it; a training stage retrains (same config: same weights).
+    from_sft = run_pipeline(config, from_stage="sft")
+    assert [r["state"] for r in from_sft] == ["done"] * 5 + ["done", "ran", "ran"]  # earlier ones not looked at
+    assert outputs(read_manifest(Path(from_sft[6]["directory"]))) == outputs(manifests["sft"])
+
     # Changing quality's config re-runs quality and what follows; clean stays cached.
     changed = write_config(tmp_path, corpus, tiny_llama_dir, quality={"gopher_quality": {"min_words": 60}})
     assert {row["stage"]: row["state"] for row in stage_status(load_config(changed))} == {
-        "clean": "done",
-        "quality": "stale",
-        "perplexity": "stale",
-        "mix": "stale",
-        "tokenize": "stale",
+        "clean": "done", **{stage: "stale" for stage in PIPELINE_STAGES[1:]}
     }
-    after_change = run_pipeline(changed)
-    assert [r["state"] for r in after_change] == ["cached", "ran", "ran", "ran", "ran"]
+    after_change = run_pipeline(changed, only=list(DATA_STAGES))
+    assert [r["state"] for r in after_change] == ["cached", "ran", "ran", "ran", "ran", "not run", "not run", "not run"]
     assert after_change[1]["fingerprint"] != reports[1]["fingerprint"]
 
-    # --from recomputes a stage and everything after it.
-    from_tokenize = run_pipeline(changed, from_stage="tokenize")
-    assert [r["state"] for r in from_tokenize] == ["done", "done", "done", "done", "ran"]  # earlier ones not looked at
-
     # --force recomputes a stage in place and produces the same bytes.
-    forced = run_pipeline(changed, force=["clean"])
-    assert [r["state"] for r in forced] == ["ran", "cached", "cached", "cached", "cached"]
+    forced = run_pipeline(changed, force=["clean"], only=list(DATA_STAGES))
+    assert [r["state"] for r in forced] == ["ran", "cached", "cached", "cached", "cached"] + ["not run"] * 3
     assert outputs(read_manifest(Path(forced[0]["directory"]))) == outputs(manifests["clean"])
 
     from prefect.client.orchestration import get_client
 
     with get_client(sync_client=True) as client:
         keys = {artifact.key for artifact in client.read_artifacts()}
-    assert {f"{s}-counts" for s in PIPELINE_STAGES} | {"pipeline-summary", "mix-schedule", "perplexity-thresholds"} <= keys
+    assert {f"{s}-counts" for s in DATA_STAGES} | {"pipeline-summary", "mix-schedule", "perplexity-thresholds"} <= keys
+    assert {"cpt-progress", "cpt-eval", "cpt-param-groups", "cpt-best-checkpoint", "cpt-memory", "sft-eval"} <= keys
+    assert {"evaluate-forgetting", "evaluate-generations", "evaluate-export"} <= keys
 
 
 KILL_SCRIPT = textwrap.dedent(
@@ -168,7 +178,7 @@ def test_killed_stage_resumes_and_ends_byte_identical(prefect_harness, corpus, t
     from flows.pipeline import run_pipeline
 
     config = write_config(tmp_path, corpus, tiny_llama_dir)
-    reference = run_pipeline(config, work_dir=str(tmp_path / "reference"))
+    reference = run_pipeline(config, work_dir=str(tmp_path / "reference"), only=list(DATA_STAGES))
 
     killed_dir = tmp_path / "killed"
     result = subprocess.run(
@@ -187,9 +197,9 @@ def test_killed_stage_resumes_and_ends_byte_identical(prefect_harness, corpus, t
     assert len(finished) == 2  # two shards survived the kill; the third was half written
     assert list((quality_dir / "_work").glob(".*.tmp-*"))
 
-    resumed = run_pipeline(config, work_dir=str(killed_dir))
-    assert [r["state"] for r in resumed] == ["cached", "ran", "ran", "ran", "ran"]
-    for ref, res in zip(reference, resumed):
+    resumed = run_pipeline(config, work_dir=str(killed_dir), only=list(DATA_STAGES))
+    assert [r["state"] for r in resumed] == ["cached", "ran", "ran", "ran", "ran"] + ["not run"] * 3
+    for ref, res in zip(reference[:5], resumed[:5]):
         assert outputs(read_manifest(Path(res["directory"]))) == outputs(read_manifest(Path(ref["directory"])))
 
 

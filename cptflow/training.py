@@ -1,0 +1,769 @@
+"""Training plumbing shared by the `cpt` and `sft` stages: QLoRA set-up, parameter groups with their own
+embedding learning rate, 8-bit AdamW, the cosine schedule, token-normalised loss, evaluation, checkpoints.
+
+Plain functions, read in the order a stage calls them: load_base_model -> add_adapters ->
+build_optimizer -> build_scheduler -> fit (train_step, evaluate_perplexity, save/load_checkpoint).
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+import os
+import random
+import resource
+import shutil
+import time
+from collections.abc import Callable, Iterator, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Literal
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from pydantic import BaseModel, ConfigDict, Field, model_validator
+
+from cptflow.store import atomic_write_json, read_json
+
+logger = logging.getLogger(__name__)
+
+IGNORE_INDEX = -100
+LORA_TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
+EMBEDDING_MODULES = ("embed_tokens", "lm_head")
+CHECKPOINT_PREFIX = "step-"
+
+
+# ---------------------------------------------------------------------------------------------
+# Configuration
+# ---------------------------------------------------------------------------------------------
+
+
+class LoraSettings(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    r: int = Field(128, gt=0, description="LoRA rank (Unsloth's CPT recipe: 128)")
+    alpha: float = Field(32, gt=0, description="LoRA alpha; with rslora the scale is alpha / sqrt(r)")
+    dropout: float = Field(0.0, ge=0, lt=1, description="LoRA dropout (0 keeps resumes bit-exact and is the CPT default)")
+    rslora: bool = Field(True, description="Rank-stabilised scaling alpha / sqrt(r) (Kalajdzievski 2023)")
+    target_modules: list[str] = Field(list(LORA_TARGETS), min_length=1, description="Linear layers that get LoRA")
+
+
+class KernelSettings(BaseModel):
+    """Fused kernels for the training hot path (kernels/): `auto` = on where they apply."""
+
+    model_config = ConfigDict(extra="forbid")
+    fused_linear_cross_entropy: Literal["auto", "on", "off"] = "auto"
+    rms_norm: Literal["auto", "on", "off"] = "auto"
+    swiglu: Literal["auto", "on", "off"] = "auto"
+
+
+class TrainingConfig(BaseModel):
+    """What cpt and sft share. Units: learning rates per optimizer step, batch sizes in sequences."""
+
+    model_config = ConfigDict(extra="forbid")
+    device: str = Field("auto", description="auto | cpu | cuda | cuda:N")
+    compute_dtype: Literal["auto", "float32", "bfloat16", "float16"] = Field(
+        "auto", description="4-bit compute dtype; auto = bf16 on GPUs that support it, fp16 on older ones, fp32 on CPU"
+    )
+    load_in_4bit: bool = Field(True, description="QLoRA: NF4 base with double quantisation (bitsandbytes)")
+    gradient_checkpointing: bool = True
+    lora: LoraSettings = LoraSettings()
+    train_embeddings: bool = Field(True, description="Train embed_tokens and lm_head in full (fp32 copies)")
+    learning_rate: float = Field(5e-5, gt=0, description="LR of the LoRA weights")
+    embedding_learning_rate: float = Field(5e-6, gt=0, description="LR of embed_tokens / lm_head; 2-10x below learning_rate")
+    weight_decay: float = Field(0.01, ge=0, description="On LoRA matrices only; embeddings, norms and biases get 0")
+    optimizer: Literal["adamw_8bit", "adamw"] = Field("adamw_8bit", description="adamw_8bit: bitsandbytes, 32-bit state for embeddings")
+    adam_betas: tuple[float, float] = (0.9, 0.999)
+    lr_scheduler: Literal["cosine", "linear", "constant"] = "cosine"
+    warmup_ratio: float = Field(0.05, ge=0, lt=1, description="Fraction of steps with linear warm-up")
+    min_lr_ratio: float = Field(0.0, ge=0, le=1, description="Floor of the decay, as a fraction of each group's LR")
+    micro_batch_size: int = Field(8, gt=0, description="Sequences per forward/backward")
+    gradient_accumulation_steps: int = Field(1, gt=0)
+    epochs: float = Field(1.0, gt=0, description="Passes over the training data (ignored when max_steps is set)")
+    max_steps: int | None = Field(None, gt=0, description="Optimizer steps; overrides epochs")
+    max_grad_norm: float | None = Field(1.0, gt=0)
+    eval_steps: int = Field(50, gt=0, description="Evaluate every this many optimizer steps (and at the end)")
+    eval_batch_size: int = Field(8, gt=0)
+    save_steps: int = Field(50, gt=0, description="Checkpoint every this many optimizer steps")
+    keep_best: int = Field(2, ge=0, description="Checkpoints kept by best eval metric, besides the latest")
+    log_steps: int = Field(5, gt=0)
+    kl_weight: float = Field(0.0, ge=0, description="KL(base || adapted) per token, computed with adapters disabled")
+    init_adapter: str | None = Field(None, description="Start from this LoRA adapter directory instead of a fresh one")
+    kernels: KernelSettings = KernelSettings()
+    torch_threads: int | None = Field(None, gt=0, description="CPU threads for torch; default: torch's")
+    retries: int = Field(1, ge=0, description="Prefect retries of the stage; each resumes from the latest checkpoint")
+
+    @model_validator(mode="after")
+    def _embedding_lr_below_lr(self):
+        if self.train_embeddings and self.embedding_learning_rate > self.learning_rate:
+            raise ValueError(
+                f"embedding_learning_rate ({self.embedding_learning_rate}) must not exceed learning_rate "
+                f"({self.learning_rate}): embeddings take a 2-10x smaller LR (Unsloth's CPT recipe)"
+            )
+        return self
+
+    def warnings(self) -> list[str]:
+        """Legal but unusual settings, said once at set-up (and by `cptflow validate`)."""
+        out = []
+        if self.train_embeddings:
+            ratio = self.learning_rate / self.embedding_learning_rate
+            if not 2 <= ratio <= 10:
+                out.append(
+                    f"embedding_learning_rate is {ratio:.3g}x below learning_rate; the CPT recipes use 2-10x"
+                )
+        return out
+
+
+# ---------------------------------------------------------------------------------------------
+# Model set-up
+# ---------------------------------------------------------------------------------------------
+
+
+def set_seed(seed: int) -> None:
+    random.seed(seed)
+    np.random.seed(seed % 2**32)
+    torch.manual_seed(seed)
+
+
+def load_base_model(name: str, tcfg: TrainingConfig, *, trust_remote_code: bool = False):
+    """The base causal LM, NF4-quantised (QLoRA) or in the compute dtype, prepared for k-bit training."""
+    from transformers import AutoModelForCausalLM, BitsAndBytesConfig
+
+    from cptflow.models import pick_device, pick_dtype, resolve_model_path
+
+    device = pick_device(tcfg.device)
+    compute_dtype = pick_dtype(tcfg.compute_dtype, device)
+    kwargs = {}
+    if tcfg.load_in_4bit:
+        kwargs["quantization_config"] = BitsAndBytesConfig(
+            load_in_4bit=True,
+            bnb_4bit_quant_type="nf4",
+            bnb_4bit_use_double_quant=True,
+            bnb_4bit_compute_dtype=compute_dtype,
+        )
+        kwargs["device_map"] = {"": device}
+    model = AutoModelForCausalLM.from_pretrained(
+        resolve_model_path(name), dtype=compute_dtype, use_safetensors=True, trust_remote_code=trust_remote_code, **kwargs
+    )
+    if not tcfg.load_in_4bit:
+        model.to(device)
+    model.config.use_cache = False
+    if tcfg.load_in_4bit:
+        from peft import prepare_model_for_kbit_training
+
+        # Upcasts the non-quantised weights (embeddings, norms) to fp32: trained embeddings are never fp16.
+        model = prepare_model_for_kbit_training(
+            model,
+            use_gradient_checkpointing=tcfg.gradient_checkpointing,
+            gradient_checkpointing_kwargs={"use_reentrant": False},
+        )
+    elif tcfg.gradient_checkpointing:
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        model.enable_input_require_grads()
+    return model
+
+
+def embeddings_tied(model) -> bool:
+    """True when lm_head and embed_tokens are one tensor (config.tie_word_embeddings honoured)."""
+    output = model.get_output_embeddings()
+    return output is not None and output.weight is model.get_input_embeddings().weight
+
+
+def add_adapters(model, tcfg: TrainingConfig, *, adapter_dir: str | Path | None = None, seed: int = 0):
+    """Wrap `model` with LoRA on all linear layers and full fp32 copies of embed_tokens/lm_head.
+
+    `adapter_dir`: continue from a saved adapter (its LoRA and embedding weights, trainable again).
+    Tied embeddings stay tied: PEFT's ensure_weight_tying makes lm_head's trainable copy the
+    embedding's (peft PR#2972; a head trained apart from its tied embedding is lost on merge).
+    """
+    from peft import LoraConfig, PeftModel, get_peft_model
+
+    tied = embeddings_tied(model)
+    if adapter_dir is not None:
+        model = PeftModel.from_pretrained(model, str(adapter_dir), is_trainable=True)
+    else:
+        torch.manual_seed(seed)  # LoRA A init
+        config = LoraConfig(
+            r=tcfg.lora.r,
+            lora_alpha=tcfg.lora.alpha,
+            lora_dropout=tcfg.lora.dropout,
+            use_rslora=tcfg.lora.rslora,
+            target_modules=list(tcfg.lora.target_modules),
+            modules_to_save=list(EMBEDDING_MODULES) if tcfg.train_embeddings else None,
+            ensure_weight_tying=tied and tcfg.train_embeddings,
+            bias="none",
+            task_type="CAUSAL_LM",
+        )
+        model = get_peft_model(model, config)
+    for name, parameter in model.named_parameters():
+        if is_embedding_parameter(name):
+            # Frozen when the stage asks for it (sft may keep cpt's embeddings as they are).
+            parameter.requires_grad_(tcfg.train_embeddings and "modules_to_save" in name)
+            if parameter.requires_grad and parameter.dtype != torch.float32:
+                parameter.data = parameter.data.float()
+    return model
+
+
+def is_embedding_parameter(name: str) -> bool:
+    return any(module in name.split(".") for module in EMBEDDING_MODULES)
+
+
+# ---------------------------------------------------------------------------------------------
+# Optimizer and schedule
+# ---------------------------------------------------------------------------------------------
+
+
+class EmptyEmbeddingGroupError(ValueError):
+    """An embedding learning rate was configured but no embed_tokens / lm_head parameter trains."""
+
+
+def build_param_groups(model, tcfg: TrainingConfig) -> list[dict]:
+    """Groups by parameter name: LoRA weights (decayed), embeddings at their own LR, norms/biases.
+
+    Fails when embeddings should train but none does: an embedding LR that silently applies to
+    nothing is the most reported CPT bug (unsloth#9326, unsloth-zoo PR#932).
+    """
+    groups = {
+        "lora": {"name": "lora", "params": [], "param_names": [], "lr": tcfg.learning_rate, "weight_decay": tcfg.weight_decay},
+        "embeddings": {"name": "embeddings", "params": [], "param_names": [], "lr": tcfg.embedding_learning_rate, "weight_decay": 0.0},
+        "no_decay": {"name": "no_decay", "params": [], "param_names": [], "lr": tcfg.learning_rate, "weight_decay": 0.0},
+    }
+    for name, parameter in model.named_parameters():  # tied parameters are listed once
+        if not parameter.requires_grad:
+            continue
+        if is_embedding_parameter(name):
+            key = "embeddings"
+        elif parameter.ndim < 2 or "norm" in name or name.endswith(".bias"):
+            key = "no_decay"
+        else:
+            key = "lora"
+        groups[key]["params"].append(parameter)
+        groups[key]["param_names"].append(name)
+    if tcfg.train_embeddings and not groups["embeddings"]["params"]:
+        raise EmptyEmbeddingGroupError(
+            "train_embeddings is on with embedding_learning_rate="
+            f"{tcfg.embedding_learning_rate}, but no embed_tokens/lm_head parameter is trainable "
+            "(the model names them differently, or the adapter froze them); set train_embeddings: false "
+            "or make them trainable"
+        )
+    result = [g for g in groups.values() if g["params"]]
+    for group in result:
+        count = sum(p.numel() for p in group["params"])
+        logger.info("param group %-10s %3d tensors %12d params lr %.3g wd %g", group["name"], len(group["params"]), count, group["lr"], group["weight_decay"])
+    return result
+
+
+def describe_param_groups(optimizer) -> list[dict]:
+    return [
+        {
+            "group": g["name"],
+            "tensors": len(g["params"]),
+            "parameters": sum(p.numel() for p in g["params"]),
+            "lr": g["initial_lr"] if "initial_lr" in g else g["lr"],
+            "weight_decay": g["weight_decay"],
+        }
+        for g in optimizer.param_groups
+    ]
+
+
+def build_optimizer(model, tcfg: TrainingConfig):
+    """AdamW over the named groups; 8-bit (bitsandbytes) with 32-bit state forced for embeddings.
+
+    8-bit state for embeddings is unstable (Dettmers, transformers#14819), and HF's "adamw_8bit"
+    never applies the override. We set it on a private options manager, not bitsandbytes' global
+    one, whose `id(param)` keys would leak into later optimizers.
+    """
+    groups = build_param_groups(model, tcfg)
+    if tcfg.optimizer == "adamw":
+        return torch.optim.AdamW(groups, lr=tcfg.learning_rate, betas=tcfg.adam_betas)
+    import bitsandbytes as bnb
+    from bitsandbytes.optim import GlobalOptimManager
+
+    optimizer = bnb.optim.AdamW8bit(groups, lr=tcfg.learning_rate, betas=tcfg.adam_betas)
+    options = GlobalOptimManager.__new__(GlobalOptimManager)
+    options.initialize()
+    for group in groups:
+        if group["name"] == "embeddings":
+            options.override_config(group["params"], "optim_bits", 32)
+    optimizer.mng = options
+    return optimizer
+
+
+def lr_factor(step: int, *, total_steps: int, warmup_steps: int, kind: str, min_lr_ratio: float) -> float:
+    """Multiplier of every group's LR at `step`: linear warm-up, then cosine/linear decay to the floor."""
+    if warmup_steps and step < warmup_steps:
+        return (step + 1) / warmup_steps
+    if kind == "constant":
+        return 1.0
+    progress = min(1.0, (step - warmup_steps) / max(1, total_steps - warmup_steps))
+    decay = 0.5 * (1 + math.cos(math.pi * progress)) if kind == "cosine" else 1 - progress
+    return min_lr_ratio + (1 - min_lr_ratio) * decay
+
+
+def build_scheduler(optimizer, tcfg: TrainingConfig, total_steps: int):
+    """LambdaLR: one multiplier for all groups, so the embedding LR keeps its ratio to the LoRA LR."""
+    warmup = math.ceil(tcfg.warmup_ratio * total_steps)
+
+    def factor(step: int) -> float:
+        return lr_factor(step, total_steps=total_steps, warmup_steps=warmup, kind=tcfg.lr_scheduler, min_lr_ratio=tcfg.min_lr_ratio)
+
+    return torch.optim.lr_scheduler.LambdaLR(optimizer, factor)
+
+
+# ---------------------------------------------------------------------------------------------
+# Loss
+# ---------------------------------------------------------------------------------------------
+
+
+def shift_labels(labels: torch.Tensor) -> torch.Tensor:
+    """Position i predicts token i+1: labels moved left, the last position ignored."""
+    return F.pad(labels[..., 1:], (0, 1), value=IGNORE_INDEX)
+
+
+def _causal_lm(model):
+    """The transformers *ForCausalLM inside a PEFT wrapper (or the model itself)."""
+    return model.get_base_model() if hasattr(model, "get_base_model") else model
+
+
+def _head_weight(head) -> torch.Tensor | None:
+    """The weight of a plain or modules_to_save head (what the fused loss needs); None for a LoRA head."""
+    if hasattr(head, "modules_to_save"):  # peft ModulesToSaveWrapper
+        if head.disable_adapters or not head.active_adapters:
+            return head.original_module.weight
+        return head.modules_to_save[head.active_adapters[0]].weight
+    if type(head) is torch.nn.Linear and head.bias is None:
+        return head.weight
+    return None
+
+
+def _model_inputs(batch: dict) -> dict:
+    return {k: batch[k] for k in ("input_ids", "attention_mask", "position_ids") if k in batch}
+
+
+@dataclass
+class LossParts:
+    loss_sum: torch.Tensor  # summed token cross-entropy (+ kl_weight * summed KL), to be normalised by the caller
+    ce_sum: float
+    kl_sum: float
+    tokens: int
+
+
+def token_loss_sum(model, batch: dict, *, kl_weight: float = 0.0, fused_loss: Callable | None = None) -> LossParts:
+    """Summed next-token loss over the non-ignored labels of `batch` (not yet normalised).
+
+    The head runs here, not inside the model: with `fused_loss` the [tokens, vocab] logits are never
+    built. KL towards the base runs the same batch with the adapters disabled (no second model).
+    """
+    causal_lm = _causal_lm(model)
+    hidden = causal_lm.model(**_model_inputs(batch)).last_hidden_state
+    labels = shift_labels(batch["labels"])
+    tokens = int((labels != IGNORE_INDEX).sum())
+    head_weight = _head_weight(causal_lm.lm_head) if fused_loss is not None and kl_weight == 0 else None
+    if head_weight is not None:
+        ce = fused_loss(hidden, head_weight, labels, reduction="sum")
+        return LossParts(ce, float(ce.detach()), 0.0, tokens)
+    logits = causal_lm.lm_head(hidden).float()
+    ce = F.cross_entropy(logits.flatten(0, -2), labels.flatten(), ignore_index=IGNORE_INDEX, reduction="sum")
+    if kl_weight == 0:
+        return LossParts(ce, float(ce.detach()), 0.0, tokens)
+    with torch.no_grad(), model.disable_adapter():
+        base_logits = _causal_lm(model)(**_model_inputs(batch)).logits.float()
+    mask = (labels != IGNORE_INDEX).unsqueeze(-1)
+    base_logprobs = F.log_softmax(base_logits, dim=-1)
+    # KL(base || adapted) per position, summed over kept positions.
+    kl = (base_logprobs.exp() * (base_logprobs - F.log_softmax(logits, dim=-1)) * mask).sum()
+    return LossParts(ce + kl_weight * kl, float(ce.detach()), float(kl.detach()), tokens)
+
+
+def train_step(model, optimizer, scheduler, micro_batches: Sequence[dict], tcfg: TrainingConfig, *, fused_loss=None) -> dict:
+    """One optimizer step over `micro_batches` (the gradient-accumulation window).
+
+    Every micro-batch's summed loss is divided by the non-ignored tokens of the whole window, so the
+    step equals one big batch whatever the padding per micro-batch (axolotl#1100, transformers PR#35438).
+    """
+    window_tokens = sum(int((shift_labels(b["labels"]) != IGNORE_INDEX).sum()) for b in micro_batches)
+    ce_total = kl_total = 0.0
+    denominator = max(window_tokens, 1)
+    for batch in micro_batches:
+        parts = token_loss_sum(model, batch, kl_weight=tcfg.kl_weight, fused_loss=fused_loss)
+        (parts.loss_sum / denominator).backward()
+        ce_total += parts.ce_sum
+        kl_total += parts.kl_sum
+    grad_norm = None
+    if tcfg.max_grad_norm:
+        trainable = [p for g in optimizer.param_groups for p in g["params"]]
+        grad_norm = float(torch.nn.utils.clip_grad_norm_(trainable, tcfg.max_grad_norm))
+    lrs = {g["name"]: g["lr"] for g in optimizer.param_groups}
+    optimizer.step()
+    scheduler.step()
+    optimizer.zero_grad(set_to_none=True)
+    return {
+        "loss": ce_total / denominator,
+        "kl": kl_total / denominator,
+        "tokens": window_tokens,
+        "grad_norm": grad_norm,
+        "lr": lrs,
+    }
+
+
+# ---------------------------------------------------------------------------------------------
+# Evaluation: perplexity on held-out text
+# ---------------------------------------------------------------------------------------------
+
+
+def read_texts(path: Path, field: str = "text") -> list[str]:
+    texts = []
+    with open(path, encoding="utf-8") as handle:
+        for line in handle:
+            if line.strip():
+                texts.append(json.loads(line)[field])
+    return texts
+
+
+def pack_eval_blocks(texts: Sequence[str], tokenizer, seq_len: int) -> list[dict]:
+    """Held-out documents tokenized as for training (BOS, text, EOS) and packed into seq_len blocks.
+
+    The same blocks go through every model compared (base, cpt, sft), so their perplexities are on
+    exactly the same tokens. The last block is padded; padding is ignored.
+    """
+    from tasks.tokenize import document_token_ids
+
+    stream = [token for ids in document_token_ids(list(texts), tokenizer) for token in ids]
+    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+    blocks = []
+    for start in range(0, len(stream), seq_len):
+        ids = stream[start : start + seq_len]
+        valid = len(ids)
+        ids = ids + [pad] * (seq_len - valid)
+        labels = ids[:valid] + [IGNORE_INDEX] * (seq_len - valid)
+        mask = [1] * valid + [0] * (seq_len - valid)
+        blocks.append({"input_ids": ids, "labels": labels, "attention_mask": mask})
+    return blocks
+
+
+PAD_VALUES = {"labels": IGNORE_INDEX, "attention_mask": 0}  # input_ids padding is masked, so 0 will do
+
+
+def collate(samples: Sequence[dict], device: str | torch.device = "cpu") -> dict:
+    """Stack samples into a batch, right-padding rows of different lengths (labels -100, mask 0)."""
+    length = max(len(s["input_ids"]) for s in samples)
+    batch = {}
+    for key in samples[0]:
+        rows = torch.full((len(samples), length), PAD_VALUES.get(key, 0), dtype=torch.long)
+        for i, sample in enumerate(samples):
+            values = torch.as_tensor(np.asarray(sample[key]), dtype=torch.long)
+            rows[i, : len(values)] = values
+        batch[key] = rows
+    if "attention_mask" not in batch and "position_ids" not in batch and any(len(s["input_ids"]) < length for s in samples):
+        batch["attention_mask"] = torch.tensor([[1] * len(s["input_ids"]) + [0] * (length - len(s["input_ids"])) for s in samples])
+    return {k: v.to(device) for k, v in batch.items()}
+
+
+@torch.no_grad()
+def evaluate_perplexity(model, blocks: Sequence[dict], *, batch_size: int = 8, device=None) -> dict:
+    """exp(mean token loss) over the non-ignored tokens of `blocks`."""
+    was_training = model.training
+    model.eval()
+    device = device or next(model.parameters()).device
+    loss_sum, tokens = 0.0, 0
+    for start in range(0, len(blocks), batch_size):
+        batch = collate(blocks[start : start + batch_size], device)
+        parts = token_loss_sum(model, batch)
+        loss_sum += parts.ce_sum
+        tokens += parts.tokens
+    model.train(was_training)
+    mean = loss_sum / max(tokens, 1)
+    return {"loss": round(mean, 6), "perplexity": round(math.exp(mean), 4), "tokens": tokens}
+
+
+# ---------------------------------------------------------------------------------------------
+# Memory
+# ---------------------------------------------------------------------------------------------
+
+
+def memory_snapshot(device: str) -> dict:
+    """Peak since the last snapshot on GPU (max_memory_reserved); on CPU the process RSS now and its peak."""
+    if str(device).startswith("cuda"):
+        peak = torch.cuda.max_memory_reserved()
+        torch.cuda.reset_peak_memory_stats()
+        return {"kind": "cuda_max_memory_reserved", "peak_mib": round(peak / 2**20, 1)}
+    import psutil
+
+    rss = psutil.Process().memory_info().rss
+    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024  # KiB on Linux
+    return {"kind": "process_rss", "rss_mib": round(rss / 2**20, 1), "peak_rss_mib": round(peak / 2**20, 1)}
+
+
+# ---------------------------------------------------------------------------------------------
+# Checkpoints
+# ---------------------------------------------------------------------------------------------
+
+
+def checkpoint_name(step: int) -> str:
+    return f"{CHECKPOINT_PREFIX}{step:08d}"
+
+
+def rng_state() -> dict:
+    state = {"python": random.getstate(), "torch": torch.get_rng_state()}
+    if torch.cuda.is_available():
+        state["cuda"] = torch.cuda.get_rng_state_all()
+    return state
+
+
+def set_rng_state(state: dict) -> None:
+    version, internal, gauss = state["python"]
+    random.setstate((version, tuple(internal), gauss))
+    torch.set_rng_state(state["torch"])
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])
+
+
+def save_adapter_files(model, directory: Path) -> None:
+    """`save_pretrained` (safetensors), with adapter_config.json made byte-stable: PEFT keeps
+    target_modules in a set, whose order changes with the interpreter's hash seed."""
+    model.save_pretrained(str(directory), safe_serialization=True)
+    config_path = Path(directory) / "adapter_config.json"
+    config = read_json(config_path)
+    for key in ("target_modules", "modules_to_save"):
+        if isinstance(config.get(key), list):
+            config[key] = sorted(config[key])
+    atomic_write_json(config_path, config)
+
+
+def save_checkpoint(directory: Path, model, optimizer, scheduler, trainer_state: dict) -> Path:
+    """Adapter (safetensors, with the trained embeddings), optimizer, scheduler, RNG and data position,
+    written into a temporary directory that is renamed into place: a kill never leaves half a checkpoint."""
+    directory = Path(directory)
+    tmp = directory.with_name(f".{directory.name}.tmp-{os.getpid()}")
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir(parents=True)
+    save_adapter_files(model, tmp)
+    torch.save({"optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(), "rng": rng_state()}, tmp / "training_state.pt")
+    atomic_write_json(tmp / "trainer_state.json", trainer_state)
+    for path in tmp.iterdir():  # durable before the rename makes it visible
+        with open(path, "rb") as handle:
+            os.fsync(handle.fileno())
+    if directory.exists():
+        shutil.rmtree(directory)
+    os.replace(tmp, directory)
+    return directory
+
+
+def list_checkpoints(root: Path) -> list[Path]:
+    """Complete checkpoints under `root`, oldest first (temporary directories are not listed)."""
+    root = Path(root)
+    if not root.is_dir():
+        return []
+    found = [p for p in root.iterdir() if p.is_dir() and p.name.startswith(CHECKPOINT_PREFIX) and (p / "trainer_state.json").is_file()]
+    return sorted(found, key=lambda p: p.name)
+
+
+def load_checkpoint(directory: Path, model, optimizer, scheduler) -> dict:
+    """Restore what save_checkpoint wrote; returns its trainer_state."""
+    from peft import set_peft_model_state_dict
+    from safetensors.torch import load_file
+
+    directory = Path(directory)
+    weights = load_file(str(directory / "adapter_model.safetensors"))
+    result = set_peft_model_state_dict(model, weights)
+    missing = [k for k in getattr(result, "unexpected_keys", [])]
+    if missing:
+        raise RuntimeError(f"checkpoint {directory}: keys that fit no parameter: {missing[:5]}")
+    state = torch.load(directory / "training_state.pt", map_location="cpu", weights_only=True)
+    optimizer.load_state_dict(state["optimizer"])
+    scheduler.load_state_dict(state["scheduler"])
+    set_rng_state(state["rng"])
+    return read_json(directory / "trainer_state.json")
+
+
+def prune_checkpoints(root: Path, keep_best: int, metric_key: str) -> list[Path]:
+    """Keep the latest checkpoint and the `keep_best` with the lowest `metric_key`; delete the rest."""
+    checkpoints = list_checkpoints(root)
+    if not checkpoints:
+        return []
+    keep = {checkpoints[-1]}
+    scored = []
+    for path in checkpoints:
+        metric = read_json(path / "trainer_state.json").get("metric", {}).get(metric_key)
+        if metric is not None:
+            scored.append((metric, path.name, path))
+    keep |= {path for _, _, path in sorted(scored)[:keep_best]}
+    for path in checkpoints:
+        if path not in keep:
+            shutil.rmtree(path)
+    for stale in Path(root).glob(f".{CHECKPOINT_PREFIX}*.tmp-*"):
+        shutil.rmtree(stale, ignore_errors=True)
+    return sorted(keep, key=lambda p: p.name)
+
+
+def best_checkpoint(root: Path, metric_key: str) -> Path | None:
+    scored = []
+    for path in list_checkpoints(root):
+        metric = read_json(path / "trainer_state.json").get("metric", {}).get(metric_key)
+        if metric is not None:
+            scored.append((metric, path.name, path))
+    return min(scored)[2] if scored else None
+
+
+# ---------------------------------------------------------------------------------------------
+# The loop
+# ---------------------------------------------------------------------------------------------
+
+
+class TrainingReporter:
+    """Receives progress from fit(); the Prefect flow passes one that writes artifacts. Default: logs."""
+
+    def on_start(self, info: dict) -> None:
+        logger.info("training: %s", info)
+
+    def on_log(self, record: dict) -> None:
+        logger.info("step %d/%d loss %.4f lr %s tokens/s %.0f", record["step"], record["total_steps"], record["loss"], record["lr"], record["tokens_per_s"])
+
+    def on_eval(self, step: int, results: dict) -> None:
+        logger.info("eval at step %d: %s", step, results)
+
+    def on_checkpoint(self, path: Path, best: Path | None) -> None:
+        logger.info("checkpoint %s (best so far: %s)", path, best)
+
+
+@dataclass
+class FitResult:
+    step: int
+    tokens: int
+    resumed_from: str | None
+    history: list[dict] = field(default_factory=list)
+    evals: list[dict] = field(default_factory=list)
+    seconds: float = 0.0
+    tokens_this_run: int = 0  # since this process started or resumed, for the tokens/s figure
+
+
+def fit(
+    model,
+    optimizer,
+    scheduler,
+    data,
+    tcfg: TrainingConfig,
+    *,
+    total_steps: int,
+    checkpoint_root: Path,
+    evaluate: Callable[[], dict],
+    metric_key: str,
+    reporter: TrainingReporter | None = None,
+    fused_loss=None,
+    stop_after_steps: int | None = None,
+) -> FitResult:
+    """Train to `total_steps`, resuming from the latest checkpoint under `checkpoint_root` if any.
+
+    `data` yields micro-batches (dicts of tensors on the model's device) and has state_dict() /
+    load_state_dict() giving its exact position. `evaluate()` returns {eval_set: {"perplexity": ...}};
+    `metric_key` ("domain_eval") picks the checkpoints kept as best. `stop_after_steps` ends the loop
+    early without finishing (tests use it to simulate a kill between checkpoints).
+    """
+    from tqdm.auto import tqdm
+
+    reporter = reporter or TrainingReporter()
+    result = FitResult(step=0, tokens=0, resumed_from=None)
+    latest = list_checkpoints(checkpoint_root)
+    if latest:
+        state = load_checkpoint(latest[-1], model, optimizer, scheduler)
+        data.load_state_dict(state["data"])
+        result.step, result.tokens = state["step"], state["tokens"]
+        result.history, result.evals = state["history"], state["evals"]
+        result.resumed_from = latest[-1].name
+        logger.info("resuming from %s (step %d of %d)", latest[-1], result.step, total_steps)
+    model.train()
+    started = time.time()
+    window_started, window_tokens = time.time(), 0
+    bar = tqdm(total=total_steps, initial=result.step, desc="train", unit="step", mininterval=2.0)
+    try:
+        while result.step < total_steps:
+            if stop_after_steps is not None and result.step >= stop_after_steps:
+                break
+            micro_batches = [next(data) for _ in range(tcfg.gradient_accumulation_steps)]
+            record = train_step(model, optimizer, scheduler, micro_batches, tcfg, fused_loss=fused_loss)
+            result.step += 1
+            result.tokens += record["tokens"]
+            result.tokens_this_run += record["tokens"]
+            window_tokens += record["tokens"]
+            bar.update(1)
+            if result.step % tcfg.log_steps == 0 or result.step == total_steps:
+                elapsed = max(time.time() - window_started, 1e-9)
+                entry = {
+                    "step": result.step,
+                    "total_steps": total_steps,
+                    "loss": round(record["loss"], 6),
+                    "kl": round(record["kl"], 6),
+                    "grad_norm": None if record["grad_norm"] is None else round(record["grad_norm"], 4),
+                    "lr": {k: float(f"{v:.6g}") for k, v in record["lr"].items()},
+                    "tokens": result.tokens,
+                    "tokens_per_s": round(window_tokens / elapsed, 1),
+                }
+                reporter.on_log(entry)
+                # Persisted without the wall-clock rate: same config and data, same bytes.
+                result.history.append({k: v for k, v in entry.items() if k != "tokens_per_s"})
+                bar.set_postfix(loss=f"{record['loss']:.3f}")
+                window_started, window_tokens = time.time(), 0
+            at_end = result.step == total_steps
+            if result.step % tcfg.eval_steps == 0 or result.step % tcfg.save_steps == 0 or at_end:
+                # Evaluated at every checkpoint too: the best-N retention needs a metric for each.
+                evaluation = {"step": result.step, **evaluate()}
+                result.evals.append(evaluation)
+                reporter.on_eval(result.step, evaluation)
+            if result.step % tcfg.save_steps == 0 or at_end:
+                metric = {name: values["perplexity"] for name, values in result.evals[-1].items() if isinstance(values, dict)}
+                trainer_state = {
+                    "step": result.step,
+                    "total_steps": total_steps,
+                    "tokens": result.tokens,
+                    "data": data.state_dict(),
+                    "metric": metric,
+                    "history": result.history,
+                    "evals": result.evals,
+                }
+                path = save_checkpoint(Path(checkpoint_root) / checkpoint_name(result.step), model, optimizer, scheduler, trainer_state)
+                prune_checkpoints(checkpoint_root, tcfg.keep_best, metric_key)
+                reporter.on_checkpoint(path, best_checkpoint(checkpoint_root, metric_key))
+    finally:
+        bar.close()
+    result.seconds = round(time.time() - started, 3)
+    return result
+
+
+# ---------------------------------------------------------------------------------------------
+# Data: token blocks as an endless stream of micro-batches with a resumable position
+# ---------------------------------------------------------------------------------------------
+
+
+class MicroBatches:
+    """Wraps a dataset with `__iter__`, state_dict() and load_state_dict() (TokenShardDataset, SftDataset)
+    into endless micro-batches on `device`; epochs follow one another."""
+
+    def __init__(self, dataset, micro_batch_size: int, device, collate: Callable | None = None):
+        self.dataset = dataset
+        self.micro_batch_size = micro_batch_size
+        self.device = device
+        self.collate = collate or (lambda samples: {k: torch.stack([s[k] for s in samples]) for k in samples[0]})
+        self._iterator: Iterator | None = None
+
+    def _samples(self) -> Iterator[dict]:
+        while True:
+            yielded = False
+            for sample in self.dataset:
+                yielded = True
+                yield sample
+            if not yielded:
+                raise ValueError("the training dataset is empty")
+
+    def __next__(self) -> dict:
+        if self._iterator is None:
+            self._iterator = self._samples()
+        samples = [next(self._iterator) for _ in range(self.micro_batch_size)]
+        return {k: v.to(self.device) for k, v in self.collate(samples).items()}
+
+    def state_dict(self) -> dict:
+        return self.dataset.state_dict()
+
+    def load_state_dict(self, state: dict) -> None:
+        self.dataset.load_state_dict(state)
+        self._iterator = None

@@ -1,0 +1,194 @@
+"""evaluate stage: perplexity of the base, cpt and sft models on the same held-out tokens (forgetting),
+generations side by side, and the export (PEFT adapter, merged 16-bit model, model card).
+
+The last stage of the DAG (... -> cpt -> sft -> **evaluate**).
+"""
+
+from __future__ import annotations
+
+import logging
+import shutil
+import time
+from pathlib import Path
+from typing import Literal
+
+import torch
+from pydantic import BaseModel, ConfigDict, Field
+
+from cptflow.store import atomic_write_json, commit_manifest, now_iso, read_manifest
+from cptflow.training import evaluate_perplexity, load_base_model, memory_snapshot, set_seed
+
+logger = logging.getLogger(__name__)
+
+STAGE_VERSION = 1
+MODELS = ("base", "cpt", "sft")
+EVAL_SET_NAMES = {"domain": "domain_eval", "general": "general_eval"}
+
+
+class ExportSettings(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    merged: bool = Field(True, description="Also write the sft adapter merged into the base weights")
+    merged_dtype: Literal["bfloat16", "float16", "float32"] = "bfloat16"
+
+
+class EvaluateConfig(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    batch_size: int = Field(8, gt=0, description="Blocks per forward pass")
+    prompts: list[str] = Field(default_factory=list, description="Rendered with the chat template; answered greedily by each model")
+    max_new_tokens: int = Field(48, gt=0, le=1024, description="Generation length bound, in tokens")
+    export: ExportSettings = ExportSettings()
+
+
+def forgetting_rows(perplexity: dict) -> list[dict]:
+    """One row per eval set: perplexity of each model and the % change from base."""
+    rows = []
+    for short in EVAL_SET_NAMES:
+        base = perplexity["base"][short]
+        row = {"eval_set": short, **{model: round(perplexity[model][short], 3) for model in MODELS}}
+        for model in ("cpt", "sft"):
+            row[f"{model}_change_pct"] = round(100 * (perplexity[model][short] - base) / base, 2)
+        rows.append(row)
+    return rows
+
+
+def format_forgetting_table(perplexity: dict) -> str:
+    lines = ["| eval set | base | cpt | sft | cpt vs base | sft vs base |", "|---|---:|---:|---:|---:|---:|"]
+    for row in forgetting_rows(perplexity):
+        lines.append(
+            f"| {row['eval_set']} | {row['base']:.2f} | {row['cpt']:.2f} | {row['sft']:.2f} | "
+            f"{row['cpt_change_pct']:+.1f}% | {row['sft_change_pct']:+.1f}% |"
+        )
+    return "\n".join(lines)
+
+
+@torch.no_grad()
+def generate(model, tokenizer, prompts: list[str], max_new_tokens: int) -> list[str]:
+    """Greedy answers, one prompt at a time (no padding side effects), decoded without special tokens."""
+    device = next(model.parameters()).device
+    outputs = []
+    for prompt in prompts:
+        if getattr(tokenizer, "chat_template", None):
+            ids = tokenizer.apply_chat_template([{"role": "user", "content": prompt}], add_generation_prompt=True, tokenize=True)
+            ids = list(ids["input_ids"] if hasattr(ids, "keys") else ids)
+        else:
+            ids = tokenizer(prompt)["input_ids"]
+        input_ids = torch.tensor([ids], device=device)
+        generated = model.generate(
+            input_ids=input_ids,
+            attention_mask=torch.ones_like(input_ids),
+            max_new_tokens=max_new_tokens,
+            do_sample=False,
+            use_cache=True,
+            pad_token_id=tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id,
+        )
+        outputs.append(tokenizer.decode(generated[0, len(ids) :], skip_special_tokens=True).strip())
+    return outputs
+
+
+def _model_perplexities(model, blocks: dict, batch_size: int) -> dict:
+    return {short: evaluate_perplexity(model, blocks[name], batch_size=batch_size)["perplexity"] for short, name in EVAL_SET_NAMES.items()}
+
+
+def data_statistics(stage_directories: dict, sft_manifest: dict) -> dict:
+    tokenize = read_manifest(Path(stage_directories["tokenize"])) or {}
+    mix = read_manifest(Path(stage_directories["mix"])) or {}
+    packing = tokenize.get("packing", {})
+    return {
+        "cpt_tokens": packing.get("tokens"),
+        "cpt_domain_tokens": packing.get("domain_tokens"),
+        "cpt_domain_share": packing.get("domain_share"),
+        "cpt_blocks": packing.get("blocks"),
+        "seq_len": packing.get("seq_len"),
+        "domain_eval_tokens": (mix.get("eval", {}).get("domain_eval") or {}).get("tokens"),
+        "general_eval_tokens": (mix.get("eval", {}).get("general_eval") or {}).get("tokens"),
+        "sft_examples": sft_manifest.get("data", {}).get("train"),
+        "sft_held_out": sft_manifest.get("data", {}).get("held_out"),
+    }
+
+
+def run(run, cfg, reporter=None) -> dict:
+    from peft import PeftModel
+
+    from cptflow.models import load_tokenizer, resolve_model_path
+    from tasks.cpt import eval_blocks
+    from tasks.export import merge_adapter, write_model_card
+
+    existing = read_manifest(run.path)
+    if existing is not None:
+        return existing
+    section: EvaluateConfig = cfg.evaluate
+    started = time.time()
+    set_seed(cfg.seed)
+    dirs = run.stage_directories
+    manifests = {stage: read_manifest(Path(dirs[stage])) for stage in ("cpt", "sft")}
+    for stage, manifest in manifests.items():
+        if manifest is None:
+            raise RuntimeError(f"evaluate: the {stage} output {dirs[stage]} is not committed (run {stage} first)")
+    adapters = {stage: Path(dirs[stage]) / manifests[stage]["adapter"] for stage in ("cpt", "sft")}
+    tokenizer = load_tokenizer(str(adapters["sft"]))
+    blocks = eval_blocks(dirs, tokenizer, cfg.tokenize.seq_len)
+
+    # All three on the base the adapters were trained on (4-bit NF4 when cpt used QLoRA): the same
+    # frozen weights, so differences come from the adapters alone.
+    base = load_base_model(cfg.base_model, cfg.cpt, trust_remote_code=cfg.trust_remote_code)
+    device = str(next(base.parameters()).device)
+    model = PeftModel.from_pretrained(base, str(adapters["cpt"]), adapter_name="cpt")
+    model.load_adapter(str(adapters["sft"]), adapter_name="sft")
+    model.eval()
+    perplexity, generations = {}, {}
+    for name in MODELS:
+        if name == "base":
+            with model.disable_adapter():
+                perplexity[name] = _model_perplexities(model, blocks, section.batch_size)
+                generations[name] = generate(model, tokenizer, section.prompts, section.max_new_tokens)
+        else:
+            model.set_adapter(name)
+            perplexity[name] = _model_perplexities(model, blocks, section.batch_size)
+            generations[name] = generate(model, tokenizer, section.prompts, section.max_new_tokens)
+        logger.info("evaluate %s: %s", name, perplexity[name])
+    memory = {"eval": memory_snapshot(device)}
+    del model, base
+
+    table = format_forgetting_table(perplexity)
+    side_by_side = [{"prompt": p, **{m: generations[m][i] for m in MODELS}} for i, p in enumerate(section.prompts)]
+    atomic_write_json(run.path / "generations.json", side_by_side)
+
+    # Export: the sft adapter (with cpt's embeddings inside), the merged model, and their model card.
+    export_dir = run.path / "export"
+    adapter_out = export_dir / "adapter"
+    if adapter_out.exists():
+        shutil.rmtree(adapter_out)
+    shutil.copytree(adapters["sft"], adapter_out)
+    merged = None
+    if section.export.merged:
+        merged = merge_adapter(
+            resolve_model_path(cfg.base_model), adapters["sft"], export_dir / "merged",
+            dtype=section.export.merged_dtype, trust_remote_code=cfg.trust_remote_code,
+        )
+        merged["path"] = str(Path(merged["path"]).relative_to(run.path))
+    hyperparameters = {
+        "cpt": cfg.cpt.model_dump(mode="json", exclude={"kernels", "retries", "device", "torch_threads"}),
+        "sft": cfg.sft.model_dump(mode="json", exclude={"kernels", "retries", "device", "torch_threads", "data", "chat_template"}),
+    }
+    data = data_statistics(dirs, manifests["sft"])
+    card = dict(model_name=cfg.name, base_model=cfg.base_model, data=data, hyperparameters=hyperparameters, perplexity=perplexity, generations=side_by_side)
+    write_model_card(adapter_out / "README.md", **card)
+    if merged:
+        write_model_card(run.path / merged["path"] / "README.md", **card)
+    memory["export"] = memory_snapshot(device)
+
+    manifest = {
+        "stage": "evaluate",
+        "fingerprint": run.fingerprint,
+        "payload": run.payload,
+        "perplexity": perplexity,
+        "forgetting": forgetting_rows(perplexity),
+        "forgetting_table": table,
+        "generations": "generations.json",
+        "export": {"adapter": "export/adapter", "merged": merged},
+        "data": data,
+        "memory": memory,
+        "timings": {"finished": now_iso(), "seconds": round(time.time() - started, 3)},
+    }
+    logger.info("forgetting (held-out perplexity):\n%s", table)
+    return commit_manifest(run.path, manifest)

@@ -1,0 +1,389 @@
+"""sft stage: instruction tuning that continues from the cpt adapter and its trained embeddings.
+
+Sits after `cpt` (... -> cpt -> **sft** -> evaluate). Reads Alpaca (instruction / input / output) or chat
+(messages) JSONL, renders it with the tokenizer's chat template, and trains on answer tokens only.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import math
+import time
+from collections import Counter
+from pathlib import Path
+from typing import Literal
+
+import numpy as np
+import torch
+from pydantic import BaseModel, ConfigDict, Field
+
+from cptflow.store import atomic_write_json, commit_manifest, now_iso, read_manifest
+from cptflow.training import (
+    IGNORE_INDEX,
+    MicroBatches,
+    TrainingConfig,
+    TrainingReporter,
+    add_adapters,
+    best_checkpoint,
+    build_optimizer,
+    build_scheduler,
+    collate,
+    describe_param_groups,
+    embeddings_tied,
+    evaluate_perplexity,
+    fit,
+    load_base_model,
+    memory_snapshot,
+    set_seed,
+)
+
+logger = logging.getLogger(__name__)
+
+STAGE_VERSION = 1
+METRIC = "sft_eval"  # best checkpoints: lowest perplexity of held-out answers
+ROLES = ("system", "user", "assistant")
+
+# Used when the tokenizer has no chat template and the config names none: role-tagged turns, EOS after
+# each answer, {% generation %} marks the answers.
+DEFAULT_CHAT_TEMPLATE = (
+    "{{ bos_token }}"
+    "{% for message in messages %}"
+    "{{ '### ' + message['role'] | capitalize + ':\\n' }}"
+    "{% if message['role'] == 'assistant' %}"
+    "{% generation %}{{ message['content'] + eos_token }}{% endgeneration %}{{ '\\n\\n' }}"
+    "{% else %}{{ message['content'] + '\\n\\n' }}{% endif %}"
+    "{% endfor %}"
+    "{% if add_generation_prompt %}{{ '### Assistant:\\n' }}{% endif %}"
+)
+
+
+class SftDataFile(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    path: str = Field(description="JSONL file, relative to the config file")
+    format: Literal["auto", "alpaca", "chat"] = Field("auto", description="auto: `messages` -> chat, `instruction` -> alpaca")
+
+
+class SftConfig(TrainingConfig):
+    """Instruction tuning on top of the cpt adapter. Its own learning rates; embeddings frozen by default."""
+
+    data: list[SftDataFile] = Field(default_factory=list, description="Instruction files (required to run sft)")
+    max_length: int = Field(512, gt=8, description="Tokens per example; longer examples are truncated (counted)")
+    chat_template: str | None = Field(None, description="Jinja chat template used when the tokenizer has none")
+    eval_fraction: float = Field(0.1, ge=0, lt=1, description="Examples held out (by a hash of their content) for sft_eval")
+    learning_rate: float = 1e-4
+    embedding_learning_rate: float = 1e-5
+    train_embeddings: bool = Field(False, description="Keep cpt's embeddings frozen (default) or train them at embedding_learning_rate")
+    epochs: float = 2.0
+    micro_batch_size: int = 8
+    eval_steps: int = 20
+    save_steps: int = 20
+
+
+class SftDataError(ValueError):
+    """An instruction file that cannot be read at all (missing, or no usable example)."""
+
+
+def sft_data_fingerprints(cfg) -> list[dict]:
+    """Path, size and mtime (or sha256) of each instruction file, for the sft fingerprint."""
+    from tasks.clean import file_fingerprint
+
+    out = []
+    for item in cfg.sft.data:
+        path = cfg.resolve(item.path)
+        entry = file_fingerprint(path, cfg.input_fingerprint) if path.is_file() else {"path": str(path), "missing": True}
+        out.append({**entry, "format": item.format})
+    return out
+
+
+# ---------------------------------------------------------------------------------------------
+# Records -> chat messages -> token ids with answer-only labels
+# ---------------------------------------------------------------------------------------------
+
+
+def to_messages(record, fmt: str) -> tuple[list[dict] | None, str | None]:
+    """(messages, None) or (None, reason) for one JSON record."""
+    if not isinstance(record, dict):
+        return None, "not_an_object"
+    if fmt == "auto":
+        fmt = "chat" if "messages" in record else "alpaca" if "instruction" in record else ""
+        if not fmt:
+            return None, "missing_field:messages_or_instruction"
+    if fmt == "alpaca":
+        for key in ("instruction", "output"):
+            if not isinstance(record.get(key), str):
+                return None, f"missing_field:{key}"
+        extra = record.get("input") or ""
+        if not isinstance(extra, str):
+            return None, "wrong_type:input"
+        if not record["output"].strip():
+            return None, "empty_answer"
+        prompt = record["instruction"].strip() + (f"\n\n{extra.strip()}" if extra.strip() else "")
+        messages = [{"role": "user", "content": prompt}, {"role": "assistant", "content": record["output"].strip()}]
+        if isinstance(record.get("system"), str) and record["system"].strip():
+            messages.insert(0, {"role": "system", "content": record["system"].strip()})
+        return messages, None
+    messages = record.get("messages")
+    if not isinstance(messages, list) or not messages:
+        return None, "missing_field:messages"
+    for message in messages:
+        if not isinstance(message, dict) or message.get("role") not in ROLES or not isinstance(message.get("content"), str):
+            return None, "bad_message"
+    if not any(m["role"] == "assistant" and m["content"].strip() for m in messages):
+        return None, "no_assistant_turn"
+    return messages, None
+
+
+def _render(tokenizer, messages: list[dict], template: str | None, *, add_generation_prompt: bool) -> list[int]:
+    encoded = tokenizer.apply_chat_template(messages, chat_template=template, tokenize=True, add_generation_prompt=add_generation_prompt)
+    return list(encoded["input_ids"] if hasattr(encoded, "keys") else encoded)
+
+
+def tokenize_conversation(messages: list[dict], tokenizer, template: str | None, max_length: int) -> dict:
+    """input_ids with labels on the assistant answers (each ending in EOS) and -100 elsewhere.
+
+    Each answer is found by rendering the conversation up to it with the generation prompt, and up to
+    and including it: the tokens between are the answer. A template that does not put EOS after an
+    answer gets one inserted, so the model learns to stop. Returns {"input_ids", "labels", "truncated"}.
+    """
+    eos = tokenizer.eos_token_id
+    input_ids: list[int] = []
+    labels: list[int] = []
+    for index, message in enumerate(messages):
+        if message["role"] != "assistant":
+            continue
+        prefix = _render(tokenizer, messages[:index], template, add_generation_prompt=True)
+        through = _render(tokenizer, messages[: index + 1], template, add_generation_prompt=False)
+        if through[: len(prefix)] != prefix or prefix[: len(input_ids)] != input_ids:
+            raise SftDataError("the chat template renders a conversation differently from its prefix; answers cannot be located")
+        answer = through[len(prefix) :]
+        if eos in answer:
+            end = len(answer) - answer[::-1].index(eos)  # through the last EOS; the template's trailing newline is not trained
+            trained, tail = answer[:end], answer[end:]
+        else:
+            trained, tail = answer + [eos], []
+        labels += [IGNORE_INDEX] * (len(prefix) - len(input_ids)) + trained + [IGNORE_INDEX] * len(tail)
+        input_ids = prefix + trained + tail
+    truncated = len(input_ids) > max_length
+    return {"input_ids": input_ids[:max_length], "labels": labels[:max_length], "truncated": truncated}
+
+
+def held_out(messages: list[dict], fraction: float, seed: int) -> bool:
+    digest = hashlib.sha256(f"{seed}:{json.dumps(messages, sort_keys=True)}".encode()).digest()
+    return int.from_bytes(digest[:8], "big") / 2**64 < fraction
+
+
+def load_examples(cfg, tokenizer, template: str | None) -> tuple[list[dict], list[dict], dict]:
+    """(train examples, eval examples, counts). Every line is counted: kept, held out, or rejected with a reason."""
+    section: SftConfig = cfg.sft
+    if not section.data:
+        raise SftDataError("sft.data names no instruction file; add one (JSONL, Alpaca or chat form)")
+    train, held, rejected = [], [], Counter()
+    per_file = {}
+    for item in section.data:
+        path = cfg.resolve(item.path)
+        if not path.is_file():
+            raise SftDataError(f"sft.data: {path} does not exist")
+        counts = Counter()
+        with open(path, encoding="utf-8", errors="replace") as handle:
+            for line_number, line in enumerate(handle, 1):
+                if not line.strip():
+                    continue
+                counts["in"] += 1
+                try:
+                    record = json.loads(line)
+                except json.JSONDecodeError as err:
+                    reason = "invalid_json"
+                    logger.warning("%s:%d: %s (%s)", path, line_number, reason, err.msg)
+                    counts[f"rejected:{reason}"] += 1
+                    rejected[reason] += 1
+                    continue
+                messages, reason = to_messages(record, item.format)
+                if messages is None:
+                    logger.warning("%s:%d: rejected (%s)", path, line_number, reason)
+                    counts[f"rejected:{reason}"] += 1
+                    rejected[reason] += 1
+                    continue
+                example = tokenize_conversation(messages, tokenizer, template, section.max_length)
+                if not any(label != IGNORE_INDEX for label in example["labels"]):
+                    counts["rejected:answer_truncated_away"] += 1
+                    rejected["answer_truncated_away"] += 1
+                    continue
+                counts["truncated"] += example["truncated"]
+                example["source"] = f"{path.name}:{line_number}"
+                if held_out(messages, section.eval_fraction, cfg.seed):
+                    held.append(example)
+                    counts["held_out"] += 1
+                else:
+                    train.append(example)
+                    counts["train"] += 1
+        per_file[str(path)] = dict(sorted(counts.items()))
+    if not train:
+        raise SftDataError(f"sft: no usable training example in {[d.path for d in section.data]} (rejected: {dict(rejected)})")
+    counts = {
+        "in": sum(c["in"] for c in per_file.values()),
+        "train": len(train),
+        "held_out": len(held),
+        "rejected": dict(sorted(rejected.items())),
+        "truncated": sum(c.get("truncated", 0) for c in per_file.values()),
+        "by_file": per_file,
+    }
+    assert counts["in"] == counts["train"] + counts["held_out"] + sum(rejected.values())
+    return train, held, counts
+
+
+class SftDataset:
+    """Examples in a seeded order per epoch; state_dict() is the exact position (epoch, next index)."""
+
+    def __init__(self, examples: list[dict], seed: int):
+        self.examples = examples
+        self.seed = seed
+        self.epoch = 0
+        self.next_index = 0
+
+    def __len__(self) -> int:
+        return len(self.examples)
+
+    def _order(self) -> np.ndarray:
+        return np.random.default_rng([self.seed, self.epoch]).permutation(len(self.examples))
+
+    def __iter__(self):
+        if self.next_index >= len(self.examples):
+            self.epoch, self.next_index = self.epoch + 1, 0
+        order = self._order()
+        while self.next_index < len(order):
+            example = self.examples[order[self.next_index]]
+            self.next_index += 1
+            yield {"input_ids": torch.tensor(example["input_ids"]), "labels": torch.tensor(example["labels"])}
+        self.epoch, self.next_index = self.epoch + 1, 0
+
+    def state_dict(self) -> dict:
+        return {"epoch": self.epoch, "next_index": self.next_index, "examples": len(self.examples), "seed": self.seed}
+
+    def load_state_dict(self, state: dict) -> None:
+        if state["examples"] != len(self.examples) or state["seed"] != self.seed:
+            raise ValueError(f"sft data position was saved for {state['examples']} examples / seed {state['seed']}; the data changed")
+        self.epoch, self.next_index = state["epoch"], state["next_index"]
+
+
+# ---------------------------------------------------------------------------------------------
+# The stage
+# ---------------------------------------------------------------------------------------------
+
+
+def chat_template_for(tokenizer, section: SftConfig) -> tuple[str, str]:
+    """(template, where it came from): the config's, else the tokenizer's, else the built-in default."""
+    if section.chat_template:
+        return section.chat_template, "config"
+    if getattr(tokenizer, "chat_template", None):
+        return tokenizer.chat_template, "tokenizer"
+    return DEFAULT_CHAT_TEMPLATE, "cptflow default"
+
+
+def run(run, cfg, reporter: TrainingReporter | None = None, *, stop_after_steps: int | None = None) -> dict | None:
+    from cptflow.models import load_tokenizer
+    from tasks.cpt import apply_kernel_patches, eval_blocks, fused_loss_for, save_adapter, trainable_parameters, write_history
+
+    existing = read_manifest(run.path)
+    if existing is not None:
+        return existing
+    section: SftConfig = cfg.sft
+    started = time.time()
+    if section.torch_threads:
+        torch.set_num_threads(section.torch_threads)
+    for warning in section.warnings():
+        logger.warning("sft: %s", warning)
+    set_seed(cfg.seed)
+    cpt_dir = Path(run.upstream_directory)
+    cpt_manifest = read_manifest(cpt_dir)
+    if cpt_manifest is None:
+        raise RuntimeError(f"sft: the cpt output {cpt_dir} is not committed (run the cpt stage first)")
+    adapter_dir = cpt_dir / cpt_manifest["adapter"]
+
+    tokenizer = load_tokenizer(str(adapter_dir))
+    template, template_source = chat_template_for(tokenizer, section)
+    train_examples, eval_examples, counts = load_examples(cfg, tokenizer, template)
+    if template_source != "tokenizer":
+        tokenizer.chat_template = template  # saved with the adapter, so generation renders prompts the same way
+
+    memory = {}
+    model = load_base_model(cfg.base_model, section, trust_remote_code=cfg.trust_remote_code)
+    device = next(model.parameters()).device
+    memory["load"] = memory_snapshot(str(device))
+    tied = embeddings_tied(model)
+    # The cpt adapter's LoRA and embeddings continue; LoRA shape comes from it, not from sft.lora.
+    model = add_adapters(model, section, adapter_dir=adapter_dir, seed=cfg.seed)
+    kernels = apply_kernel_patches(model, section)
+    fused_loss = fused_loss_for(model, section)
+    memory["lora_added"] = memory_snapshot(str(device))
+
+    dataset = SftDataset(train_examples, cfg.seed)
+    data = MicroBatches(dataset, section.micro_batch_size, device, collate=collate)
+    samples_per_step = section.micro_batch_size * section.gradient_accumulation_steps
+    total_steps = section.max_steps or max(1, math.ceil(section.epochs * len(dataset) / samples_per_step))
+    optimizer = build_optimizer(model, section)
+    scheduler = build_scheduler(optimizer, section, total_steps)
+    blocks = eval_blocks(run.stage_directories, tokenizer, cfg.tokenize.seq_len)
+    sft_eval = [{"input_ids": e["input_ids"], "labels": e["labels"]} for e in eval_examples]
+
+    def evaluate() -> dict:
+        results = {name: evaluate_perplexity(model, sets, batch_size=section.eval_batch_size) for name, sets in blocks.items()}
+        if sft_eval:
+            results[METRIC] = evaluate_perplexity(model, sft_eval, batch_size=section.eval_batch_size)
+        return results
+
+    reporter = reporter or TrainingReporter()
+    reporter.on_start({"stage": "sft", "total_steps": total_steps, "examples": counts, "param_groups": describe_param_groups(optimizer)})
+    checkpoints = run.path / "checkpoints"
+    result = fit(
+        model,
+        optimizer,
+        scheduler,
+        data,
+        section,
+        total_steps=total_steps,
+        checkpoint_root=checkpoints,
+        evaluate=evaluate,
+        metric_key=METRIC if sft_eval else "domain_eval",
+        reporter=reporter,
+        fused_loss=fused_loss,
+        stop_after_steps=stop_after_steps,
+    )
+    if result.step < total_steps:
+        return None
+    memory["training"] = memory_snapshot(str(device))
+
+    save_adapter(model, tokenizer, run.path / "adapter")
+    write_history(run.path / "train_log.jsonl", result.history)
+    atomic_write_json(run.path / "data_counts.json", counts)
+    best = best_checkpoint(checkpoints, METRIC if sft_eval else "domain_eval")
+    manifest = {
+        "stage": "sft",
+        "fingerprint": run.fingerprint,
+        "payload": run.payload,
+        "adapter": "adapter",
+        "continued_from": str(adapter_dir),
+        "chat_template": template_source,
+        "best_checkpoint": str(best.relative_to(run.path)) if best else None,
+        "tied_embeddings": tied,
+        "data": counts,
+        "parameters": trainable_parameters(model),
+        "param_groups": describe_param_groups(optimizer),
+        "kernels": {"patched": kernels, "fused_linear_cross_entropy": fused_loss is not None},
+        "train": {
+            "steps": result.step,
+            "tokens": result.tokens,
+            "examples": len(dataset),
+            "seconds_this_run": result.seconds,
+            "tokens_per_s_this_run": round(result.tokens_this_run / result.seconds, 1) if result.seconds else None,
+            "resumed_from": result.resumed_from,
+            "final_loss": result.history[-1]["loss"] if result.history else None,
+        },
+        "eval": {k: v for k, v in result.evals[-1].items() if k != "step"},
+        "evals": result.evals,
+        "memory": memory,
+        "warnings": section.warnings(),
+        "timings": {"finished": now_iso(), "seconds": round(time.time() - started, 3)},
+    }
+    return commit_manifest(run.path, manifest)
