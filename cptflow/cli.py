@@ -162,6 +162,120 @@ def status(config: Path = CONFIG_ARG, work_dir: Optional[Path] = WORK_DIR_OPT, a
     console.print(table)
 
 
+@app.command()
+def serve(
+    config: Path = CONFIG_ARG,
+    cron: Optional[str] = typer.Option(None, "--cron", help="Run the whole pipeline on this cron schedule, e.g. '0 2 * * *' (02:00 daily)"),
+    interval: Optional[float] = typer.Option(None, "--interval", help="...or every this many seconds"),
+    work_dir: Optional[Path] = WORK_DIR_OPT,
+) -> None:
+    """Serve the pipeline as Prefect deployments; their runs execute here until Ctrl-C.
+
+    Registers with the Prefect server in PREFECT_API_URL (start one with `cptflow ui`):
+
+    \b
+    cptflow-pipeline/NAME        the whole pipeline, on --cron/--interval
+    cptflow-pipeline/NAME-STAGE  one stage (only=[STAGE]); its upstream must be done
+
+    NAME is the config's `name`. Run one from the UI (a form for only, from_stage, force, work_dir) or with `prefect deployment run 'cptflow-pipeline/NAME-quality'`. Two runs of one deployment never overlap: a run due while the previous one still works waits for it.
+    """
+    from prefect.settings import PREFECT_API_URL
+
+    from cptflow.config import ConfigError
+
+    if cron and interval:
+        _fail("give --cron or --interval, not both")
+    if not PREFECT_API_URL.value():
+        _fail(
+            "PREFECT_API_URL is not set: a schedule needs a Prefect server that outlives this command. "
+            "Start one with `cptflow ui`, then `export PREFECT_API_URL=http://127.0.0.1:4200/api`"
+        )
+    from flows.deployments import build_deployments
+
+    try:
+        deployments = build_deployments(config, cron=cron, interval=interval, work_dir=work_dir)
+    except ConfigError as err:
+        _fail(str(err))
+    except ValueError as err:  # an invalid cron expression or interval
+        from pydantic import ValidationError
+
+        _fail(f"--cron: {err.errors()[0]['msg']}" if isinstance(err, ValidationError) else str(err))
+    from prefect import serve as prefect_serve
+
+    prefect_serve(*deployments)
+
+
+LOOPBACK_HOSTS = ("127.0.0.1", "localhost", "::1")
+
+
+def ui_command(host: str, port: int) -> tuple[list[str], dict[str, str]]:
+    """argv and environment of `prefect server start` for `cptflow ui`: SQLite in ./.prefect unless
+    PREFECT_HOME is set, no analytics, bound to `host` whatever PREFECT_SERVER_API_HOST says."""
+    import os
+
+    env = dict(os.environ)
+    env.setdefault("PREFECT_HOME", str(Path.cwd() / ".prefect"))
+    env["PREFECT_SERVER_ANALYTICS_ENABLED"] = "false"
+    argv = [sys.executable, "-m", "prefect", "server", "start", "--host", host, "--port", str(port)]
+    return argv, env
+
+
+@app.command()
+def ui(
+    host: Optional[str] = typer.Option(
+        None, "--host", show_default="127.0.0.1", help="Interface to listen on; 0.0.0.0 exposes the server to the network"
+    ),
+    port: int = typer.Option(4200, "--port", help="Port of the UI and the API"),
+) -> None:
+    """Start a local Prefect server and its UI; Ctrl-C stops it.
+
+    Its database is SQLite in ./.prefect unless PREFECT_HOME is set. The server has no login, so it listens on 127.0.0.1 unless --host says otherwise. It prints the `export PREFECT_API_URL=...` line that sends `cptflow run` and `cptflow serve` to it.
+    """
+    import os
+    import signal
+    import subprocess
+
+    if host is None:
+        configured = os.environ.get("PREFECT_SERVER_API_HOST")
+        if configured and configured not in LOOPBACK_HOSTS:
+            err_console.print(
+                f"[yellow]note:[/] ignoring PREFECT_SERVER_API_HOST={configured}; listening on 127.0.0.1 "
+                f"(pass --host {configured} to expose the server)",
+                highlight=False,
+            )
+        host = "127.0.0.1"
+    elif host not in LOOPBACK_HOSTS:
+        err_console.print(
+            f"[yellow]warning:[/] listening on {host}: anyone who can reach this port can run and delete flows "
+            "(the Prefect server has no login; set PREFECT_SERVER_API_AUTH_STRING or put it behind a proxy)",
+            highlight=False,
+        )
+    argv, env = ui_command(host, port)
+    local = "127.0.0.1" if host in ("0.0.0.0", "::") else host
+    console.print(f"Prefect UI: http://{local}:{port}  (data in {env['PREFECT_HOME']}; ready in 15-30 s; Ctrl-C stops it)", highlight=False)
+    console.print("Point cptflow at it, in another shell:", highlight=False)
+    console.print(f"  export PREFECT_API_URL=http://{local}:{port}/api", highlight=False, soft_wrap=True)
+
+    def stop(signum, frame):  # `docker stop`, a terminal closed: take the server down with us
+        raise KeyboardInterrupt
+
+    signal.signal(signal.SIGTERM, stop)
+    # Own session: the server gets exactly one, orderly stop signal from us, not the terminal's as well.
+    server = subprocess.Popen(argv, env=env, start_new_session=True)
+    try:
+        code = server.wait()
+    except KeyboardInterrupt:
+        server.send_signal(signal.SIGINT)
+        try:
+            code = server.wait(timeout=20)
+        except subprocess.TimeoutExpired:
+            server.kill()
+            code = server.wait()
+        console.print("Prefect server stopped.")
+        code = 0 if code in (0, -signal.SIGINT, 130) else code
+    raise typer.Exit(code)
+
+
 def main() -> None:  # pragma: no cover
     app()
 

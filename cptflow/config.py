@@ -9,7 +9,7 @@ from pathlib import Path
 from typing import Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+from pydantic import BaseModel, ConfigDict, Field, SecretStr, ValidationError, model_validator
 
 from tasks.clean import CleanConfig, SourceConfig
 from tasks.cpt import CptConfig
@@ -26,13 +26,30 @@ class ConfigError(ValueError):
 
 
 class RunnerConfig(BaseModel):
-    """Where data-stage shards run: threads (default), local processes, or a Dask cluster (prefect-dask)."""
+    """Where data-stage shards run: threads (default), local processes, a Dask cluster (prefect-dask) or a
+    Ray cluster (prefect-ray)."""
 
     model_config = ConfigDict(extra="forbid")
-    kind: Literal["threads", "processes", "dask"] = "threads"
+    kind: Literal["threads", "processes", "dask", "ray"] = "threads"
     max_workers: int | None = Field(None, gt=0, description="threads/processes; default: number of cores")
     dask_address: str | None = Field(None, description="Address of an existing Dask scheduler; None starts a local cluster")
     dask_workers: int = Field(2, gt=0, description="Workers of the local Dask cluster")
+    ray_address: str | None = Field(
+        None, description="Address of an existing Ray cluster ('ray://head:10001' or 'auto'); None starts a local one"
+    )
+
+
+class NotifyConfig(BaseModel):
+    """Where a failed run is announced, besides its `pipeline-failure` artifact (see flows/failure.py)."""
+
+    model_config = ConfigDict(extra="forbid")
+    # SecretStr: shown as '**********' in reprs and in the flow-run parameters the Prefect UI displays.
+    webhook_url: SecretStr | None = Field(
+        None, description="POST {pipeline, stage, error, command} as JSON to this URL; a secret, never logged"
+    )
+    prefect_block: str | None = Field(
+        None, description="A saved Prefect notification block, '<block-type>/<name>', e.g. 'slack-webhook/ml-alerts'"
+    )
 
 
 class PipelineConfig(BaseModel):
@@ -55,6 +72,7 @@ class PipelineConfig(BaseModel):
     cpt: CptConfig = CptConfig()
     sft: SftConfig = SftConfig()
     evaluate: EvaluateConfig = EvaluateConfig()
+    notify: NotifyConfig = NotifyConfig()
 
     # Set by load_config, not by the YAML: where relative paths start.
     base_dir: str = Field(".", exclude=True)

@@ -43,8 +43,18 @@ def make_task_runner(runner: RunnerConfig):
         from prefect.task_runners import ProcessPoolTaskRunner
 
         return ProcessPoolTaskRunner(max_workers=runner.max_workers)
-    from prefect_dask import DaskTaskRunner  # the `dask` extra
-
+    if runner.kind == "ray":
+        try:
+            from prefect_ray import RayTaskRunner
+        except ImportError:
+            raise ImportError("runner.kind 'ray' needs prefect-ray and ray: pip install 'cptflow[ray]'") from None
+        # No address: a local Ray instance for the stage, sized like the other runners.
+        local = {"num_cpus": runner.max_workers} if runner.max_workers and not runner.ray_address else None
+        return RayTaskRunner(address=runner.ray_address, init_kwargs=local)
+    try:
+        from prefect_dask import DaskTaskRunner
+    except ImportError:
+        raise ImportError("runner.kind 'dask' needs prefect-dask: pip install 'cptflow[dask]'") from None
     if runner.dask_address:
         return DaskTaskRunner(address=runner.dask_address)
     return DaskTaskRunner(cluster_kwargs={"n_workers": runner.dask_workers, "threads_per_worker": 1, "processes": True})

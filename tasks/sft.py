@@ -135,36 +135,48 @@ def to_messages(record, fmt: str) -> tuple[list[dict] | None, str | None]:
     return messages, None
 
 
-def _render(tokenizer, messages: list[dict], template: str | None, *, add_generation_prompt: bool) -> list[int]:
-    encoded = tokenizer.apply_chat_template(messages, chat_template=template, tokenize=True, add_generation_prompt=add_generation_prompt)
-    return list(encoded["input_ids"] if hasattr(encoded, "keys") else encoded)
+def _render(tokenizer, messages: list[dict], template: str | None, *, add_generation_prompt: bool) -> str:
+    return tokenizer.apply_chat_template(messages, chat_template=template, tokenize=False, add_generation_prompt=add_generation_prompt)
 
 
 def tokenize_conversation(messages: list[dict], tokenizer, template: str | None, max_length: int) -> dict:
     """input_ids with labels on the assistant answers (each ending in EOS) and -100 elsewhere.
 
-    Each answer is found by rendering the conversation up to it with the generation prompt, and up to
-    and including it: the tokens between are the answer. A template that does not put EOS after an
-    answer gets one inserted, so the model learns to stop. Returns {"input_ids", "labels", "truncated"}.
+    Each answer is located in the rendered text: the conversation rendered up to it with the generation
+    prompt, and up to and including it, differ by the answer. Matching is on text, then token offsets,
+    because BPE merges across a turn boundary make token-level prefixes unreliable. A template that
+    does not put EOS after an answer gets one, so the model learns to stop.
+    Returns {"input_ids", "labels", "truncated"}.
     """
-    eos = tokenizer.eos_token_id
-    input_ids: list[int] = []
-    labels: list[int] = []
+    eos = tokenizer.eos_token
+    full = _render(tokenizer, messages, template, add_generation_prompt=False)
+    text, spans, consumed = "", [], 0
     for index, message in enumerate(messages):
         if message["role"] != "assistant":
             continue
         prefix = _render(tokenizer, messages[:index], template, add_generation_prompt=True)
         through = _render(tokenizer, messages[: index + 1], template, add_generation_prompt=False)
-        if through[: len(prefix)] != prefix or prefix[: len(input_ids)] != input_ids:
+        if not (full.startswith(through) and through.startswith(prefix) and len(prefix) >= consumed):
             raise SftDataError("the chat template renders a conversation differently from its prefix; answers cannot be located")
-        answer = through[len(prefix) :]
+        answer = full[len(prefix) : len(through)]
         if eos in answer:
-            end = len(answer) - answer[::-1].index(eos)  # through the last EOS; the template's trailing newline is not trained
-            trained, tail = answer[:end], answer[end:]
+            cut = answer.rindex(eos) + len(eos)  # through the last EOS; a trailing newline is not trained
+            trained, tail = answer[:cut], answer[cut:]
         else:
-            trained, tail = answer + [eos], []
-        labels += [IGNORE_INDEX] * (len(prefix) - len(input_ids)) + trained + [IGNORE_INDEX] * len(tail)
-        input_ids = prefix + trained + tail
+            content = answer.rstrip()
+            trained, tail = content + eos, answer[len(content) :]
+        text += full[consumed : len(prefix)]
+        spans.append((len(text), len(text) + len(trained)))
+        text += trained + tail
+        consumed = len(through)
+    text += full[consumed:]
+    # The template renders BOS itself (as apply_chat_template(tokenize=True) assumes).
+    encoded = tokenizer(text, add_special_tokens=False, return_offsets_mapping=True)
+    input_ids = list(encoded["input_ids"])
+    labels = [IGNORE_INDEX] * len(input_ids)
+    for position, (start, end) in enumerate(encoded["offset_mapping"]):
+        if end > start and any(s <= start < e for s, e in spans):
+            labels[position] = input_ids[position]
     truncated = len(input_ids) > max_length
     return {"input_ids": input_ids[:max_length], "labels": labels[:max_length], "truncated": truncated}
 

@@ -1,0 +1,373 @@
+"""Operations: deployments and schedules, the local UI server, the Ray runner, failure reports, docker/."""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import threading
+import time
+import urllib.request
+from datetime import timedelta
+from http.server import BaseHTTPRequestHandler, HTTPServer
+from pathlib import Path
+
+import pytest
+import yaml
+from test_flow import corpus, outputs, write_config  # noqa: F401  (corpus is a fixture)
+
+from cptflow.config import load_config
+from cptflow.plan import PIPELINE_STAGES, plan_pipeline, run_data_stage_plain
+from cptflow.store import read_manifest
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def minimal_config(directory: Path, **overrides) -> Path:
+    config = {"name": "ops", "base_model": "builtin:tiny-llama", "sources": [{"name": "d", "role": "domain", "paths": ["in"]}]}
+    config.update(overrides)
+    directory.mkdir(parents=True, exist_ok=True)
+    path = directory / "pipeline.yaml"
+    path.write_text(yaml.safe_dump(config))
+    return path
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+# ----------------------------------------------------------------------------------------------------
+# cptflow serve: deployments
+# ----------------------------------------------------------------------------------------------------
+def test_deployments_register_schedule_and_one_per_stage(prefect_harness, tmp_path):
+    from prefect.client.orchestration import get_client
+
+    from flows.deployments import build_deployments
+
+    config = minimal_config(tmp_path)
+    work = tmp_path / "w"
+    for deployment in build_deployments(config, cron="0 2 * * *", work_dir=work):
+        deployment.apply()
+
+    base = {"config_path": str(config.resolve()), "work_dir": str(work.resolve())}
+    with get_client(sync_client=True) as client:
+        whole = client.read_deployment_by_name("cptflow-pipeline/ops")
+        assert [s.schedule.cron for s in whole.schedules] == ["0 2 * * *"]
+        assert whole.parameters == base
+        assert whole.entrypoint == "flows.pipeline.cptflow_pipeline"
+        assert whole.global_concurrency_limit.limit == 1
+        assert set(whole.tags) == {"cptflow", "ops"}
+        # typed parameters: the UI renders a form
+        schema = whole.parameter_openapi_schema
+        assert schema["required"] == ["config_path"]
+        assert schema["properties"]["only"]["anyOf"][0] == {"items": {"type": "string"}, "type": "array"}
+        for stage in PIPELINE_STAGES:
+            one = client.read_deployment_by_name(f"cptflow-pipeline/ops-{stage}")
+            assert one.parameters == {**base, "only": [stage]}
+            assert one.schedules == [] and stage in one.tags
+
+        # Serving again with another schedule replaces it.
+        build_deployments(config, interval=3600, work_dir=work)[0].apply()
+        whole = client.read_deployment_by_name("cptflow-pipeline/ops")
+        assert [s.schedule.interval for s in whole.schedules] == [timedelta(hours=1)]
+
+
+def test_deployments_refuse_cron_and_interval_together(tmp_path):
+    from flows.deployments import build_deployments
+
+    with pytest.raises(ValueError, match="not both"):
+        build_deployments(minimal_config(tmp_path), cron="0 2 * * *", interval=60)
+
+
+def test_serve_without_a_server_says_how_to_start_one(tmp_path):
+    env = {k: v for k, v in os.environ.items() if k != "PREFECT_API_URL"}
+    result = subprocess.run(
+        [sys.executable, "-m", "cptflow.cli", "serve", str(minimal_config(tmp_path)), "--cron", "0 2 * * *"],
+        cwd=REPO, env=env, capture_output=True, text=True, timeout=120,
+    )
+    assert result.returncode == 2
+    assert "PREFECT_API_URL is not set" in result.stderr and "cptflow ui" in result.stderr
+
+
+def test_served_stage_deployment_runs_the_stage(prefect_harness, corpus, tiny_llama_dir, tmp_path):  # noqa: F811
+    """`cptflow serve` in a subprocess; a run of `<name>-clean` created through the API runs clean only."""
+    from prefect.client.orchestration import get_client
+    from prefect.settings import PREFECT_API_URL
+
+    config = write_config(tmp_path, corpus, tiny_llama_dir)
+    env = dict(os.environ, PREFECT_API_URL=PREFECT_API_URL.value(), PREFECT_RUNNER_POLL_FREQUENCY="2")
+    server = subprocess.Popen(
+        [sys.executable, "-m", "cptflow.cli", "serve", str(config), "--work-dir", str(tmp_path / "served")],
+        cwd=tmp_path, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, start_new_session=True,
+    )
+    try:
+        with get_client(sync_client=True) as client:
+            deadline = time.monotonic() + 120
+            while True:
+                try:
+                    deployment = client.read_deployment_by_name("cptflow-pipeline/flow-test-clean")
+                    break
+                except Exception:
+                    assert server.poll() is None and time.monotonic() < deadline, "serve did not register its deployments"
+                    time.sleep(1)
+            flow_run = client.create_flow_run_from_deployment(deployment.id)
+            deadline = time.monotonic() + 300
+            while not (state := client.read_flow_run(flow_run.id).state).is_final():
+                assert server.poll() is None and time.monotonic() < deadline, f"stuck in {state.name}"
+                time.sleep(2)
+        assert state.is_completed(), state.message
+    finally:
+        os.killpg(server.pid, signal.SIGINT)
+        try:
+            log = server.communicate(timeout=30)[0]
+        except subprocess.TimeoutExpired:
+            os.killpg(server.pid, signal.SIGKILL)
+            log = server.communicate()[0]
+    runs = plan_pipeline(load_config(config, tmp_path / "served"))
+    assert runs["clean"].is_done() and not runs["quality"].is_done(), log[-3000:]
+
+
+# ----------------------------------------------------------------------------------------------------
+# cptflow ui
+# ----------------------------------------------------------------------------------------------------
+def test_ui_command_binds_loopback_with_project_home_and_no_analytics(monkeypatch, tmp_path):
+    from cptflow.cli import ui_command
+
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.delenv("PREFECT_HOME", raising=False)
+    monkeypatch.setenv("PREFECT_SERVER_ANALYTICS_ENABLED", "true")
+    argv, env = ui_command("127.0.0.1", 4300)
+    assert argv == [sys.executable, "-m", "prefect", "server", "start", "--host", "127.0.0.1", "--port", "4300"]
+    assert env["PREFECT_HOME"] == str(tmp_path / ".prefect")
+    assert env["PREFECT_SERVER_ANALYTICS_ENABLED"] == "false"
+
+    monkeypatch.setenv("PREFECT_HOME", "/srv/prefect")  # a home the user chose is kept
+    assert ui_command("127.0.0.1", 4200)[1]["PREFECT_HOME"] == "/srv/prefect"
+
+
+def test_ui_serves_health_on_loopback_and_stops_on_ctrl_c(tmp_path):
+    """The real server: healthy on 127.0.0.1 although the environment asks for 0.0.0.0; SIGINT stops it."""
+    port = free_port()
+    env = dict(os.environ, PREFECT_HOME=str(tmp_path / "home"), PREFECT_SERVER_API_HOST="0.0.0.0")
+    env.pop("PREFECT_API_URL", None)
+    ui = subprocess.Popen(
+        [sys.executable, "-m", "cptflow.cli", "ui", "--port", str(port)],
+        cwd=tmp_path, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+    )
+    try:
+        deadline, healthy = time.monotonic() + 60, False
+        while not healthy and time.monotonic() < deadline and ui.poll() is None:
+            try:
+                with urllib.request.urlopen(f"http://127.0.0.1:{port}/api/health", timeout=2) as response:
+                    healthy = response.status == 200
+            except OSError:
+                time.sleep(1)
+        if not healthy and ui.poll() is None:
+            pytest.skip("the Prefect server took more than 60 s to become healthy on this machine")
+        assert healthy, ui.communicate()[0][-3000:]
+        if shutil.which("ss"):
+            listening = subprocess.run(["ss", "-ltnH", f"sport = :{port}"], capture_output=True, text=True).stdout
+            assert f"127.0.0.1:{port}" in listening and f"0.0.0.0:{port}" not in listening
+    finally:
+        ui.send_signal(signal.SIGINT)  # what Ctrl-C does to the foreground process
+        log = ui.communicate(timeout=60)[0]
+    assert ui.returncode == 0, log[-3000:]
+    assert f"export PREFECT_API_URL=http://127.0.0.1:{port}/api" in log
+    assert "ignoring PREFECT_SERVER_API_HOST=0.0.0.0" in log and "Prefect server stopped" in log
+    with pytest.raises(OSError):  # the server went with it
+        urllib.request.urlopen(f"http://127.0.0.1:{port}/api/health", timeout=2)
+
+
+# ----------------------------------------------------------------------------------------------------
+# Ray runner
+# ----------------------------------------------------------------------------------------------------
+def test_ray_runner_gives_the_same_bytes_as_threads(prefect_harness, corpus, tiny_llama_dir, tmp_path):  # noqa: F811
+    pytest.importorskip("prefect_ray", reason="pip install 'cptflow[ray]'")
+    from flows.pipeline import run_pipeline
+
+    threads = write_config(tmp_path / "threads", corpus, tiny_llama_dir)
+    ray = write_config(tmp_path / "ray", corpus, tiny_llama_dir, runner={"kind": "ray", "max_workers": 2})
+    by_threads = run_pipeline(threads, only=["clean", "quality"])
+    by_ray = run_pipeline(ray, only=["clean", "quality"])
+    for ref, res in zip(by_threads[:2], by_ray[:2]):
+        assert res["state"] == "ran" and ref["fingerprint"] == res["fingerprint"]
+        assert outputs(read_manifest(Path(res["directory"]))) == outputs(read_manifest(Path(ref["directory"])))
+
+
+def test_ray_runner_without_prefect_ray_names_the_extra(monkeypatch):
+    from cptflow.config import RunnerConfig
+    from flows.pipeline import make_task_runner
+
+    monkeypatch.setitem(sys.modules, "prefect_ray", None)  # as if not installed
+    with pytest.raises(ImportError, match=r"pip install 'cptflow\[ray\]'"):
+        make_task_runner(RunnerConfig(kind="ray"))
+
+
+# ----------------------------------------------------------------------------------------------------
+# Failure report and notification
+# ----------------------------------------------------------------------------------------------------
+class Webhook:
+    """A local HTTP endpoint that records what is POSTed to it and answers `status`."""
+
+    def __init__(self, status: int = 200):
+        received, answer = self.received, self.status = [], status
+
+        class Handler(BaseHTTPRequestHandler):
+            def do_POST(self):
+                received.append({"path": self.path, "json": json.loads(self.rfile.read(int(self.headers["Content-Length"])))})
+                self.send_response(answer)
+                self.end_headers()
+
+            def log_message(self, *args):  # the default prints the secret path to stderr
+                pass
+
+        self.server = HTTPServer(("127.0.0.1", 0), Handler)
+        self.secret = "T0SECRET/B0HOOK/xoxb-do-not-log-me"
+        self.url = f"http://127.0.0.1:{self.server.server_port}/services/{self.secret}"
+        threading.Thread(target=self.server.serve_forever, daemon=True).start()
+
+    def close(self):
+        self.server.shutdown()
+        self.server.server_close()
+
+
+@pytest.fixture
+def webhook():
+    hook = Webhook()
+    yield hook
+    hook.close()
+
+
+def test_failure_artifact_names_stage_error_and_rerun_command(prefect_harness, webhook, tmp_path, caplog):
+    from prefect.client.orchestration import get_client
+    from prefect.client.schemas.filters import ArtifactFilter, ArtifactFilterKey
+    from prefect import flow
+    from prefect.client.schemas.sorting import ArtifactSort
+
+    from flows.failure import publish_failure
+
+    @flow
+    def failing_pipeline() -> dict:  # where the pipeline flow calls it: inside its run
+        return publish_failure(cfg, "quality", RuntimeError("langdetect profile missing"), config_path="configs/my run.yaml")
+
+    caplog.set_level(logging.DEBUG)  # every logger at every level: httpx logs request URLs at INFO
+    cfg = load_config(minimal_config(tmp_path, notify={"webhook_url": webhook.url}))
+    payload = failing_pipeline()
+
+    command = "cptflow run 'configs/my run.yaml' --from quality"
+    assert payload["command"] == command and payload["flow_run_id"]
+    assert [r["json"] for r in webhook.received] == [
+        {"pipeline": "ops", "stage": "quality", "error": "RuntimeError: langdetect profile missing", "command": command,
+         "flow_run_id": payload["flow_run_id"]}
+    ]
+    assert webhook.received[0]["path"].endswith(webhook.secret)  # the URL was really used...
+    assert webhook.secret not in caplog.text  # ...and never logged
+    assert webhook.secret not in repr(cfg) and webhook.secret not in json.dumps(cfg.model_dump(mode="json"))
+
+    with get_client(sync_client=True) as client:
+        artifact = client.read_artifacts(
+            artifact_filter=ArtifactFilter(key=ArtifactFilterKey(any_=["pipeline-failure"])), sort=ArtifactSort.CREATED_DESC, limit=1
+        )[0]
+    assert "stage **quality**" in artifact.data and "RuntimeError: langdetect profile missing" in artifact.data
+    assert command in artifact.data and webhook.secret not in artifact.data
+    assert str(artifact.flow_run_id) == payload["flow_run_id"]
+
+
+def test_failure_notification_problems_are_logged_without_the_url(prefect_harness, tmp_path, caplog):
+    from flows.failure import publish_failure
+
+    caplog.set_level(logging.DEBUG)
+    refusing = Webhook(status=500)
+    try:
+        cfg = load_config(minimal_config(tmp_path, notify={"webhook_url": refusing.url}))
+        publish_failure(cfg, "cpt", ValueError("out of memory"))  # no raise
+    finally:
+        refusing.close()
+    assert "failure webhook answered HTTP 500" in caplog.text
+    cfg = load_config(minimal_config(tmp_path, notify={"webhook_url": f"http://127.0.0.1:{free_port()}/{refusing.secret}"}))
+    publish_failure(cfg, "cpt", ValueError("out of memory"))
+    assert "failure webhook not reached: ConnectError" in caplog.text
+    assert refusing.secret not in caplog.text
+
+
+def test_failure_notification_through_a_prefect_block(prefect_harness, webhook, tmp_path, caplog):
+    from prefect.blocks.notifications import CustomWebhookNotificationBlock
+
+    from flows.failure import publish_failure
+
+    caplog.set_level(logging.DEBUG)
+    CustomWebhookNotificationBlock(name="ops", url=webhook.url, json_data={"text": "{{subject}}: {{body}}"}).save("ops-alerts", overwrite=True)
+    cfg = load_config(minimal_config(tmp_path, notify={"prefect_block": "custom-webhook/ops-alerts"}))
+    publish_failure(cfg, "sft", RuntimeError("nan loss"), config_path="p.yaml")
+    [received] = webhook.received
+    assert received["json"]["text"] == "cptflow ops failed in sft: RuntimeError: nan loss\n\nRerun: cptflow run p.yaml --from sft"
+    assert webhook.secret not in caplog.text
+
+
+def test_failed_stage_is_the_first_selected_stage_not_done(corpus, tiny_llama_dir, tmp_path):  # noqa: F811
+    from flows.failure import failed_stage, rerun_command
+
+    cfg = load_config(write_config(tmp_path, corpus, tiny_llama_dir))
+    runs = plan_pipeline(cfg)
+    assert failed_stage(runs, list(PIPELINE_STAGES)) == "clean"
+    run_data_stage_plain(runs["clean"], cfg)
+    assert failed_stage(runs, list(PIPELINE_STAGES)) == "quality"
+    assert failed_stage(runs, ["clean"]) is None
+    assert rerun_command("c.yaml", "quality", "/w") == "cptflow run c.yaml --from quality --work-dir /w"
+
+
+def test_notify_section_rejects_unknown_keys(tmp_path):
+    from cptflow.config import ConfigError
+
+    with pytest.raises(ConfigError, match="unknown key 'notify.slack'"):
+        load_config(minimal_config(tmp_path, notify={"slack": "x"}))
+
+
+# ----------------------------------------------------------------------------------------------------
+# docker/
+# ----------------------------------------------------------------------------------------------------
+def test_compose_stack_has_healthchecks_gpu_and_a_loopback_only_ui():
+    compose = yaml.safe_load((REPO / "docker" / "compose.yaml").read_text())
+    services = compose["services"]
+    assert set(services) == {"postgres", "prefect-server", "worker"}
+    assert services["postgres"]["image"] == "postgres:16"
+    assert "pg_isready" in " ".join(services["postgres"]["healthcheck"]["test"])
+
+    server = services["prefect-server"]
+    assert server["image"] == "prefecthq/prefect:3.8.8-python3.11"
+    assert server["environment"]["PREFECT_API_DATABASE_CONNECTION_URL"].startswith("postgresql+asyncpg://")
+    assert "/api/health" in " ".join(server["healthcheck"]["test"])
+    assert server["ports"] == ["127.0.0.1:4200:4200"]
+    assert server["depends_on"]["postgres"]["condition"] == "service_healthy"
+
+    worker = services["worker"]
+    assert worker["build"] == {"context": "..", "dockerfile": "docker/Dockerfile"}
+    assert worker["command"][:2] == ["cptflow", "serve"]
+    assert worker["environment"]["PREFECT_API_URL"] == "http://prefect-server:4200/api"
+    assert worker["depends_on"]["prefect-server"]["condition"] == "service_healthy"
+    assert worker["deploy"]["resources"]["reservations"]["devices"] == [{"driver": "nvidia", "count": 1, "capabilities": ["gpu"]}]
+    targets = {volume.split(":")[1] for volume in worker["volumes"]}
+    assert {"/data/work", "/data/results", "/data/hf-cache"} <= targets
+    for service in services.values():  # no port of the stack open beyond this machine
+        assert all(str(port).startswith("127.0.0.1:") for port in service.get("ports", []))
+
+
+def test_dockerfile_runs_as_non_root_and_fetches_nothing_by_add():
+    lines = [line.strip() for line in (REPO / "docker" / "Dockerfile").read_text().splitlines()]
+    instructions = [line for line in lines if line and not line.startswith("#")]
+    assert instructions[0].startswith("FROM nvidia/cuda:") and "runtime" in instructions[0]
+    users = [line.split()[1] for line in instructions if line.startswith("USER ")]
+    assert users and users[-1].split(":")[0] not in ("root", "0")
+    assert not [line for line in instructions if line.startswith("ADD ") and "://" in line]
+    assert not [line for line in instructions if ("curl " in line or "wget " in line) and "| sh" in line.replace("|sh", "| sh")]
+    assert any(line.startswith("VOLUME ") and "/data/work" in line and "/data/hf-cache" in line for line in instructions)
+    assert any('"cptflow' in line for line in instructions if line.startswith(("CMD", "ENTRYPOINT")))
+    for path in ("cptflow", "flows", "tasks", "pyproject.toml"):  # the image builds from this checkout
+        assert any(line.startswith(f"COPY {path}") for line in instructions), path
