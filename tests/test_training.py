@@ -496,3 +496,26 @@ def test_training_can_start_from_an_existing_adapter(tiny_llama_dir, tmp_path):
     assert trained.keys() == loaded.keys()  # LoRA and embeddings trainable again
     for name in trained:
         assert torch.equal(trained[name].detach(), loaded[name].detach()), name
+
+
+def test_a_prefect_retry_of_a_failed_cpt_resumes_from_its_checkpoint(prefect_harness, prepared, tmp_path, monkeypatch):
+    import flows.pipeline as pipeline
+
+    failures = []
+    original = pipeline.PrefectTrainingReporter.on_log
+
+    def fail_once_at_step_3(self, record):
+        original(self, record)
+        if record["step"] == 3 and not failures:
+            failures.append(record["step"])
+            raise RuntimeError("simulated crash after the step-2 checkpoint")
+
+    monkeypatch.setattr(pipeline.PrefectTrainingReporter, "on_log", fail_once_at_step_3)
+    work = work_copy(prepared, tmp_path / "work")
+    reports = pipeline.run_pipeline(prepared, work_dir=str(work), only=["cpt"])
+    cpt_report = reports[5]
+    assert failures == [3] and cpt_report["state"] == "ran"
+    manifest = read_manifest(Path(cpt_report["directory"]))
+    assert manifest["train"]["resumed_from"] == "step-00000002" and manifest["train"]["steps"] == 6
+    # a second run finds it done: cached, no training
+    assert pipeline.run_pipeline(prepared, work_dir=str(work), only=["cpt"])[5]["state"] == "cached"
