@@ -9,7 +9,7 @@ STAMP := $(VENV)/.installed-stamp
 export HF_HUB_OFFLINE := 1
 export HF_DATASETS_OFFLINE := 1
 
-.PHONY: install demo test bench clean-work
+.PHONY: install demo test bench clean-work ui-check
 
 $(STAMP): pyproject.toml Makefile
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -31,6 +31,13 @@ bench: $(STAMP)
 	$(PY) benchmarks/bench_clean_quality.py
 	$(PY) benchmarks/bench_language.py
 	$(PY) benchmarks/bench_perplexity.py
+
+# Not part of `test`: starts a Prefect server, runs the demo against it in a fresh work directory
+# (about 8 minutes on 2 cores) and checks its artifacts in the UI with headless Chromium (the system's:
+# `apt-get install chromium`); screenshots in docs/ui-check*.png.
+ui-check: $(STAMP)
+	$(PY) -m pip install --quiet -e '.[ui-check]'
+	$(PY) scripts/ui_check.py
 
 clean-work:
 	rm -rf work

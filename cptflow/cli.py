@@ -208,6 +208,10 @@ def serve(
 LOOPBACK_HOSTS = ("127.0.0.1", "localhost", "::1")
 
 
+def _browser_host(host: str) -> str:
+    return "127.0.0.1" if host in ("0.0.0.0", "::") else host
+
+
 def ui_command(host: str, port: int) -> tuple[list[str], dict[str, str]]:
     """argv and environment of `prefect server start` for `cptflow ui`: SQLite in ./.prefect unless
     PREFECT_HOME is set, no analytics, bound to `host` whatever PREFECT_SERVER_API_HOST says."""
@@ -216,6 +220,10 @@ def ui_command(host: str, port: int) -> tuple[list[str], dict[str, str]]:
     env = dict(os.environ)
     env.setdefault("PREFECT_HOME", str(Path.cwd() / ".prefect"))
     env["PREFECT_SERVER_ANALYTICS_ENABLED"] = "false"
+    env["PREFECT_SERVER_API_HOST"], env["PREFECT_SERVER_API_PORT"] = host, str(port)
+    # The UI's own API address: prefect 3.8 derives it from PREFECT_API_URL or the settings, not from
+    # --port, so without this a UI on another port (or with PREFECT_API_URL exported) calls :4200.
+    env.setdefault("PREFECT_UI_API_URL", f"http://{_browser_host(host)}:{port}/api")
     argv = [sys.executable, "-m", "prefect", "server", "start", "--host", host, "--port", str(port)]
     return argv, env
 
@@ -251,8 +259,13 @@ def ui(
             highlight=False,
         )
     argv, env = ui_command(host, port)
-    local = "127.0.0.1" if host in ("0.0.0.0", "::") else host
-    console.print(f"Prefect UI: http://{local}:{port}  (data in {env['PREFECT_HOME']}; ready in 15-30 s; Ctrl-C stops it)", highlight=False)
+    local = _browser_host(host)
+    if local != host:
+        err_console.print(
+            f"[yellow]note:[/] browsers on other machines need PREFECT_UI_API_URL=http://<this machine>:{port}/api", highlight=False
+        )
+    console.print(f"Prefect UI: http://{local}:{port}  (ready in 15-30 s; Ctrl-C stops it)", highlight=False, soft_wrap=True)
+    console.print(f"Database: {env['PREFECT_HOME']}", highlight=False, soft_wrap=True)
     console.print("Point cptflow at it, in another shell:", highlight=False)
     console.print(f"  export PREFECT_API_URL=http://{local}:{port}/api", highlight=False, soft_wrap=True)
 
@@ -260,6 +273,7 @@ def ui(
         raise KeyboardInterrupt
 
     signal.signal(signal.SIGTERM, stop)
+    signal.signal(signal.SIGINT, stop)  # also when started with SIGINT ignored (`cmd &` in a script)
     # Own session: the server gets exactly one, orderly stop signal from us, not the terminal's as well.
     server = subprocess.Popen(argv, env=env, start_new_session=True)
     try:

@@ -52,6 +52,14 @@ class NotifyConfig(BaseModel):
     )
 
 
+class GpuConcurrencyConfig(BaseModel):
+    """The Prefect global concurrency limit training stages hold a slot of (created if missing)."""
+
+    model_config = ConfigDict(extra="forbid")
+    name: str | None = Field("gpu", description="Limit name; null: no limit")
+    limit: int = Field(1, gt=0, description="Slots when cptflow creates the limit (change it in the UI)")
+
+
 class PipelineConfig(BaseModel):
     model_config = ConfigDict(extra="forbid")
     name: str = Field(pattern=r"^[A-Za-z0-9][A-Za-z0-9_.-]*$")
@@ -73,6 +81,7 @@ class PipelineConfig(BaseModel):
     sft: SftConfig = SftConfig()
     evaluate: EvaluateConfig = EvaluateConfig()
     notify: NotifyConfig = NotifyConfig()
+    gpu_concurrency: GpuConcurrencyConfig = GpuConcurrencyConfig()
 
     # Set by load_config, not by the YAML: where relative paths start.
     base_dir: str = Field(".", exclude=True)

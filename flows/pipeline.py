@@ -7,6 +7,7 @@ Each training stage is one task, cached the same way; a retry resumes from its l
 
 from __future__ import annotations
 
+import contextlib
 import json
 import time
 from pathlib import Path
@@ -28,6 +29,7 @@ from cptflow.docshards import ShardCounts
 from cptflow.plan import DATA_STAGES, PIPELINE_STAGES, UPSTREAM, StageRun, plan_pipeline, stage_module
 from cptflow.store import read_manifest, reset_stage_dir
 from cptflow.training import TrainingReporter
+from flows.failure import failed_stage, publish_failure
 
 
 class StageSelectionError(ValueError):
@@ -179,12 +181,39 @@ class PrefectTrainingReporter(TrainingReporter):
             create_link_artifact(key=f"{self.stage}-best-checkpoint", link=best.resolve().as_uri(), link_text=str(best), description=f"{self.stage}: best checkpoint so far")
 
 
+def ensure_concurrency_limit(name: str, limit: int) -> None:
+    """Create the global concurrency limit `name` with `limit` slots unless it exists (the UI can change it)."""
+    from prefect.client.orchestration import get_client
+    from prefect.client.schemas.actions import GlobalConcurrencyLimitCreate
+    from prefect.exceptions import ObjectAlreadyExists, ObjectNotFound
+
+    with get_client(sync_client=True) as client:
+        try:
+            client.read_global_concurrency_limit_by_name(name)
+        except ObjectNotFound:
+            try:
+                client.create_global_concurrency_limit(GlobalConcurrencyLimitCreate(name=name, limit=limit))
+            except ObjectAlreadyExists:  # another run created it first
+                pass
+
+
 @task(name="train-stage", cache_key_fn=_stage_cache_key, persist_result=True, task_run_name="{stage}")
 def training_stage(stage: str, run: StageRun, cfg: PipelineConfig) -> dict:
-    """cpt, sft or evaluate; a retry (or a rerun after a crash) resumes from the latest checkpoint."""
+    """cpt, sft or evaluate; a retry (or a rerun after a crash) resumes from the latest checkpoint.
+
+    Holds a slot of the global concurrency limit `gpu_concurrency.name` while it trains, so two
+    scheduled runs never train on the same GPU at once.
+    """
+    from prefect.concurrency.sync import concurrency
+
     if run.is_done():
         return {"stage": stage, "fingerprint": run.fingerprint, "state": "cached"}
-    manifest = stage_module(stage).run(run, cfg, reporter=PrefectTrainingReporter(stage))
+    slot = cfg.gpu_concurrency
+    if slot.name:
+        ensure_concurrency_limit(slot.name, slot.limit)
+        get_run_logger().info("%s: waiting for a slot of concurrency limit '%s'", stage, slot.name)
+    with concurrency(slot.name, occupy=1, strict=True) if slot.name else contextlib.nullcontext():
+        manifest = stage_module(stage).run(run, cfg, reporter=PrefectTrainingReporter(stage))
     publish_training_artifacts(manifest, run.path)
     return {"stage": stage, "fingerprint": run.fingerprint, "state": "ran"}
 
@@ -219,14 +248,18 @@ def cptflow_pipeline(
     runs = plan_pipeline(cfg)
     check_upstreams_available(runs, selected)
 
-    clean_report = run_stage("clean", runs, cfg, selected, forced)
-    quality_report = run_stage("quality", runs, cfg, selected, forced)
-    perplexity_report = run_stage("perplexity", runs, cfg, selected, forced)
-    mix_report = run_stage("mix", runs, cfg, selected, forced)
-    tokenize_report = run_stage("tokenize", runs, cfg, selected, forced)
-    cpt_report = run_stage("cpt", runs, cfg, selected, forced)
-    sft_report = run_stage("sft", runs, cfg, selected, forced)
-    evaluate_report = run_stage("evaluate", runs, cfg, selected, forced)
+    try:
+        clean_report = run_stage("clean", runs, cfg, selected, forced)
+        quality_report = run_stage("quality", runs, cfg, selected, forced)
+        perplexity_report = run_stage("perplexity", runs, cfg, selected, forced)
+        mix_report = run_stage("mix", runs, cfg, selected, forced)
+        tokenize_report = run_stage("tokenize", runs, cfg, selected, forced)
+        cpt_report = run_stage("cpt", runs, cfg, selected, forced)
+        sft_report = run_stage("sft", runs, cfg, selected, forced)
+        evaluate_report = run_stage("evaluate", runs, cfg, selected, forced)
+    except Exception as error:  # a stage failed: say which one, and how to rerun from it
+        publish_failure(cfg, failed_stage(runs, selected), error, config_path=config_path, work_dir=work_dir)
+        raise
 
     reports = [clean_report, quality_report, perplexity_report, mix_report, tokenize_report, cpt_report, sft_report, evaluate_report]
     publish_run_summary(cfg, reports)

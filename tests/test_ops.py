@@ -101,7 +101,8 @@ def test_served_stage_deployment_runs_the_stage(prefect_harness, corpus, tiny_ll
     from prefect.client.orchestration import get_client
     from prefect.settings import PREFECT_API_URL
 
-    config = write_config(tmp_path, corpus, tiny_llama_dir)
+    secret = "T0SECRET/served-hook"
+    config = write_config(tmp_path, corpus, tiny_llama_dir, notify={"webhook_url": f"http://127.0.0.1:9/{secret}"})
     env = dict(os.environ, PREFECT_API_URL=PREFECT_API_URL.value(), PREFECT_RUNNER_POLL_FREQUENCY="2")
     server = subprocess.Popen(
         [sys.executable, "-m", "cptflow.cli", "serve", str(config), "--work-dir", str(tmp_path / "served")],
@@ -122,7 +123,11 @@ def test_served_stage_deployment_runs_the_stage(prefect_harness, corpus, tiny_ll
             while not (state := client.read_flow_run(flow_run.id).state).is_final():
                 assert server.poll() is None and time.monotonic() < deadline, f"stuck in {state.name}"
                 time.sleep(2)
-        assert state.is_completed(), state.message
+            assert state.is_completed(), state.message
+            # The config travels to the stage subflow as a parameter; the UI shows it, never the webhook URL.
+            subflows = [run for run in client.read_flow_runs() if run.parent_task_run_id and run.name == "clean"]
+            shown = [json.dumps(run.parameters, default=str) for run in subflows]
+            assert any('"webhook_url": "**********"' in params for params in shown) and not any(secret in params for params in shown)
     finally:
         os.killpg(server.pid, signal.SIGINT)
         try:
@@ -142,11 +147,14 @@ def test_ui_command_binds_loopback_with_project_home_and_no_analytics(monkeypatc
 
     monkeypatch.chdir(tmp_path)
     monkeypatch.delenv("PREFECT_HOME", raising=False)
+    monkeypatch.delenv("PREFECT_UI_API_URL", raising=False)
     monkeypatch.setenv("PREFECT_SERVER_ANALYTICS_ENABLED", "true")
+    monkeypatch.setenv("PREFECT_API_URL", "http://127.0.0.1:4200/api")  # another server's: not the UI's
     argv, env = ui_command("127.0.0.1", 4300)
     assert argv == [sys.executable, "-m", "prefect", "server", "start", "--host", "127.0.0.1", "--port", "4300"]
     assert env["PREFECT_HOME"] == str(tmp_path / ".prefect")
     assert env["PREFECT_SERVER_ANALYTICS_ENABLED"] == "false"
+    assert env["PREFECT_UI_API_URL"] == "http://127.0.0.1:4300/api"  # the browser calls this server
 
     monkeypatch.setenv("PREFECT_HOME", "/srv/prefect")  # a home the user chose is kept
     assert ui_command("127.0.0.1", 4200)[1]["PREFECT_HOME"] == "/srv/prefect"

@@ -519,3 +519,24 @@ def test_a_prefect_retry_of_a_failed_cpt_resumes_from_its_checkpoint(prefect_har
     assert manifest["train"]["resumed_from"] == "step-00000002" and manifest["train"]["steps"] == 6
     # a second run finds it done: cached, no training
     assert pipeline.run_pipeline(prepared, work_dir=str(work), only=["cpt"])[5]["state"] == "cached"
+
+
+def test_training_waits_for_a_slot_of_the_gpu_concurrency_limit(prefect_harness, prepared, tmp_path):
+    import threading
+    import time
+
+    from prefect.concurrency.sync import concurrency
+
+    import flows.pipeline as pipeline
+
+    pipeline.ensure_concurrency_limit("gpu", 1)
+    work = work_copy(prepared, tmp_path / "work")
+    cpt_dir = plan_pipeline(load_config(prepared, work))["cpt"].path
+    result = {}
+    other = threading.Thread(target=lambda: result.update(reports=pipeline.run_pipeline(prepared, work_dir=str(work), only=["cpt"])))
+    with concurrency("gpu", occupy=1, strict=True):  # another run is training on the GPU
+        other.start()
+        time.sleep(10)
+        assert other.is_alive() and not (cpt_dir / "checkpoints").exists()  # queued, not training
+    other.join(timeout=300)
+    assert result["reports"][5]["state"] == "ran" and read_manifest(cpt_dir)["train"]["steps"] == 6

@@ -1,0 +1,173 @@
+"""`make ui-check`: the pipeline's artifacts as a person sees them in the Prefect UI.
+
+Starts a Prefect server (`cptflow ui` on a free port, a throw-away database), runs the demo pipeline
+against it in a fresh work directory, then opens the flow run's page in headless Chromium (Playwright
+driving the system's browser, e.g. Debian's `chromium`), checks that `pipeline-summary` and
+`evaluate-forgetting` are listed and render (a heading, a table), and saves screenshots of the run's
+Artifacts tab (docs/ui-check.png) and of the rendered summary (docs/ui-check-summary.png).
+
+    python scripts/ui_check.py [--config configs/demo.yaml] [--screenshot docs/ui-check.png]
+                               [--api-url http://127.0.0.1:4200/api]   # use a running server instead
+
+Not part of `make test`: it needs a browser and runs the whole demo (about 8 minutes on 2 CPU cores).
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import httpx
+
+REPO = Path(__file__).resolve().parents[1]
+EXPECTED = {
+    # artifact key: text its rendering must show
+    "pipeline-summary": "cptflow run:",
+    "evaluate-forgetting": "base",
+}
+BROWSERS = ("chromium", "chromium-browser", "google-chrome", "google-chrome-stable", "chrome")
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def find_browser(given: str | None) -> str | None:
+    """A Chromium on PATH: Playwright's own download needs a CDN this check must not depend on."""
+    if given:
+        return given
+    return next((path for name in BROWSERS if (path := shutil.which(name))), None)
+
+
+def wait_healthy(api_url: str, timeout: float) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        try:
+            if httpx.get(f"{api_url}/health", timeout=2).status_code == 200:
+                return
+        except httpx.HTTPError:
+            pass
+        time.sleep(1)
+    raise SystemExit(f"ui-check: no healthy Prefect server at {api_url} after {timeout:.0f} s")
+
+
+def latest_pipeline_run(api_url: str) -> dict:
+    body = {"flows": {"name": {"any_": ["cptflow-pipeline"]}}, "sort": "START_TIME_DESC", "limit": 1}
+    runs = httpx.post(f"{api_url}/flow_runs/filter", json=body, timeout=30).raise_for_status().json()
+    if not runs:
+        raise SystemExit("ui-check: the server has no cptflow-pipeline flow run")
+    return runs[0]
+
+
+def run_artifacts(api_url: str, flow_run_id: str) -> dict[str, dict]:
+    body = {"artifacts": {"flow_run_id": {"any_": [flow_run_id]}}, "limit": 200}
+    found = httpx.post(f"{api_url}/artifacts/filter", json=body, timeout=30).raise_for_status().json()
+    return {a["key"]: a for a in found if a.get("key")}
+
+
+def check_in_browser(ui_url: str, flow_run_id: str, artifacts: dict[str, dict], browser: str, screenshot: Path) -> list[str]:
+    """Problems seen in the UI; an empty list means every expected artifact is listed and renders."""
+    from playwright.sync_api import sync_playwright
+
+    problems = []
+    with sync_playwright() as playwright:
+        chromium = playwright.chromium.launch(executable_path=browser, headless=True, args=["--no-sandbox"])
+        page = chromium.new_page(viewport={"width": 1400, "height": 1000})
+        page.goto(f"{ui_url}/runs/flow-run/{flow_run_id}", wait_until="networkidle")
+        page.get_by_role("tablist").get_by_text("Artifacts", exact=True).click()
+        for key in EXPECTED:
+            try:
+                page.get_by_text(key, exact=True).first.wait_for(timeout=30_000)
+            except Exception:
+                problems.append(f"flow run page: artifact '{key}' not listed")
+        screenshot.parent.mkdir(parents=True, exist_ok=True)
+        page.screenshot(path=str(screenshot), full_page=True)
+        for key, text in EXPECTED.items():
+            if key not in artifacts:
+                continue
+            page.goto(f"{ui_url}/artifacts/artifact/{artifacts[key]['id']}", wait_until="networkidle")
+            rendered = "h1" if artifacts[key]["type"] == "markdown" else "table"
+            try:
+                page.locator(rendered).filter(has_text=text).first.wait_for(timeout=30_000)
+            except Exception:
+                problems.append(f"artifact '{key}': no <{rendered}> showing '{text}'")
+            if key == "pipeline-summary":
+                page.screenshot(path=str(screenshot.with_name(f"{screenshot.stem}-summary{screenshot.suffix}")), full_page=True)
+        chromium.close()
+    return problems
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--config", default=str(REPO / "configs" / "demo.yaml"))
+    parser.add_argument("--work-dir", help="default: a fresh temporary directory, so that every stage runs")
+    parser.add_argument("--api-url", help="a running Prefect server's API; default: start one")
+    parser.add_argument("--browser", help="Chromium executable; default: the first of %s on PATH" % ", ".join(BROWSERS))
+    parser.add_argument("--screenshot", default=str(REPO / "docs" / "ui-check.png"))
+    parser.add_argument("--no-run", action="store_true", help="with --api-url: check the latest pipeline run already there")
+    args = parser.parse_args()
+
+    browser = find_browser(args.browser)
+    if browser is None:
+        print("ui-check: no Chromium found (apt-get install chromium, or --browser PATH)", file=sys.stderr)
+        return 2
+    try:
+        import playwright  # noqa: F401
+    except ImportError:
+        print("ui-check: pip install 'cptflow[ui-check]'", file=sys.stderr)
+        return 2
+
+    server, scratch = None, Path(tempfile.mkdtemp(prefix="cptflow-ui-check-"))
+    api_url = args.api_url
+    try:
+        if api_url is None:
+            port = free_port()
+            api_url = f"http://127.0.0.1:{port}/api"
+            env = dict(os.environ, PREFECT_HOME=str(scratch / "prefect-home"))
+            server = subprocess.Popen(
+                [sys.executable, "-m", "cptflow.cli", "ui", "--port", str(port)],
+                env=env, stdout=open(scratch / "server.log", "w"), stderr=subprocess.STDOUT,
+            )
+        wait_healthy(api_url, timeout=180)
+        print(f"ui-check: Prefect server at {api_url}")
+
+        if not args.no_run:
+            work_dir = args.work_dir or str(scratch / "work")
+            env = dict(os.environ, PREFECT_API_URL=api_url)
+            started = time.monotonic()
+            subprocess.run([sys.executable, "-m", "cptflow.cli", "run", args.config, "--work-dir", work_dir], env=env, check=True)
+            print(f"ui-check: pipeline ran in {time.monotonic() - started:.0f} s")
+
+        flow_run = latest_pipeline_run(api_url)
+        artifacts = run_artifacts(api_url, flow_run["id"])
+        problems = [f"API: flow run has no artifact '{key}'" for key in EXPECTED if key not in artifacts]
+        ui_url = api_url.removesuffix("/api")
+        problems += check_in_browser(ui_url, flow_run["id"], artifacts, browser, Path(args.screenshot))
+    finally:
+        if server is not None:
+            server.send_signal(signal.SIGINT)
+            try:
+                server.wait(timeout=30)
+            except subprocess.TimeoutExpired:
+                server.kill()
+        shutil.rmtree(scratch, ignore_errors=True)
+
+    for problem in problems:
+        print(f"ui-check: FAIL {problem}", file=sys.stderr)
+    if not problems:
+        print(f"ui-check: ok: {', '.join(EXPECTED)} render on the flow run page; screenshot {args.screenshot}")
+    return 1 if problems else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
