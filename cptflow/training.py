@@ -505,15 +505,15 @@ def checkpoint_name(step: int) -> str:
 
 
 def rng_state() -> dict:
-    state = {"python": random.getstate(), "torch": torch.get_rng_state()}
+    """The generators training draws from (dropout, LoRA init). Python's global `random` is left out:
+    Prefect draws from it too (run names), so it would differ run to run without affecting training."""
+    state = {"torch": torch.get_rng_state()}
     if torch.cuda.is_available():
         state["cuda"] = torch.cuda.get_rng_state_all()
     return state
 
 
 def set_rng_state(state: dict) -> None:
-    version, internal, gauss = state["python"]
-    random.setstate((version, tuple(internal), gauss))
     torch.set_rng_state(state["torch"])
     if "cuda" in state and torch.cuda.is_available():
         torch.cuda.set_rng_state_all(state["cuda"])

@@ -540,3 +540,23 @@ def test_training_waits_for_a_slot_of_the_gpu_concurrency_limit(prefect_harness,
         assert other.is_alive() and not (cpt_dir / "checkpoints").exists()  # queued, not training
     other.join(timeout=300)
     assert result["reports"][5]["state"] == "ran" and read_manifest(cpt_dir)["train"]["steps"] == 6
+
+
+def test_fused_loss_falls_back_to_the_eager_head_where_it_cannot_apply(tiny_llama_dir, caplog):
+    from kernels import fused_linear_cross_entropy
+
+    from tasks.cpt import fused_loss_for
+
+    tcfg = tiny_config()
+    model = add_adapters(load_base_model(str(tiny_llama_dir), tcfg), tcfg)
+    assert fused_loss_for(model, tcfg) is fused_linear_cross_entropy  # auto: a full trainable head
+    with_kl = tiny_config(kl_weight=0.1)
+    with caplog.at_level("INFO", logger="tasks.cpt"):
+        assert fused_loss_for(model, with_kl) is None
+    assert "kl_weight > 0 needs the logits" in caplog.text
+    with pytest.raises(ValueError, match="cannot apply"):
+        fused_loss_for(model, tiny_config(kl_weight=0.1, kernels={"fused_linear_cross_entropy": "on"}))
+    # a LoRA-wrapped head has no single weight to fuse with
+    lora_head = tiny_config(train_embeddings=False, lora=LoraSettings(r=4, alpha=8, target_modules=["q_proj", "lm_head"]))
+    model = add_adapters(load_base_model(str(tiny_llama_dir), lora_head), lora_head)
+    assert fused_loss_for(model, lora_head) is None
