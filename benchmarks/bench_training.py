@@ -120,7 +120,7 @@ def import_everything() -> None:
 def run_cptflow(args, model_path: str) -> dict:
     """Exactly the cpt stage's calls: load_base_model -> add_adapters -> kernels -> optimizer -> train_step."""
     from cptflow.training import add_adapters, build_optimizer, build_scheduler, load_base_model, set_seed, train_step
-    from tasks.cpt import apply_kernel_patches, fused_loss_for
+    from cptflow.training import apply_kernel_patches, fused_loss_for
 
     tcfg = training_config(args)
     total = args.warmup + args.steps

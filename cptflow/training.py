@@ -25,7 +25,7 @@ import torch
 import torch.nn.functional as F
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
-from cptflow.store import atomic_write_json, read_json
+from cptflow.store import atomic_write_json, atomic_write_text, read_json
 
 logger = logging.getLogger(__name__)
 
@@ -604,6 +604,99 @@ def best_checkpoint(root: Path, metric_key: str) -> Path | None:
         if metric is not None:
             scored.append((metric, path.name, path))
     return min(scored)[2] if scored else None
+
+
+# ---------------------------------------------------------------------------------------------
+# Stage set-up and outputs (cpt and sft)
+# ---------------------------------------------------------------------------------------------
+
+
+@dataclass
+class PreparedModel:
+    """The adapted model a training stage trains, and what its manifest records about the set-up."""
+
+    model: object
+    device: torch.device
+    tied_embeddings: bool
+    kernels: dict
+    fused_loss: Callable | None
+    memory: dict
+
+
+def prepare_model(base_model: str, tcfg: TrainingConfig, *, adapter_dir=None, seed: int = 0, trust_remote_code: bool = False) -> PreparedModel:
+    """Base (4-bit) -> adapters (fresh, or continued from `adapter_dir`) -> kernels, with memory per phase."""
+    if tcfg.torch_threads:
+        torch.set_num_threads(tcfg.torch_threads)
+    model = load_base_model(base_model, tcfg, trust_remote_code=trust_remote_code)
+    device = next(model.parameters()).device
+    memory = {"load": memory_snapshot(str(device))}
+    tied = embeddings_tied(model)
+    model = add_adapters(model, tcfg, adapter_dir=adapter_dir, seed=seed)
+    kernels = apply_kernel_patches(model, tcfg)
+    fused_loss = fused_loss_for(model, tcfg)
+    memory["lora_added"] = memory_snapshot(str(device))
+    return PreparedModel(model, device, tied, kernels, fused_loss, memory)
+
+
+def fused_loss_for(model, tcfg: TrainingConfig):
+    """The fused linear + cross-entropy loss when configured and applicable, else None (eager head).
+
+    It needs the head's full weight: a LoRA-wrapped lm_head, or a KL term (which needs the logits),
+    falls back to the eager head with a log line.
+    """
+    mode = tcfg.kernels.fused_linear_cross_entropy
+    if mode == "off":
+        return None
+    try:
+        from kernels import fused_linear_cross_entropy
+    except ImportError:  # kernels/ not installed in this environment
+        if mode == "on":
+            raise
+        return None
+    if tcfg.kl_weight > 0 or _head_weight(_causal_lm(model).lm_head) is None:
+        reason = "kl_weight > 0 needs the logits" if tcfg.kl_weight > 0 else "lm_head is LoRA-wrapped or has a bias"
+        if mode == "on":
+            raise ValueError(f"kernels.fused_linear_cross_entropy: on, but it cannot apply here ({reason})")
+        logger.info("fused linear cross-entropy not used: %s; the eager head runs", reason)
+        return None
+    return fused_linear_cross_entropy
+
+
+def apply_kernel_patches(model, tcfg: TrainingConfig) -> dict:
+    """RMSNorm and SwiGLU kernels on the model's modules (kernels/patch.py); {} when kernels/ is absent."""
+    try:
+        from kernels.patch import apply_kernels
+    except ImportError:
+        if "on" in (tcfg.kernels.rms_norm, tcfg.kernels.swiglu):
+            raise
+        return {}
+    return apply_kernels(model, rms_norm=tcfg.kernels.rms_norm, swiglu=tcfg.kernels.swiglu)
+
+
+def save_adapter(model, tokenizer, directory: Path) -> None:
+    """PEFT adapter + tokenizer, renamed into place when complete."""
+    tmp = directory.with_name(f".{directory.name}.tmp-{os.getpid()}")
+    shutil.rmtree(tmp, ignore_errors=True)
+    save_adapter_files(model, tmp)
+    tokenizer.save_pretrained(str(tmp))
+    if directory.exists():
+        shutil.rmtree(directory)
+    os.replace(tmp, directory)
+
+
+def trainable_parameters(model) -> dict:
+    seen, trainable, total = set(), 0, 0
+    for parameter in model.parameters():
+        if id(parameter) in seen:
+            continue
+        seen.add(id(parameter))
+        total += parameter.numel()
+        trainable += parameter.numel() if parameter.requires_grad else 0
+    return {"trainable": trainable, "total": total}
+
+
+def write_history(path: Path, history: list[dict]) -> None:
+    atomic_write_text(path, "".join(json.dumps(row, sort_keys=True) + "\n" for row in history))
 
 
 # ---------------------------------------------------------------------------------------------

@@ -9,33 +9,30 @@ from __future__ import annotations
 
 import logging
 import math
-import os
-import shutil
 import time
 from pathlib import Path
 
-import torch
 from pydantic import Field
 
-from cptflow.store import atomic_write_text, commit_manifest, now_iso, read_manifest
+from cptflow.store import commit_manifest, now_iso, read_manifest
 from cptflow.training import (
     MicroBatches,
     TrainingConfig,
     TrainingReporter,
-    add_adapters,
     best_checkpoint,
     build_optimizer,
     build_scheduler,
     describe_param_groups,
-    embeddings_tied,
     evaluate_perplexity,
     fit,
-    load_base_model,
     memory_snapshot,
     pack_eval_blocks,
+    prepare_model,
     read_texts,
-    save_adapter_files,
+    save_adapter,
     set_seed,
+    trainable_parameters,
+    write_history,
 )
 
 logger = logging.getLogger(__name__)
@@ -71,71 +68,6 @@ def make_evaluator(model, blocks: dict[str, list[dict]], batch_size: int):
     return evaluate
 
 
-def fused_loss_for(model, tcfg: TrainingConfig):
-    """The fused linear + cross-entropy loss when configured and applicable, else None (eager head).
-
-    It needs the head's full weight: a LoRA-wrapped lm_head, or a KL term (which needs the logits),
-    falls back to the eager head with a log line.
-    """
-    mode = tcfg.kernels.fused_linear_cross_entropy
-    if mode == "off":
-        return None
-    try:
-        from kernels import fused_linear_cross_entropy
-    except ImportError:  # kernels/ not installed in this environment
-        if mode == "on":
-            raise
-        return None
-    from cptflow.training import _causal_lm, _head_weight
-
-    if tcfg.kl_weight > 0 or _head_weight(_causal_lm(model).lm_head) is None:
-        reason = "kl_weight > 0 needs the logits" if tcfg.kl_weight > 0 else "lm_head is LoRA-wrapped or has a bias"
-        if mode == "on":
-            raise ValueError(f"kernels.fused_linear_cross_entropy: on, but it cannot apply here ({reason})")
-        logger.info("fused linear cross-entropy not used: %s; the eager head runs", reason)
-        return None
-    return fused_linear_cross_entropy
-
-
-def apply_kernel_patches(model, tcfg: TrainingConfig) -> dict:
-    """RMSNorm and SwiGLU kernels on the model's modules (kernels/patch.py); {} when kernels/ is absent."""
-    try:
-        from kernels.patch import apply_kernels
-    except ImportError:
-        if "on" in (tcfg.kernels.rms_norm, tcfg.kernels.swiglu):
-            raise
-        return {}
-    return apply_kernels(model, rms_norm=tcfg.kernels.rms_norm, swiglu=tcfg.kernels.swiglu)
-
-
-def save_adapter(model, tokenizer, directory: Path) -> None:
-    """PEFT adapter + tokenizer, renamed into place when complete."""
-    tmp = directory.with_name(f".{directory.name}.tmp-{os.getpid()}")
-    shutil.rmtree(tmp, ignore_errors=True)
-    save_adapter_files(model, tmp)
-    tokenizer.save_pretrained(str(tmp))
-    if directory.exists():
-        shutil.rmtree(directory)
-    os.replace(tmp, directory)
-
-
-def trainable_parameters(model) -> dict:
-    seen, trainable, total = set(), 0, 0
-    for parameter in model.parameters():
-        if id(parameter) in seen:
-            continue
-        seen.add(id(parameter))
-        total += parameter.numel()
-        trainable += parameter.numel() if parameter.requires_grad else 0
-    return {"trainable": trainable, "total": total}
-
-
-def write_history(path: Path, history: list[dict]) -> None:
-    import json
-
-    atomic_write_text(path, "".join(json.dumps(row, sort_keys=True) + "\n" for row in history))
-
-
 def token_shard_paths(tokenize_dir: Path) -> list[Path]:
     manifest = read_manifest(tokenize_dir)
     if manifest is None:
@@ -159,23 +91,14 @@ def run(run, cfg, reporter: TrainingReporter | None = None, *, stop_after_steps:
         return existing
     tcfg: CptConfig = cfg.cpt
     started = time.time()
-    if tcfg.torch_threads:
-        torch.set_num_threads(tcfg.torch_threads)
     for warning in tcfg.warnings():
         logger.warning("cpt: %s", warning)
     set_seed(cfg.seed)
-    memory = {}
 
     tokenizer = load_tokenizer(cfg.base_model, trust_remote_code=cfg.trust_remote_code)
-    model = load_base_model(cfg.base_model, tcfg, trust_remote_code=cfg.trust_remote_code)
-    device = next(model.parameters()).device
-    memory["load"] = memory_snapshot(str(device))
-    tied = embeddings_tied(model)
     init_adapter = cfg.resolve(tcfg.init_adapter) if tcfg.init_adapter else None
-    model = add_adapters(model, tcfg, adapter_dir=init_adapter, seed=cfg.seed)
-    kernels = apply_kernel_patches(model, tcfg)
-    fused_loss = fused_loss_for(model, tcfg)
-    memory["lora_added"] = memory_snapshot(str(device))
+    prepared = prepare_model(cfg.base_model, tcfg, adapter_dir=init_adapter, seed=cfg.seed, trust_remote_code=cfg.trust_remote_code)
+    model, device, memory, fused_loss = prepared.model, prepared.device, prepared.memory, prepared.fused_loss
 
     dataset = TokenShardDataset(
         token_shard_paths(Path(run.upstream_directory)),
@@ -225,10 +148,10 @@ def run(run, cfg, reporter: TrainingReporter | None = None, *, stop_after_steps:
         "payload": run.payload,
         "adapter": "adapter",
         "best_checkpoint": str(best.relative_to(run.path)) if best else None,
-        "tied_embeddings": tied,
+        "tied_embeddings": prepared.tied_embeddings,
         "parameters": trainable_parameters(model),
         "param_groups": describe_param_groups(optimizer),
-        "kernels": {"patched": kernels, "fused_linear_cross_entropy": fused_loss is not None},
+        "kernels": {"patched": prepared.kernels, "fused_linear_cross_entropy": fused_loss is not None},
         "train": {
             "steps": result.step,
             "tokens": result.tokens,

@@ -25,18 +25,19 @@ from cptflow.training import (
     MicroBatches,
     TrainingConfig,
     TrainingReporter,
-    add_adapters,
     best_checkpoint,
     build_optimizer,
     build_scheduler,
     collate,
     describe_param_groups,
-    embeddings_tied,
     evaluate_perplexity,
     fit,
-    load_base_model,
     memory_snapshot,
+    prepare_model,
+    save_adapter,
     set_seed,
+    trainable_parameters,
+    write_history,
 )
 
 logger = logging.getLogger(__name__)
@@ -295,15 +296,13 @@ def chat_template_for(tokenizer, section: SftConfig) -> tuple[str, str]:
 
 def run(run, cfg, reporter: TrainingReporter | None = None, *, stop_after_steps: int | None = None) -> dict | None:
     from cptflow.models import load_tokenizer
-    from tasks.cpt import apply_kernel_patches, eval_blocks, fused_loss_for, save_adapter, trainable_parameters, write_history
+    from tasks.cpt import eval_blocks
 
     existing = read_manifest(run.path)
     if existing is not None:
         return existing
     section: SftConfig = cfg.sft
     started = time.time()
-    if section.torch_threads:
-        torch.set_num_threads(section.torch_threads)
     for warning in section.warnings():
         logger.warning("sft: %s", warning)
     set_seed(cfg.seed)
@@ -319,16 +318,9 @@ def run(run, cfg, reporter: TrainingReporter | None = None, *, stop_after_steps:
     if template_source != "tokenizer":
         tokenizer.chat_template = template  # saved with the adapter, so generation renders prompts the same way
 
-    memory = {}
-    model = load_base_model(cfg.base_model, section, trust_remote_code=cfg.trust_remote_code)
-    device = next(model.parameters()).device
-    memory["load"] = memory_snapshot(str(device))
-    tied = embeddings_tied(model)
     # The cpt adapter's LoRA and embeddings continue; LoRA shape comes from it, not from sft.lora.
-    model = add_adapters(model, section, adapter_dir=adapter_dir, seed=cfg.seed)
-    kernels = apply_kernel_patches(model, section)
-    fused_loss = fused_loss_for(model, section)
-    memory["lora_added"] = memory_snapshot(str(device))
+    prepared = prepare_model(cfg.base_model, section, adapter_dir=adapter_dir, seed=cfg.seed, trust_remote_code=cfg.trust_remote_code)
+    model, device, memory, fused_loss = prepared.model, prepared.device, prepared.memory, prepared.fused_loss
 
     dataset = SftDataset(train_examples, cfg.seed)
     data = MicroBatches(dataset, section.micro_batch_size, device, collate=collate)
@@ -378,11 +370,11 @@ def run(run, cfg, reporter: TrainingReporter | None = None, *, stop_after_steps:
         "continued_from": str(adapter_dir),
         "chat_template": template_source,
         "best_checkpoint": str(best.relative_to(run.path)) if best else None,
-        "tied_embeddings": tied,
+        "tied_embeddings": prepared.tied_embeddings,
         "data": counts,
         "parameters": trainable_parameters(model),
         "param_groups": describe_param_groups(optimizer),
-        "kernels": {"patched": kernels, "fused_linear_cross_entropy": fused_loss is not None},
+        "kernels": {"patched": prepared.kernels, "fused_linear_cross_entropy": fused_loss is not None},
         "train": {
             "steps": result.step,
             "tokens": result.tokens,

@@ -229,7 +229,7 @@ def tied_llama_dir(tiny_llama_dir, tmp_path_factory) -> Path:
 def test_tied_embeddings_stay_tied_through_training_saving_and_merging(tied_llama_dir, tmp_path):
     from transformers import AutoModelForCausalLM
 
-    from tasks.cpt import save_adapter
+    from cptflow.training import save_adapter
     from tasks.export import merge_adapter
 
     tcfg = tiny_config()
@@ -479,7 +479,7 @@ def test_sft_continues_from_the_cpt_adapter_with_embeddings_frozen(prepared, tmp
 
 
 def test_training_can_start_from_an_existing_adapter(tiny_llama_dir, tmp_path):
-    from tasks.cpt import save_adapter
+    from cptflow.training import save_adapter
     from transformers import AutoTokenizer
 
     tcfg = tiny_config()
@@ -545,13 +545,13 @@ def test_training_waits_for_a_slot_of_the_gpu_concurrency_limit(prefect_harness,
 def test_fused_loss_falls_back_to_the_eager_head_where_it_cannot_apply(tiny_llama_dir, caplog):
     from kernels import fused_linear_cross_entropy
 
-    from tasks.cpt import fused_loss_for
+    from cptflow.training import fused_loss_for
 
     tcfg = tiny_config()
     model = add_adapters(load_base_model(str(tiny_llama_dir), tcfg), tcfg)
     assert fused_loss_for(model, tcfg) is fused_linear_cross_entropy  # auto: a full trainable head
     with_kl = tiny_config(kl_weight=0.1)
-    with caplog.at_level("INFO", logger="tasks.cpt"):
+    with caplog.at_level("INFO", logger="cptflow.training"):
         assert fused_loss_for(model, with_kl) is None
     assert "kl_weight > 0 needs the logits" in caplog.text
     with pytest.raises(ValueError, match="cannot apply"):
