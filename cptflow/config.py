@@ -60,6 +60,24 @@ class GpuConcurrencyConfig(BaseModel):
     limit: int = Field(1, gt=0, description="Slots when cptflow creates the limit (change it in the UI)")
 
 
+class LaunchConfig(BaseModel):
+    """How the training stages (cpt, sft, evaluate) run: as a child process tree started by torchrun or
+    `accelerate launch`, its output streamed into the Prefect run log (see cptflow/launch.py), or inline
+    in the flow's own process (debugging)."""
+
+    model_config = ConfigDict(extra="forbid")
+    launcher: Literal["torchrun", "accelerate", "inline"] = "torchrun"
+    num_processes: int = Field(1, gt=0, description="Data-parallel processes (one per GPU) for cpt and sft; evaluate uses one")
+    timeout_minutes: float | None = Field(None, gt=0, description="Kill a training stage's process tree after this long")
+    accelerate_config: str | None = Field(None, description="A config file for `accelerate launch --config_file`")
+
+    @model_validator(mode="after")
+    def _inline_is_one_process(self) -> "LaunchConfig":
+        if self.launcher == "inline" and self.num_processes > 1:
+            raise ValueError("launch.num_processes > 1 needs launcher torchrun or accelerate, not inline")
+        return self
+
+
 class PipelineConfig(BaseModel):
     model_config = ConfigDict(extra="forbid")
     name: str = Field(pattern=r"^[A-Za-z0-9][A-Za-z0-9_.-]*$")
@@ -82,6 +100,7 @@ class PipelineConfig(BaseModel):
     evaluate: EvaluateConfig = EvaluateConfig()
     notify: NotifyConfig = NotifyConfig()
     gpu_concurrency: GpuConcurrencyConfig = GpuConcurrencyConfig()
+    launch: LaunchConfig = LaunchConfig()
 
     # Set by load_config, not by the YAML: where relative paths start.
     base_dir: str = Field(".", exclude=True)

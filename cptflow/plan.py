@@ -95,12 +95,14 @@ def stage_payloads(cfg: PipelineConfig) -> dict[str, dict]:
             "config": cfg.cpt.model_dump(mode="json", exclude={"retries"}),
             "model": model_fingerprint(cfg.base_model),
             "init_adapter": model_fingerprint(str(cfg.resolve(cfg.cpt.init_adapter))) if cfg.cpt.init_adapter else None,
+            "processes": cfg.launch.num_processes,  # data order per rank and reduction order differ with it
             "seed": cfg.seed,
             "version": versions["cpt"],
         },
         "sft": {
             "config": cfg.sft.model_dump(mode="json", exclude={"retries"}),
             "data": sft_data_fingerprints(cfg),
+            "processes": cfg.launch.num_processes,
             "seed": cfg.seed,
             "version": versions["sft"],
         },
@@ -204,17 +206,18 @@ def run_data_stage_plain(run: StageRun, cfg: PipelineConfig, force: bool = False
 
     Returns "cached" if the stage was already committed, else "ran".
     """
-    from cptflow.store import reset_stage_dir
+    from cptflow.store import reset_stage_dir, stage_lock
 
-    if force:
-        reset_stage_dir(run.path)
-    if run.is_done():
-        return "cached"
-    module = stage_module(run.stage)
-    started = time.time()
-    counts = [module.process(run, cfg, item) for item in module.plan(run, cfg)]
-    module.commit(run, cfg, counts, started)
-    return "ran"
+    with stage_lock(run.path):
+        if force:
+            reset_stage_dir(run.path)
+        if run.is_done():
+            return "cached"
+        module = stage_module(run.stage)
+        started = time.time()
+        counts = [module.process(run, cfg, item) for item in module.plan(run, cfg)]
+        module.commit(run, cfg, counts, started)
+        return "ran"
 
 
 assert set(PIPELINE_STAGES) <= set(STAGES)

@@ -6,6 +6,7 @@ The manifest is written last with an atomic rename, so a directory without one i
 from __future__ import annotations
 
 import contextlib
+import fcntl
 import hashlib
 import json
 import os
@@ -90,6 +91,25 @@ def commit_manifest(directory: Path, manifest: dict) -> dict:
     atomic_write_json(directory / MANIFEST, manifest)
     shutil.rmtree(directory / WORK, ignore_errors=True)
     return manifest
+
+
+@contextlib.contextmanager
+def stage_lock(directory: Path) -> Iterator[None]:
+    """Hold an exclusive lock on a stage directory while its work is done (blocks until free).
+
+    Two runs of the same stage (two `cptflow run` of one config, two schedules) then do the work
+    once: the second waits, finds the manifest and is cached. A flock dies with its process, so a
+    killed run never leaves a stale lock. The lock file sits beside the directory, not in it, so
+    --force can delete the directory while holding it.
+    """
+    directory = Path(directory)
+    directory.parent.mkdir(parents=True, exist_ok=True)
+    with open(directory.parent / f".{directory.name}.lock", "a+b") as handle:
+        fcntl.flock(handle, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(handle, fcntl.LOCK_UN)
 
 
 def reset_stage_dir(directory: Path) -> None:

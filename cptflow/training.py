@@ -25,6 +25,7 @@ import torch
 import torch.nn.functional as F
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
+from cptflow import distributed
 from cptflow.store import atomic_write_json, atomic_write_text, read_json
 
 logger = logging.getLogger(__name__)
@@ -133,6 +134,8 @@ def load_base_model(name: str, tcfg: TrainingConfig, *, trust_remote_code: bool 
     from cptflow.models import pick_device, pick_dtype, resolve_model_path
 
     device = pick_device(tcfg.device)
+    if device == "cuda" and distributed.initialized():  # one GPU per process: the launcher's LOCAL_RANK
+        device = f"cuda:{torch.cuda.current_device()}"
     compute_dtype = pick_dtype(tcfg.compute_dtype, device)
     kwargs = {}
     if tcfg.load_in_4bit:
@@ -381,8 +384,11 @@ def train_step(model, optimizer, scheduler, micro_batches: Sequence[dict], tcfg:
 
     Every micro-batch's summed loss is divided by the non-ignored tokens of the whole window, so the
     step equals one big batch whatever the padding per micro-batch (axolotl#1100, transformers PR#35438).
+    With data-parallel processes the window spans all ranks: each divides by the global token count and
+    the gradients are summed across ranks, which is the one-process gradient of all their micro-batches.
     """
-    window_tokens = sum(int((shift_labels(b["labels"]) != IGNORE_INDEX).sum()) for b in micro_batches)
+    local_tokens = sum(int((shift_labels(b["labels"]) != IGNORE_INDEX).sum()) for b in micro_batches)
+    window_tokens = int(distributed.sum_across_ranks([local_tokens])[0])
     ce_total = kl_total = 0.0
     denominator = max(window_tokens, 1)
     for batch in micro_batches:
@@ -390,9 +396,11 @@ def train_step(model, optimizer, scheduler, micro_batches: Sequence[dict], tcfg:
         (parts.loss_sum / denominator).backward()
         ce_total += parts.ce_sum
         kl_total += parts.kl_sum
+    trainable = [p for g in optimizer.param_groups for p in g["params"]]
+    distributed.sum_gradients(trainable)
+    ce_total, kl_total = distributed.sum_across_ranks([ce_total, kl_total])
     grad_norm = None
     if tcfg.max_grad_norm:
-        trainable = [p for g in optimizer.param_groups for p in g["params"]]
         grad_norm = float(torch.nn.utils.clip_grad_norm_(trainable, tcfg.max_grad_norm))
     lrs = {g["name"]: g["lr"] for g in optimizer.param_groups}
     optimizer.step()
@@ -462,16 +470,19 @@ def collate(samples: Sequence[dict], device: str | torch.device = "cpu") -> dict
 
 @torch.no_grad()
 def evaluate_perplexity(model, blocks: Sequence[dict], *, batch_size: int = 8, device=None) -> dict:
-    """exp(mean token loss) over the non-ignored tokens of `blocks`."""
+    """exp(mean token loss) over the non-ignored tokens of `blocks` (split across data-parallel ranks)."""
     was_training = model.training
     model.eval()
     device = device or next(model.parameters()).device
+    mine = blocks[distributed.rank() :: distributed.world_size()]
     loss_sum, tokens = 0.0, 0
-    for start in range(0, len(blocks), batch_size):
-        batch = collate(blocks[start : start + batch_size], device)
+    for start in range(0, len(mine), batch_size):
+        batch = collate(mine[start : start + batch_size], device)
         parts = token_loss_sum(model, batch)
         loss_sum += parts.ce_sum
         tokens += parts.tokens
+    loss_sum, tokens = distributed.sum_across_ranks([loss_sum, tokens])
+    tokens = int(tokens)
     model.train(was_training)
     mean = loss_sum / max(tokens, 1)
     return {"loss": round(mean, 6), "perplexity": round(math.exp(mean), 4), "tokens": tokens}
@@ -765,10 +776,12 @@ def fit(
         result.history, result.evals = state["history"], state["evals"]
         result.resumed_from = latest[-1].name
         logger.info("resuming from %s (step %d of %d)", latest[-1], result.step, total_steps)
+    distributed.broadcast_parameters(p for g in optimizer.param_groups for p in g["params"])
     model.train()
     started = time.time()
     window_started, window_tokens = time.time(), 0
-    bar = tqdm(total=total_steps, initial=result.step, desc="train", unit="step", mininterval=2.0)
+    quiet = {} if distributed.is_main() else {"disable": True}  # rank 0's bar only (TQDM_DISABLE=1 still applies)
+    bar = tqdm(total=total_steps, initial=result.step, desc="train", unit="step", mininterval=2.0, **quiet)
     try:
         while result.step < total_steps:
             if stop_after_steps is not None and result.step >= stop_after_steps:
@@ -814,9 +827,13 @@ def fit(
                     "history": result.history,
                     "evals": result.evals,
                 }
-                path = save_checkpoint(Path(checkpoint_root) / checkpoint_name(result.step), model, optimizer, scheduler, trainer_state)
-                prune_checkpoints(checkpoint_root, tcfg.keep_best, metric_key)
-                reporter.on_checkpoint(path, best_checkpoint(checkpoint_root, metric_key))
+                # Ranks hold the same weights and optimizer state, and move through the data in step
+                # (every rank may load rank 0's data position): rank 0 writes for all.
+                if distributed.is_main():
+                    path = save_checkpoint(Path(checkpoint_root) / checkpoint_name(result.step), model, optimizer, scheduler, trainer_state)
+                    prune_checkpoints(checkpoint_root, tcfg.keep_best, metric_key)
+                    reporter.on_checkpoint(path, best_checkpoint(checkpoint_root, metric_key))
+                distributed.barrier()
     finally:
         bar.close()
     result.seconds = round(time.time() - started, 3)

@@ -27,7 +27,7 @@ from prefect.logging import get_run_logger
 from cptflow.config import PipelineConfig, RunnerConfig, load_config
 from cptflow.docshards import ShardCounts
 from cptflow.plan import DATA_STAGES, PIPELINE_STAGES, UPSTREAM, StageRun, plan_pipeline, stage_module
-from cptflow.store import read_manifest, reset_stage_dir
+from cptflow.store import read_manifest, reset_stage_dir, stage_lock
 from cptflow.training import TrainingReporter
 from flows.failure import failed_stage, publish_failure
 
@@ -127,18 +127,20 @@ def commit_stage(stage: str, run: StageRun, cfg: PipelineConfig, shard_counts: l
 def data_stage(stage: str, run: StageRun, cfg: PipelineConfig, force: bool = False) -> dict:
     """Map a data stage's shards over the configured task runner, then commit it."""
     logger = get_run_logger()
-    if force:
-        reset_stage_dir(run.path)
-    done = run.is_done()
-    shard_counts, started = None, time.time()
-    if not done:
-        items = stage_module(stage).plan(run, cfg)
-        names = [item["shard"] for item in items]
-        logger.info("%s: %d shards → %s", stage, len(items), run.directory)
-        futures = process_shard.map(stage=unmapped(stage), shard_name=names, item=items, run=unmapped(run), cfg=unmapped(cfg))
-        shard_counts = [future.result() for future in futures]
-    # The store is the truth: a stage not committed there is recomputed even if Prefect has a record.
-    state = commit_stage.with_options(refresh_cache=not done)(stage, run, cfg, shard_counts, started, return_state=True)
+    # One run at a time does a stage's work; a second one waits here, then finds it committed.
+    with stage_lock(run.path):
+        if force:
+            reset_stage_dir(run.path)
+        done = run.is_done()
+        shard_counts, started = None, time.time()
+        if not done:
+            items = stage_module(stage).plan(run, cfg)
+            names = [item["shard"] for item in items]
+            logger.info("%s: %d shards → %s", stage, len(items), run.directory)
+            futures = process_shard.map(stage=unmapped(stage), shard_name=names, item=items, run=unmapped(run), cfg=unmapped(cfg))
+            shard_counts = [future.result() for future in futures]
+        # The store is the truth: a stage not committed there is recomputed even if Prefect has a record.
+        state = commit_stage.with_options(refresh_cache=not done)(stage, run, cfg, shard_counts, started, return_state=True)
     ran = state.result()["state"] == "ran" and state.name != "Cached"
     report = _stage_report(run, "ran" if ran else "cached")
     logger.info("%s: %s (%s)", stage, report["state"], run.fingerprint)
@@ -201,19 +203,28 @@ def ensure_concurrency_limit(name: str, limit: int) -> None:
 def training_stage(stage: str, run: StageRun, cfg: PipelineConfig) -> dict:
     """cpt, sft or evaluate; a retry (or a rerun after a crash) resumes from the latest checkpoint.
 
-    Holds a slot of the global concurrency limit `gpu_concurrency.name` while it trains, so two
-    scheduled runs never train on the same GPU at once.
+    Runs as a torchrun / accelerate process tree (cptflow/launch.py) whose output streams into this
+    task's log, or inline (`launch.launcher: inline`). Holds a slot of the global concurrency limit
+    `gpu_concurrency.name` while it trains, so two scheduled runs never train on the same GPU at once.
     """
     from prefect.concurrency.sync import concurrency
 
-    if run.is_done():
-        return {"stage": stage, "fingerprint": run.fingerprint, "state": "cached"}
-    slot = cfg.gpu_concurrency
-    if slot.name:
-        ensure_concurrency_limit(slot.name, slot.limit)
-        get_run_logger().info("%s: waiting for a slot of concurrency limit '%s'", stage, slot.name)
-    with concurrency(slot.name, occupy=1, strict=True) if slot.name else contextlib.nullcontext():
-        manifest = stage_module(stage).run(run, cfg, reporter=PrefectTrainingReporter(stage))
+    from cptflow.launch import launch_stage
+
+    logger = get_run_logger()
+    with stage_lock(run.path):  # a second run of the same stage waits, then finds it done
+        if run.is_done():
+            return {"stage": stage, "fingerprint": run.fingerprint, "state": "cached"}
+        slot = cfg.gpu_concurrency
+        if slot.name:
+            ensure_concurrency_limit(slot.name, slot.limit)
+            logger.info("%s: waiting for a slot of concurrency limit '%s'", stage, slot.name)
+        reporter = PrefectTrainingReporter(stage)
+        with concurrency(slot.name, occupy=1, strict=True) if slot.name else contextlib.nullcontext():
+            if cfg.launch.launcher == "inline":
+                manifest = stage_module(stage).run(run, cfg, reporter=reporter)
+            else:
+                manifest = launch_stage(stage, run, cfg, reporter, log=logger.info)
     publish_training_artifacts(manifest, run.path)
     return {"stage": stage, "fingerprint": run.fingerprint, "state": "ran"}
 

@@ -14,6 +14,7 @@ from pathlib import Path
 
 from pydantic import Field
 
+from cptflow import distributed
 from cptflow.store import commit_manifest, now_iso, read_manifest
 from cptflow.training import (
     MicroBatches,
@@ -106,6 +107,8 @@ def run(run, cfg, reporter: TrainingReporter | None = None, *, stop_after_steps:
         shuffle_window=tcfg.shuffle_window,
         seed=cfg.seed,
         document_mask=tcfg.document_mask,
+        rank=distributed.rank(),
+        world_size=distributed.world_size(),
     )
     samples_per_step = tcfg.micro_batch_size * tcfg.gradient_accumulation_steps
     total_steps = tcfg.max_steps or max(1, math.ceil(tcfg.epochs * len(dataset) / samples_per_step))
@@ -138,6 +141,9 @@ def run(run, cfg, reporter: TrainingReporter | None = None, *, stop_after_steps:
     memory["training"] = memory_snapshot(str(device))
     final_eval = result.evals[-1]
     memory["eval"] = memory_snapshot(str(device))
+    if not distributed.is_main():  # rank 0 writes the stage's outputs; the others are done
+        distributed.barrier()
+        return read_manifest(run.path)
 
     save_adapter(model, tokenizer, run.path / "adapter")
     write_history(run.path / "train_log.jsonl", result.history)
@@ -166,6 +172,9 @@ def run(run, cfg, reporter: TrainingReporter | None = None, *, stop_after_steps:
         "evals": result.evals,
         "memory": memory,
         "warnings": tcfg.warnings(),
+        "processes": distributed.world_size(),
         "timings": {"finished": now_iso(), "seconds": round(time.time() - started, 3)},
     }
-    return commit_manifest(run.path, manifest)
+    manifest = commit_manifest(run.path, manifest)
+    distributed.barrier()
+    return manifest

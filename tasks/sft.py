@@ -19,6 +19,7 @@ import numpy as np
 import torch
 from pydantic import BaseModel, ConfigDict, Field
 
+from cptflow import distributed
 from cptflow.store import atomic_write_json, commit_manifest, now_iso, read_manifest
 from cptflow.training import (
     IGNORE_INDEX,
@@ -247,22 +248,28 @@ def load_examples(cfg, tokenizer, template: str | None) -> tuple[list[dict], lis
 
 
 class SftDataset:
-    """Examples in a seeded order per epoch; state_dict() is the exact position (epoch, next index)."""
+    """Examples in a seeded order per epoch; state_dict() is the exact position (epoch, next index).
 
-    def __init__(self, examples: list[dict], seed: int):
+    With data-parallel ranks, rank r takes positions r, r + world_size, ... of each epoch's order (the
+    last `len % world_size` are dropped so ranks stay in step), like the token reader.
+    """
+
+    def __init__(self, examples: list[dict], seed: int, *, rank: int = 0, world_size: int = 1):
         self.examples = examples
         self.seed = seed
+        self.rank, self.world_size = rank, world_size
         self.epoch = 0
-        self.next_index = 0
+        self.next_index = 0  # position in this rank's share of the current epoch
 
     def __len__(self) -> int:
-        return len(self.examples)
+        return len(self.examples) // self.world_size
 
     def _order(self) -> np.ndarray:
-        return np.random.default_rng([self.seed, self.epoch]).permutation(len(self.examples))
+        order = np.random.default_rng([self.seed, self.epoch]).permutation(len(self.examples))
+        return order[self.rank : len(self) * self.world_size : self.world_size]
 
     def __iter__(self):
-        if self.next_index >= len(self.examples):
+        if self.next_index >= len(self):
             self.epoch, self.next_index = self.epoch + 1, 0
         order = self._order()
         while self.next_index < len(order):
@@ -272,11 +279,15 @@ class SftDataset:
         self.epoch, self.next_index = self.epoch + 1, 0
 
     def state_dict(self) -> dict:
-        return {"epoch": self.epoch, "next_index": self.next_index, "examples": len(self.examples), "seed": self.seed}
+        return {"epoch": self.epoch, "next_index": self.next_index, "examples": len(self.examples), "seed": self.seed, "world_size": self.world_size}
 
     def load_state_dict(self, state: dict) -> None:
-        if state["examples"] != len(self.examples) or state["seed"] != self.seed:
-            raise ValueError(f"sft data position was saved for {state['examples']} examples / seed {state['seed']}; the data changed")
+        saved = (state["examples"], state["seed"], state.get("world_size", 1))
+        if saved != (len(self.examples), self.seed, self.world_size):
+            raise ValueError(
+                f"sft data position was saved for {saved[0]} examples / seed {saved[1]} / {saved[2]} processes; "
+                f"now {len(self.examples)} / {self.seed} / {self.world_size}: the data or the launch changed"
+            )
         self.epoch, self.next_index = state["epoch"], state["next_index"]
 
 
@@ -322,7 +333,7 @@ def run(run, cfg, reporter: TrainingReporter | None = None, *, stop_after_steps:
     prepared = prepare_model(cfg.base_model, section, adapter_dir=adapter_dir, seed=cfg.seed, trust_remote_code=cfg.trust_remote_code)
     model, device, memory, fused_loss = prepared.model, prepared.device, prepared.memory, prepared.fused_loss
 
-    dataset = SftDataset(train_examples, cfg.seed)
+    dataset = SftDataset(train_examples, cfg.seed, rank=distributed.rank(), world_size=distributed.world_size())
     data = MicroBatches(dataset, section.micro_batch_size, device, collate=collate)
     samples_per_step = section.micro_batch_size * section.gradient_accumulation_steps
     total_steps = section.max_steps or max(1, math.ceil(section.epochs * len(dataset) / samples_per_step))
@@ -357,6 +368,9 @@ def run(run, cfg, reporter: TrainingReporter | None = None, *, stop_after_steps:
     if result.step < total_steps:
         return None
     memory["training"] = memory_snapshot(str(device))
+    if not distributed.is_main():  # rank 0 writes the stage's outputs; the others are done
+        distributed.barrier()
+        return read_manifest(run.path)
 
     save_adapter(model, tokenizer, run.path / "adapter")
     write_history(run.path / "train_log.jsonl", result.history)
@@ -388,6 +402,9 @@ def run(run, cfg, reporter: TrainingReporter | None = None, *, stop_after_steps:
         "evals": result.evals,
         "memory": memory,
         "warnings": section.warnings(),
+        "processes": distributed.world_size(),
         "timings": {"finished": now_iso(), "seconds": round(time.time() - started, 3)},
     }
-    return commit_manifest(run.path, manifest)
+    manifest = commit_manifest(run.path, manifest)
+    distributed.barrier()
+    return manifest

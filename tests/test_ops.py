@@ -22,7 +22,7 @@ import yaml
 from test_flow import corpus, outputs, write_config  # noqa: F401  (corpus is a fixture)
 
 from cptflow.config import load_config
-from cptflow.plan import PIPELINE_STAGES, plan_pipeline, run_data_stage_plain
+from cptflow.plan import DATA_STAGES, PIPELINE_STAGES, plan_pipeline, run_data_stage_plain
 from cptflow.store import read_manifest
 
 REPO = Path(__file__).resolve().parents[1]
@@ -379,3 +379,118 @@ def test_dockerfile_runs_as_non_root_and_fetches_nothing_by_add():
     assert any('"cptflow' in line for line in instructions if line.startswith(("CMD", "ENTRYPOINT")))
     for path in ("cptflow", "flows", "tasks", "pyproject.toml"):  # the image builds from this checkout
         assert any(line.startswith(f"COPY {path}") for line in instructions), path
+
+
+# ----------------------------------------------------------------------------------------------------
+# A served pipeline: retry after a crash, cancel during training
+# ----------------------------------------------------------------------------------------------------
+def training_processes(marker: str) -> dict[int, list[str]]:
+    """pid -> command line of the launcher and workers of a training stage whose spec path contains `marker`."""
+    import psutil
+
+    found = {}
+    for process in psutil.process_iter(["pid", "cmdline", "status"]):
+        cmdline = process.info["cmdline"] or []
+        if "cptflow.launch" in cmdline and any(marker in arg for arg in cmdline) and process.info["status"] != psutil.STATUS_ZOMBIE:
+            found[process.info["pid"]] = cmdline
+    return found
+
+
+def wait_until(predicate, seconds: float, what: str, server: subprocess.Popen):
+    deadline = time.monotonic() + seconds
+    while not (value := predicate()):
+        assert server.poll() is None, f"serve exited while waiting for {what}"
+        assert time.monotonic() < deadline, f"timed out waiting for {what}"
+        time.sleep(0.5)
+    return value
+
+
+def test_retry_reruns_only_the_failed_stage_onward_and_cancel_kills_training(prefect_harness, corpus, tiny_llama_dir, tmp_path):  # noqa: F811
+    """Served deployments, as in production. (1) cpt's worker dies (an OOM kill) after its first
+    checkpoint and the run fails; `prefect flow-run retry` re-runs it: the data stages come back cached
+    (untouched), cpt resumes from its checkpoint, sft and evaluate follow. (2) A run cancelled while cpt
+    trains takes the whole torchrun tree down with it."""
+    from prefect.client.orchestration import get_client
+    from prefect.client.schemas.filters import ArtifactFilter, ArtifactFilterKey, FlowRunFilter, FlowRunFilterId
+    from prefect.settings import PREFECT_API_URL
+    from prefect.states import Cancelling
+
+    config = write_config(tmp_path, corpus, tiny_llama_dir, gpu_concurrency={"name": "gpu-served-test"})
+    data = yaml.safe_load(config.read_text())
+    data["cpt"].update(max_steps=30, save_steps=4, eval_steps=4, retries=0)
+    config.write_text(yaml.safe_dump(data))
+    work = tmp_path / "served"
+    env = dict(os.environ, PREFECT_API_URL=PREFECT_API_URL.value(), PREFECT_RUNNER_POLL_FREQUENCY="2")
+    server = subprocess.Popen(
+        [sys.executable, "-m", "cptflow.cli", "serve", str(config), "--work-dir", str(work)],
+        cwd=tmp_path, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, start_new_session=True,
+    )
+    runs = plan_pipeline(load_config(config, work))
+    checkpoints = runs["cpt"].path / "checkpoints"
+    try:
+        with get_client(sync_client=True) as client:
+
+            def deployment(name):
+                try:
+                    return client.read_deployment_by_name(f"cptflow-pipeline/{name}")
+                except Exception:
+                    return None
+
+            def final_state(flow_run_id, seconds=420):
+                return wait_until(lambda: (s := client.read_flow_run(flow_run_id).state).is_final() and s, seconds, "the flow run to end", server)
+
+            pipeline = wait_until(lambda: deployment("flow-test"), 120, "the deployments", server)
+            flow_run = client.create_flow_run_from_deployment(pipeline.id)
+            wait_until(lambda: any(checkpoints.glob("step-*")), 300, "cpt's first checkpoint", server)
+            workers = [pid for pid, cmd in training_processes(str(work)).items() if "torch.distributed.run" not in cmd]
+            assert workers, "no cpt worker process found"
+            os.kill(workers[0], signal.SIGKILL)  # the OOM killer
+            failed = final_state(flow_run.id)
+            assert failed.is_failed(), failed.message
+            assert not runs["cpt"].is_done() and not training_processes(str(work))
+            data_manifests = {stage: (runs[stage].path / "manifest.json").stat().st_mtime_ns for stage in DATA_STAGES}
+
+            retry = subprocess.run([str(Path(sys.executable).parent / "prefect"), "flow-run", "retry", str(flow_run.id)], env=env, capture_output=True, text=True, timeout=120)
+            assert retry.returncode == 0, retry.stdout + retry.stderr
+            retried = final_state(flow_run.id)
+            assert retried.is_completed(), retried.message
+            assert {stage: (runs[stage].path / "manifest.json").stat().st_mtime_ns for stage in DATA_STAGES} == data_manifests
+            cpt = read_manifest(runs["cpt"].path)
+            assert cpt["train"]["resumed_from"].startswith("step-") and cpt["train"]["steps"] == 30
+            assert runs["sft"].is_done() and runs["evaluate"].is_done()
+            summaries = client.read_artifacts(
+                artifact_filter=ArtifactFilter(key=ArtifactFilterKey(any_=["pipeline-summary"])),
+                flow_run_filter=FlowRunFilter(id=FlowRunFilterId(any_=[flow_run.id])),
+            )
+            summary = summaries[0].data
+            for stage in DATA_STAGES:
+                assert f"| {stage} | cached |" in summary, summary
+            for stage in ("cpt", "sft", "evaluate"):
+                assert f"| {stage} | ran |" in summary, summary
+
+            # (2) cancel while cpt trains: nothing of the training tree survives
+            stage_deployment = deployment("flow-test-cpt")
+            again = client.create_flow_run_from_deployment(stage_deployment.id, parameters={**stage_deployment.parameters, "force": ["cpt"]})
+            tree = wait_until(lambda: training_processes(str(work)), 300, "cpt's training processes", server)
+            client.set_flow_run_state(again.id, Cancelling())
+            cancelled = final_state(again.id, 120)
+            wait_until(lambda: not training_processes(str(work)), 60, "the training tree to die", server)
+            assert cancelled.is_cancelled(), cancelled
+            assert not any(psutil_alive(pid) for pid in tree)
+    finally:
+        os.killpg(server.pid, signal.SIGINT)
+        try:
+            log = server.communicate(timeout=30)[0]
+        except subprocess.TimeoutExpired:
+            os.killpg(server.pid, signal.SIGKILL)
+            log = server.communicate()[0]
+        print(log[-6000:])  # shown when the test fails
+
+
+def psutil_alive(pid: int) -> bool:
+    import psutil
+
+    try:
+        return psutil.Process(pid).status() != psutil.STATUS_ZOMBIE
+    except psutil.NoSuchProcess:
+        return False

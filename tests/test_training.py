@@ -271,7 +271,7 @@ CPT_SETTINGS = {
 def prepared(corpus, tiny_llama_dir, tmp_path_factory) -> Path:  # noqa: F811
     """The data stages of the flow tests' pipeline, done once; training tests copy them."""
     root = tmp_path_factory.mktemp("training-pipeline")
-    config = write_config(root, corpus, tiny_llama_dir, cpt=CPT_SETTINGS)
+    config = write_config(root, corpus, tiny_llama_dir, cpt=CPT_SETTINGS, launch={"launcher": "inline"})
     cfg = load_config(config)
     runs = plan_pipeline(cfg)
     for stage in DATA_STAGES:
@@ -287,11 +287,13 @@ def work_copy(config: Path, destination: Path) -> Path:
     return destination
 
 
-def write_variant(config: Path, directory: Path, **cpt) -> Path:
+def write_variant(config: Path, directory: Path, launch: dict | None = None, **cpt) -> Path:
     import yaml
 
     data = yaml.safe_load(config.read_text())
     data["cpt"] = {**data["cpt"], **cpt}
+    if launch is not None:
+        data["launch"] = launch
     data["work_dir"] = str(load_config(config).work_path)
     directory.mkdir(parents=True, exist_ok=True)
     path = directory / "pipeline.yaml"
@@ -387,6 +389,46 @@ def test_kernels_on_and_off_give_the_same_loss_curve(prepared, tmp_path):
         history = (cfg.work_path / "cpt" / manifest["fingerprint"] / "train_log.jsonl").read_text().splitlines()
         curves[mode] = [json.loads(line)["loss"] for line in history]
     assert curves["on"] == pytest.approx(curves["off"], rel=1e-4)
+
+
+def test_two_gloo_processes_match_one_process_with_doubled_accumulation(prepared, tmp_path):
+    """torchrun, 2 CPU processes (gloo), micro-batch 2 each == 1 process, micro-batch 2, accumulation 2."""
+    import tasks.cpt as cpt
+    from cptflow.launch import launch_stage
+    from cptflow.training import TrainingReporter
+
+    settings = dict(micro_batch_size=2, max_steps=6, eval_steps=3, save_steps=3, log_steps=1)
+    one = load_config(write_variant(prepared, tmp_path / "one", launch={"launcher": "inline"}, gradient_accumulation_steps=2, **settings),
+                      work_copy(prepared, tmp_path / "work-one"))
+    reference = cpt.run(plan_pipeline(one)["cpt"], one)
+
+    two = load_config(write_variant(prepared, tmp_path / "two", launch={"launcher": "torchrun", "num_processes": 2}, gradient_accumulation_steps=1, **settings),
+                      work_copy(prepared, tmp_path / "work-two"))
+    lines: list[str] = []
+    events = []
+
+    class Recorder(TrainingReporter):
+        def on_log(self, record):
+            events.append(record["step"])
+
+    manifest = launch_stage("cpt", plan_pipeline(two)["cpt"], two, Recorder(), log=lines.append)
+    assert manifest["processes"] == 2 and reference["processes"] == 1, "\n".join(lines[-30:])
+    assert events == list(range(1, 7))  # rank 0's progress reached the parent's reporter
+    assert any("[rank 1]" in line for line in lines)  # both ranks' output streamed into the log
+
+    def curve(cfg, m):
+        log = cfg.work_path / "cpt" / m["fingerprint"] / "train_log.jsonl"
+        return [json.loads(line) for line in log.read_text().splitlines()]
+
+    ref_curve, ddp_curve = curve(one, reference), curve(two, manifest)
+    assert [r["tokens"] for r in ddp_curve] == [r["tokens"] for r in ref_curve]  # the same samples, step by step
+    assert [r["loss"] for r in ddp_curve] == pytest.approx([r["loss"] for r in ref_curve], rel=1e-4)
+    for name in ("domain_eval", "general_eval"):
+        assert manifest["eval"][name]["perplexity"] == pytest.approx(reference["eval"][name]["perplexity"], rel=1e-4)
+    ref_weights = weights_of(one.work_path / "cpt" / reference["fingerprint"] / "adapter")
+    ddp_weights = weights_of(two.work_path / "cpt" / manifest["fingerprint"] / "adapter")
+    for key in ref_weights:
+        torch.testing.assert_close(ddp_weights[key], ref_weights[key], rtol=1e-3, atol=1e-4)
 
 
 # ---------------------------------------------------------------------------------------------
