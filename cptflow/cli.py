@@ -80,15 +80,16 @@ def run(
     """Run the pipeline; finished stages whose inputs and config are unchanged are cached."""
     cfg = _load(config, work_dir)
     from cptflow.plan import plan_pipeline
-    from flows.pipeline import StageSelectionError, check_upstreams_available, cptflow_pipeline, select_stages
+    from flows.pipeline import StageSelectionError, check_upstreams_available, cptflow_pipeline, result_storage, select_stages
 
     try:
         selected, _ = select_stages(only, from_stage, force)
         _preflight(cfg, selected)
         check_upstreams_available(plan_pipeline(cfg), selected)  # before a Prefect server is started
-        reports = cptflow_pipeline(
-            config_path=str(config), only=only, from_stage=from_stage, force=force, work_dir=str(work_dir) if work_dir else None
-        )
+        with result_storage(cfg):
+            reports = cptflow_pipeline(
+                config_path=str(config), only=only, from_stage=from_stage, force=force, work_dir=str(work_dir) if work_dir else None
+            )
     except StageSelectionError as err:
         _fail(str(err))
     _print_reports(reports)
@@ -202,7 +203,10 @@ def serve(
         _fail(f"--cron: {err.errors()[0]['msg']}" if isinstance(err, ValidationError) else str(err))
     from prefect import serve as prefect_serve
 
-    prefect_serve(*deployments)
+    from flows.pipeline import result_storage
+
+    with result_storage(_load(config, work_dir)):  # the runner passes these settings to every flow run
+        prefect_serve(*deployments)
 
 
 LOOPBACK_HOSTS = ("127.0.0.1", "localhost", "::1")

@@ -78,6 +78,25 @@ class LaunchConfig(BaseModel):
         return self
 
 
+class ResultsConfig(BaseModel):
+    """Where Prefect keeps the stages' task results (the records that make a finished stage come back
+    `Cached` on a retry). Default: Prefect's local storage (~/.prefect/storage). For retries across
+    containers or machines, name a saved Prefect filesystem block (s3-bucket/..., gcs-bucket/...,
+    azure-blob-storage-container/..., remote-file-system/... for any fsspec URL)."""
+
+    model_config = ConfigDict(extra="forbid")
+    local_path: str | None = Field(None, description="A local directory (relative to the config file)")
+    block: str | None = Field(
+        None, pattern=r"^[a-z0-9-]+/[A-Za-z0-9_-]+$", description="A saved Prefect storage block, '<block-type>/<name>'"
+    )
+
+    @model_validator(mode="after")
+    def _one_place(self) -> "ResultsConfig":
+        if self.local_path and self.block:
+            raise ValueError("results: give local_path or block, not both")
+        return self
+
+
 class PipelineConfig(BaseModel):
     model_config = ConfigDict(extra="forbid")
     name: str = Field(pattern=r"^[A-Za-z0-9][A-Za-z0-9_.-]*$")
@@ -101,6 +120,7 @@ class PipelineConfig(BaseModel):
     notify: NotifyConfig = NotifyConfig()
     gpu_concurrency: GpuConcurrencyConfig = GpuConcurrencyConfig()
     launch: LaunchConfig = LaunchConfig()
+    results: ResultsConfig = ResultsConfig()
 
     # Set by load_config, not by the YAML: where relative paths start.
     base_dir: str = Field(".", exclude=True)

@@ -373,5 +373,21 @@ def publish_run_summary(cfg: PipelineConfig, reports: list[dict]) -> None:
     create_markdown_artifact(key="pipeline-summary", markdown="\n".join(lines), description=f"cptflow {cfg.name}")
 
 
+@contextlib.contextmanager
+def result_storage(cfg: PipelineConfig):
+    """Prefect settings for the config's result storage, around a flow call or `serve` (whose runner
+    hands its settings to every flow-run process it starts)."""
+    from prefect.settings import PREFECT_RESULTS_DEFAULT_STORAGE_BLOCK, PREFECT_RESULTS_LOCAL_STORAGE_PATH, temporary_settings
+
+    updates = {}
+    if cfg.results.block:
+        updates[PREFECT_RESULTS_DEFAULT_STORAGE_BLOCK] = cfg.results.block
+    elif cfg.results.local_path:
+        updates[PREFECT_RESULTS_LOCAL_STORAGE_PATH] = cfg.resolve(cfg.results.local_path)
+    with temporary_settings(updates=updates):
+        yield
+
+
 def run_pipeline(config_path: str | Path, **options) -> list[dict]:
-    return cptflow_pipeline(config_path=str(config_path), **options)
+    with result_storage(load_config(config_path, options.get("work_dir"))):
+        return cptflow_pipeline(config_path=str(config_path), **options)

@@ -381,6 +381,25 @@ def test_dockerfile_runs_as_non_root_and_fetches_nothing_by_add():
         assert any(line.startswith(f"COPY {path}") for line in instructions), path
 
 
+def test_result_storage_is_a_local_path_or_a_prefect_storage_block(prefect_harness, corpus, tiny_llama_dir, tmp_path):  # noqa: F811
+    """The task results that make finished stages `Cached` go where the config says: a local directory, or
+    a saved filesystem block (the same mechanism as s3-bucket/... for retries across containers)."""
+    from prefect.filesystems import LocalFileSystem
+
+    import flows.pipeline as pipeline
+
+    local = write_config(tmp_path / "local", corpus, tiny_llama_dir, results={"local_path": "prefect-results"})
+    pipeline.run_pipeline(local, only=["clean"])
+    assert [p.name for p in (tmp_path / "local" / "prefect-results").iterdir()]
+
+    LocalFileSystem(basepath=str(tmp_path / "bucket")).save("cptflow-test-results", overwrite=True)
+    block = write_config(tmp_path / "block", corpus, tiny_llama_dir, results={"block": "local-file-system/cptflow-test-results"})
+    pipeline.run_pipeline(block, only=["clean"])
+    assert [p.name for p in (tmp_path / "bucket").iterdir()]
+    with pytest.raises(ValueError, match="not both"):
+        load_config(write_config(tmp_path / "both", corpus, tiny_llama_dir, results={"local_path": "x", "block": "s3-bucket/y"}))
+
+
 # ----------------------------------------------------------------------------------------------------
 # A served pipeline: retry after a crash, cancel during training
 # ----------------------------------------------------------------------------------------------------
