@@ -2,11 +2,12 @@
 `python -m cptflow.launch --spec FILE` (one process per GPU), and its output is streamed line by line
 into the Prefect run log.
 
-The parent (the flow's training task) owns the tree. The child starts in its own session, so one
-signal reaches every process of it: a timeout, a cancelled flow run (Prefect's runner sends the flow
-process SIGTERM), Ctrl-C or any error in the parent kills the whole group, SIGTERM first, then
-SIGKILL. If the parent is SIGKILLed itself, the kernel sends the launcher SIGTERM (PR_SET_PDEATHSIG)
-and torchrun stops its workers.
+The parent (the flow's training task) owns the tree. A timeout, a cancelled flow run (Prefect's
+runner sends the flow process SIGTERM), Ctrl-C or any error in the parent kills all of it: the
+child's process group and every descendant (torchrun's workers live in sessions of their own),
+SIGTERM first, then SIGKILL for what ignores it (a worker hung in a collective). If the parent is
+SIGKILLed itself, the kernel sends the launcher SIGTERM (PR_SET_PDEATHSIG) and torchrun stops its
+workers.
 
 Progress (start, log, eval, checkpoint) travels on the same stream as lines with a marker, so the
 parent's reporter (the Prefect artifacts) sees it as if training ran in the flow's own process.
@@ -117,34 +118,48 @@ def _sigterm_raises():
         signal.signal(signal.SIGTERM, previous)
 
 
-def _group_alive(pgid: int) -> bool:
+def _descendants(pid: int) -> list:
+    import psutil
+
     try:
-        os.killpg(pgid, 0)
-    except ProcessLookupError:
+        return psutil.Process(pid).children(recursive=True)
+    except psutil.NoSuchProcess:
+        return []
+
+
+def kill_process_tree(process: subprocess.Popen, grace_seconds: float = KILL_GRACE_SECONDS) -> None:
+    """SIGTERM to the child's process group and to every descendant, SIGKILL to what is left after
+    `grace_seconds`. Descendants are looked up, not just signalled through the group: torchrun starts
+    each worker in a session of its own, where a group signal does not reach."""
+    import psutil
+
+    def signal_all(sig: int, members: list) -> None:
+        with contextlib.suppress(ProcessLookupError, PermissionError):
+            os.killpg(process.pid, sig)  # start_new_session: the child leads its own group
+        for member in members:
+            with contextlib.suppress(psutil.NoSuchProcess, psutil.AccessDenied):
+                member.send_signal(sig)
+
+    tree = _descendants(process.pid)  # before the launcher dies and its workers are re-parented
+    signal_all(signal.SIGTERM, tree)
+    deadline = time.monotonic() + grace_seconds
+    while time.monotonic() < deadline and (process.poll() is None or any(_running(m) for m in tree)):
+        time.sleep(0.1)
+    leftovers = [m for m in tree if _running(m)]
+    leftovers += [d for m in leftovers for d in _descendants(m.pid)]
+    signal_all(signal.SIGKILL, leftovers)
+    psutil.wait_procs(leftovers, timeout=5)
+    with contextlib.suppress(subprocess.TimeoutExpired):
+        process.wait(timeout=5)
+
+
+def _running(member) -> bool:
+    import psutil
+
+    try:
+        return member.status() != psutil.STATUS_ZOMBIE
+    except psutil.NoSuchProcess:
         return False
-    except PermissionError:
-        return True
-    return True
-
-
-def kill_process_group(process: subprocess.Popen, grace_seconds: float = KILL_GRACE_SECONDS) -> None:
-    """SIGTERM to every process of the child's group, SIGKILL to what is left after `grace_seconds`."""
-    pgid = process.pid  # start_new_session: the child leads its own group
-    for sig, wait in ((signal.SIGTERM, grace_seconds), (signal.SIGKILL, 5.0)):
-        try:
-            os.killpg(pgid, sig)
-        except ProcessLookupError:
-            break
-        deadline = time.monotonic() + wait
-        while time.monotonic() < deadline:
-            process.poll()  # reap the leader, or it stays in the group as a zombie
-            if not _group_alive(pgid):
-                break
-            time.sleep(0.1)
-        else:
-            continue
-        break
-    process.poll()
 
 
 def _pump(stream, lines: queue.Queue) -> None:
@@ -202,7 +217,7 @@ def run_process_tree(
                 on_line(line)
             code = process.wait()
     finally:
-        kill_process_group(process)  # also after a clean exit: nothing the workers spawned outlives them
+        kill_process_tree(process)  # also after a clean exit: nothing the workers spawned outlives them
     if code != 0:
         shown = "\n".join(line for line in tail if EVENT_MARKER not in line)
         raise TrainingProcessError(f"{command_name(command)} exited with code {code}; its last output:\n{shown}")

@@ -64,6 +64,9 @@ def write_config(directory: Path, corpus: Path, model: Path, **overrides) -> Pat
         "sft": {"data": [{"path": str(REPO / "data" / "instructions" / "alpaca.jsonl")}], "max_length": 96,
                 "micro_batch_size": 4, "max_steps": 3, "eval_steps": 3, "save_steps": 3},
         "evaluate": {"prompts": ["What is a half-life?"], "max_new_tokens": 8},
+        # In the flow's process: saves a torchrun start (~10 s) per training stage. The launcher path is
+        # tested end to end by tests/test_ops.py (served retry and cancel) and tests/test_training.py (DDP).
+        "launch": {"launcher": "inline"},
     }
     config.update(overrides)
     directory.mkdir(parents=True, exist_ok=True)

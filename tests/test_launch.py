@@ -36,6 +36,13 @@ TREE = textwrap.dedent(
     """
 )
 
+# Like torchrun's workers: the grandchild has a session of its own (a group signal misses it) and
+# ignores SIGTERM (hung in a collective), so only SIGKILL to it, found as a descendant, ends it.
+STUBBORN_TREE = TREE.replace(
+    'grandchild = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(600)"])',
+    'grandchild = subprocess.Popen([sys.executable, "-c", "import signal, time; signal.signal(signal.SIGTERM, signal.SIG_IGN); time.sleep(600)"], start_new_session=True)',
+)
+
 
 def alive(pid: int) -> bool:
     try:
@@ -93,11 +100,12 @@ def test_a_failing_process_raises_with_its_last_lines():
         run_process_tree([sys.executable, "-c", "print('CUDA out of memory'); raise SystemExit(3)"], on_line=lambda line: None)
 
 
-def test_a_timeout_kills_the_whole_process_tree(tmp_path):
+def test_a_timeout_kills_the_whole_process_tree_even_workers_in_their_own_session(tmp_path):
+    assert STUBBORN_TREE != TREE
     pids = tmp_path / "pids"
     started = time.monotonic()
     with pytest.raises(TrainingTimeout, match="timeout"):
-        run_process_tree([sys.executable, "-c", TREE, str(pids)], on_line=lambda line: None, timeout_seconds=3)
+        run_process_tree([sys.executable, "-c", STUBBORN_TREE, str(pids)], on_line=lambda line: None, timeout_seconds=3)
     assert time.monotonic() - started < 30
     child, grandchild = map(int, pids.read_text().split())
     assert not alive(child) and not alive(grandchild)

@@ -96,6 +96,16 @@ def test_serve_without_a_server_says_how_to_start_one(tmp_path):
     assert "PREFECT_API_URL is not set" in result.stderr and "cptflow ui" in result.stderr
 
 
+def stop_serving(server: subprocess.Popen) -> str:
+    """Ctrl-C to a `cptflow serve` process group (SIGKILL if it hangs); returns its output."""
+    os.killpg(server.pid, signal.SIGINT)
+    try:
+        return server.communicate(timeout=30)[0]
+    except subprocess.TimeoutExpired:
+        os.killpg(server.pid, signal.SIGKILL)
+        return server.communicate()[0]
+
+
 def test_served_stage_deployment_runs_the_stage(prefect_harness, corpus, tiny_llama_dir, tmp_path):  # noqa: F811
     """`cptflow serve` in a subprocess; a run of `<name>-clean` created through the API runs clean only."""
     from prefect.client.orchestration import get_client
@@ -129,12 +139,7 @@ def test_served_stage_deployment_runs_the_stage(prefect_harness, corpus, tiny_ll
             shown = [json.dumps(run.parameters, default=str) for run in subflows]
             assert any('"webhook_url": "**********"' in params for params in shown) and not any(secret in params for params in shown)
     finally:
-        os.killpg(server.pid, signal.SIGINT)
-        try:
-            log = server.communicate(timeout=30)[0]
-        except subprocess.TimeoutExpired:
-            os.killpg(server.pid, signal.SIGKILL)
-            log = server.communicate()[0]
+        log = stop_serving(server)
     runs = plan_pipeline(load_config(config, tmp_path / "served"))
     assert runs["clean"].is_done() and not runs["quality"].is_done(), log[-3000:]
 
@@ -434,9 +439,10 @@ def test_retry_reruns_only_the_failed_stage_onward_and_cancel_kills_training(pre
     from prefect.settings import PREFECT_API_URL
     from prefect.states import Cancelling
 
-    config = write_config(tmp_path, corpus, tiny_llama_dir, gpu_concurrency={"name": "gpu-served-test"})
+    config = write_config(tmp_path, corpus, tiny_llama_dir, gpu_concurrency={"name": "gpu-served-test"}, launch={"launcher": "torchrun"})
     data = yaml.safe_load(config.read_text())
-    data["cpt"].update(max_steps=30, save_steps=4, eval_steps=4, retries=0)
+    data["cpt"].update(max_steps=24, save_steps=4, eval_steps=4, retries=0)
+    data["evaluate"]["export"] = {"merged": False}  # the merge is tested elsewhere
     config.write_text(yaml.safe_dump(data))
     work = tmp_path / "served"
     env = dict(os.environ, PREFECT_API_URL=PREFECT_API_URL.value(), PREFECT_RUNNER_POLL_FREQUENCY="2")
@@ -460,10 +466,14 @@ def test_retry_reruns_only_the_failed_stage_onward_and_cancel_kills_training(pre
 
             pipeline = wait_until(lambda: deployment("flow-test"), 120, "the deployments", server)
             flow_run = client.create_flow_run_from_deployment(pipeline.id)
-            wait_until(lambda: any(checkpoints.glob("step-*")), 300, "cpt's first checkpoint", server)
-            workers = [pid for pid, cmd in training_processes(str(work)).items() if "torch.distributed.run" not in cmd]
-            assert workers, "no cpt worker process found"
-            os.kill(workers[0], signal.SIGKILL)  # the OOM killer
+            workers = wait_until(
+                lambda: [pid for pid, cmd in training_processes(str(work)).items() if "torch.distributed.run" not in cmd], 300, "cpt's worker", server
+            )
+            deadline = time.monotonic() + 300
+            while not any(checkpoints.glob("step-*")):  # polled tightly: the tiny model trains fast
+                assert time.monotonic() < deadline, "no checkpoint from cpt"
+                time.sleep(0.02)
+            os.kill(workers[0], signal.SIGKILL)  # the OOM killer, a few steps before the end
             failed = final_state(flow_run.id)
             assert failed.is_failed(), failed.message
             assert not runs["cpt"].is_done() and not training_processes(str(work))
@@ -475,7 +485,7 @@ def test_retry_reruns_only_the_failed_stage_onward_and_cancel_kills_training(pre
             assert retried.is_completed(), retried.message
             assert {stage: (runs[stage].path / "manifest.json").stat().st_mtime_ns for stage in DATA_STAGES} == data_manifests
             cpt = read_manifest(runs["cpt"].path)
-            assert cpt["train"]["resumed_from"].startswith("step-") and cpt["train"]["steps"] == 30
+            assert cpt["train"]["resumed_from"].startswith("step-") and cpt["train"]["steps"] == 24
             assert runs["sft"].is_done() and runs["evaluate"].is_done()
             summaries = client.read_artifacts(
                 artifact_filter=ArtifactFilter(key=ArtifactFilterKey(any_=["pipeline-summary"])),
@@ -490,19 +500,20 @@ def test_retry_reruns_only_the_failed_stage_onward_and_cancel_kills_training(pre
             # (2) cancel while cpt trains: nothing of the training tree survives
             stage_deployment = deployment("flow-test-cpt")
             again = client.create_flow_run_from_deployment(stage_deployment.id, parameters={**stage_deployment.parameters, "force": ["cpt"]})
-            tree = wait_until(lambda: training_processes(str(work)), 300, "cpt's training processes", server)
+            tree = wait_until(
+                lambda: (found := training_processes(str(work))) and any("torch.distributed.run" not in c for c in found.values()) and found,
+                300, "cpt's training processes", server,
+            )
+            for pid, cmd in tree.items():  # a worker hung in a collective ignores SIGTERM: SIGKILL must follow
+                if "torch.distributed.run" not in cmd:
+                    os.kill(pid, signal.SIGSTOP)
             client.set_flow_run_state(again.id, Cancelling())
             cancelled = final_state(again.id, 120)
             wait_until(lambda: not training_processes(str(work)), 60, "the training tree to die", server)
             assert cancelled.is_cancelled(), cancelled
             assert not any(psutil_alive(pid) for pid in tree)
     finally:
-        os.killpg(server.pid, signal.SIGINT)
-        try:
-            log = server.communicate(timeout=30)[0]
-        except subprocess.TimeoutExpired:
-            os.killpg(server.pid, signal.SIGKILL)
-            log = server.communicate()[0]
+        log = stop_serving(server)
         print(log[-6000:])  # shown when the test fails
 
 
