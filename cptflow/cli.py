@@ -49,6 +49,27 @@ def _preflight(cfg, stages: list[str] | None = None) -> None:
         plan_pipeline(cfg)
     except (InputError, ValueError) as err:
         _fail(str(err))
+    # tokenize checks this too, but only after clean, quality, perplexity and mix have run for minutes.
+    context = None
+    if cfg.base_model.startswith("builtin:"):
+        from cptflow.models import TINY_LLAMA_SPEC
+
+        context = TINY_LLAMA_SPEC.max_position_embeddings  # read without building the model
+    else:
+        from transformers import AutoConfig
+
+        try:  # a local directory or a hub model already in the cache; never a download here
+            model_config = AutoConfig.from_pretrained(cfg.base_model, local_files_only=True, trust_remote_code=cfg.trust_remote_code)
+        except Exception:  # not available locally: the tokenize stage checks it once the model is there
+            model_config = None
+        for name in ("max_position_embeddings", "n_positions", "max_sequence_length"):  # as tokenize.model_context_length
+            if context is None and isinstance(getattr(model_config, name, None), int):
+                context = getattr(model_config, name)
+    if context is not None and cfg.tokenize.seq_len > context:
+        _fail(
+            f"tokenize.seq_len = {cfg.tokenize.seq_len} tokens exceeds the context of the base model {cfg.base_model!r} "
+            f"(max_position_embeddings = {context}); set tokenize.seq_len <= {context}"
+        )
     if stages is not None and "sft" not in stages:
         return
     if not cfg.sft.data:

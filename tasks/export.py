@@ -8,6 +8,7 @@ from __future__ import annotations
 import logging
 import math
 import os
+import re
 import shutil
 from pathlib import Path
 from typing import Any, Literal
@@ -21,8 +22,15 @@ logger = logging.getLogger(__name__)
 
 MERGE_DTYPES = ("bfloat16", "float16", "float32")
 REDACTED = "<redacted>"
-# Hyperparameter names that may hold a credential (hub_token, api_key, wandb_secret, password).
-SECRET_NAME_PARTS = ("token", "password", "secret", "key")
+# Hyperparameter names that may hold a credential (hub_token, api_key, wandb_secret, password, webhook_url).
+SECRET_NAME_PARTS = ("token", "password", "secret", "key", "webhook", "credential")
+# Values that are credentials whatever their key: Hugging Face / OpenAI / GitHub / Slack / AWS tokens, URLs
+# with a password in them (https://user:pass@host), and webhook URLs (Slack, Discord, Teams: the path is the key).
+SECRET_VALUE = re.compile(r"\bhf_[A-Za-z0-9]{20,}|\bsk-[A-Za-z0-9_-]{20,}|\bgh[pousr]_[A-Za-z0-9]{20,}|\bxox[abposr]-[A-Za-z0-9-]{10,}|"
+                          r"\bAKIA[0-9A-Z]{16}\b|://[^/\s:@]+:[^/\s@]+@|://(?:hooks\.|[^/\s]*webhook)|://[^\s]*/(?:hooks?|webhooks?)/",
+                          re.IGNORECASE)
+# Environment variables whose values must never be written, wherever they turn up in a value.
+SECRET_ENV_NAME = re.compile(r"TOKEN|SECRET|PASSWORD|API_KEY|ACCESS_KEY|WEBHOOK|CREDENTIAL", re.IGNORECASE)
 MODEL_CARD_TAGS = ("cptflow", "continued-pretraining")
 
 
@@ -180,13 +188,24 @@ def write_model_card(
 
 
 def redact(values: dict) -> dict:
-    """Copy of `values` (nested dicts too) where a key naming a credential keeps only a number value."""
+    """Copy of `values` (nested dicts too) where a key naming a credential keeps only a number value, and
+    a value that is (or holds) a credential is replaced whatever its key: a pydantic SecretStr, a known
+    token format, a URL with a password, or the value of a secret environment variable (HF_TOKEN, ...)."""
+    env_secrets = [v for k, v in os.environ.items() if SECRET_ENV_NAME.search(k) and len(v) >= 8]
+    return _redact(values, env_secrets)
+
+
+def _redact(values: dict, env_secrets: list[str]) -> dict:
     clean = {}
     for key, value in values.items():
         if isinstance(value, dict):
-            clean[key] = redact(value)
+            clean[key] = _redact(value, env_secrets)
         elif _is_secret_name(str(key)) and not isinstance(value, (int, float)):
             clean[key] = REDACTED
+        elif _is_secret_value(value, env_secrets):
+            clean[key] = REDACTED
+        elif isinstance(value, (list, tuple)):
+            clean[key] = [REDACTED if _is_secret_value(v, env_secrets) else v for v in value]
         else:
             clean[key] = value
     return clean
@@ -194,6 +213,16 @@ def redact(values: dict) -> dict:
 
 def _is_secret_name(name: str) -> bool:
     return any(part in name.lower() for part in SECRET_NAME_PARTS)
+
+
+def _is_secret_value(value: Any, env_secrets: list[str]) -> bool:
+    from pydantic import SecretBytes, SecretStr
+
+    if isinstance(value, (SecretStr, SecretBytes)):
+        return True
+    if not isinstance(value, str):
+        return False
+    return SECRET_VALUE.search(value) is not None or any(secret in value for secret in env_secrets)
 
 
 def _front_matter(*, library_name: str, base_model: str) -> str:
