@@ -76,6 +76,11 @@ def check_source(text: str, file: str) -> list[Finding]:
     """Findings in one Python file."""
     findings = []
     tree = ast.parse(text, filename=file)
+    # Loaders defined here on top of a safe one (e.g. config.py's duplicate-key check) are safe too.
+    safe_loaders = set(SAFE_LOADERS) | {
+        node.name for node in ast.walk(tree)
+        if isinstance(node, ast.ClassDef) and any(_dotted(base).rsplit(".", 1)[-1] in SAFE_LOADERS for base in node.bases)
+    }
     for node in ast.walk(tree):
         if isinstance(node, ast.Call):
             name = _dotted(node.func)
@@ -83,7 +88,7 @@ def check_source(text: str, file: str) -> list[Finding]:
                 findings.append(Finding(file, node.lineno, "torch-load", "torch.load without weights_only=True (unpickles arbitrary objects)"))
             if name.startswith("yaml.") and name.split(".", 1)[1] in UNSAFE_YAML:
                 loader = _dotted(_keyword(node, "Loader") or ast.Constant(None)).rsplit(".", 1)[-1]
-                if loader not in SAFE_LOADERS:
+                if loader not in safe_loaders:
                     findings.append(Finding(file, node.lineno, "yaml-load", f"{name} without SafeLoader; use yaml.safe_load"))
             if _is_true(_keyword(node, "trust_remote_code")):
                 findings.append(Finding(file, node.lineno, "trust-remote-code", "trust_remote_code=True hard-coded; take it from the config"))

@@ -48,6 +48,17 @@ class Cfg:
     ]
 
 
+def test_a_loader_built_on_safeloader_is_safe_and_one_on_loader_is_not():
+    source = """
+import yaml
+class UniqueKeys(yaml.SafeLoader): ...
+class Anything(yaml.Loader): ...
+ok = yaml.load(text, Loader=UniqueKeys)
+bad = yaml.load(text, Loader=Anything)
+"""
+    assert [(f.line, f.rule) for f in check_source(source, "loaders.py")] == [(6, "yaml-load")]
+
+
 def test_defaults_are_safe_and_the_ui_binds_loopback_unless_told_otherwise():
     assert runtime_findings() == []
     argv = ui_argv(env_host="0.0.0.0")  # an exported server host does not expose the UI
