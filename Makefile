@@ -9,7 +9,7 @@ STAMP := $(VENV)/.installed-stamp
 export HF_HUB_OFFLINE := 1
 export HF_DATASETS_OFFLINE := 1
 
-.PHONY: install demo test bench clean-work ui-check
+.PHONY: install demo test bench clean-work ui-check drills
 
 $(STAMP): pyproject.toml Makefile
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -38,6 +38,15 @@ bench: $(STAMP)
 ui-check: $(STAMP)
 	$(PY) -m pip install --quiet -e '.[ui-check]'
 	$(PY) scripts/ui_check.py
+
+# Not part of `test` (a quick subset of each is): the reliability drills of docs/reliability.md —
+# SIGKILL every stage at random moments, concurrent runs, a hostile-input corpus, planted secrets.
+# About an hour on 2 cores; JSON reports in work/drills/.
+drills: $(STAMP)
+	$(PY) -m drills.kill --prefect-trials 2 --out work/drills/kill.json
+	$(PY) -m drills.concurrency --out work/drills/concurrency.json
+	$(PY) -m drills.hostile_input --size full --out work/drills/hostile_input.json
+	$(PY) -m drills.security --out work/drills/security.json
 
 clean-work:
 	rm -rf work

@@ -245,6 +245,8 @@ def ui_command(host: str, port: int) -> tuple[list[str], dict[str, str]]:
     env = dict(os.environ)
     env.setdefault("PREFECT_HOME", str(Path.cwd() / ".prefect"))
     env["PREFECT_SERVER_ANALYTICS_ENABLED"] = "false"
+    # Concurrency-slot leases on disk, so a restarted server still expires the leases of dead runs.
+    env.setdefault("PREFECT_SERVER_CONCURRENCY_LEASE_STORAGE", "prefect.server.concurrency.lease_storage.filesystem")
     env["PREFECT_SERVER_API_HOST"], env["PREFECT_SERVER_API_PORT"] = host, str(port)
     # The UI's own API address: prefect 3.8 derives it from PREFECT_API_URL or the settings, not from
     # --port, so without this a UI on another port (or with PREFECT_API_URL exported) calls :4200.

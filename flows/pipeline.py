@@ -8,6 +8,7 @@ Each training stage is one task, cached the same way; a retry resumes from its l
 from __future__ import annotations
 
 import contextlib
+import fcntl
 import json
 import time
 from pathlib import Path
@@ -199,6 +200,60 @@ def ensure_concurrency_limit(name: str, limit: int) -> None:
                 pass
 
 
+@contextlib.contextmanager
+def local_slot(name: str, limit: int, on_wait, directory: Path | None = None) -> None:
+    """One of `limit` slots named `name` on this machine: a flock on one of `limit` files (under
+    PREFECT_HOME), tried in turn until one is free. Dies with its holder, whatever kills it."""
+    from prefect.settings import PREFECT_HOME
+
+    directory = Path(directory or Path(PREFECT_HOME.value()) / "cptflow-slots")
+    directory.mkdir(parents=True, exist_ok=True)
+    waited = False
+    while True:
+        for index in range(limit):
+            handle = open(directory / f"{name}-{index}.lock", "a+b")
+            try:
+                fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except BlockingIOError:
+                handle.close()
+                continue
+            try:
+                yield
+            finally:
+                handle.close()  # releases the lock
+            return
+        if not waited:
+            on_wait()
+            waited = True
+        time.sleep(1.0)
+
+
+@contextlib.contextmanager
+def gpu_slot(cfg: PipelineConfig, stage: str):
+    """A slot of `gpu_concurrency` while a stage trains.
+
+    With a Prefect server (PREFECT_API_URL), its global concurrency limit: visible and adjustable in
+    the UI, shared by every worker. With the temporary server `cptflow run` starts on its own, a lock
+    file instead: that server keeps its slot leases in memory and runs no lease reaper, so a run
+    killed while training would hold the slot for good.
+    """
+    from prefect.concurrency.sync import concurrency
+    from prefect.settings import PREFECT_API_URL
+
+    slot, logger = cfg.gpu_concurrency, get_run_logger()
+    if not slot.name:
+        yield
+    elif PREFECT_API_URL.value():
+        ensure_concurrency_limit(slot.name, slot.limit)
+        logger.info("%s: waiting for a slot of concurrency limit '%s'", stage, slot.name)
+        with concurrency(slot.name, occupy=1, strict=True):
+            yield
+    else:
+        on_wait = lambda: logger.info("%s: waiting for a slot of the local limit '%s' (another run is training)", stage, slot.name)  # noqa: E731
+        with local_slot(slot.name, slot.limit, on_wait):
+            yield
+
+
 @task(name="train-stage", cache_key_fn=_stage_cache_key, persist_result=True, task_run_name="{stage}")
 def training_stage(stage: str, run: StageRun, cfg: PipelineConfig) -> dict:
     """cpt, sft or evaluate; a retry (or a rerun after a crash) resumes from the latest checkpoint.
@@ -207,20 +262,14 @@ def training_stage(stage: str, run: StageRun, cfg: PipelineConfig) -> dict:
     task's log, or inline (`launch.launcher: inline`). Holds a slot of the global concurrency limit
     `gpu_concurrency.name` while it trains, so two scheduled runs never train on the same GPU at once.
     """
-    from prefect.concurrency.sync import concurrency
-
     from cptflow.launch import launch_stage
 
     logger = get_run_logger()
     with stage_lock(run.path):  # a second run of the same stage waits, then finds it done
         if run.is_done():
             return {"stage": stage, "fingerprint": run.fingerprint, "state": "cached"}
-        slot = cfg.gpu_concurrency
-        if slot.name:
-            ensure_concurrency_limit(slot.name, slot.limit)
-            logger.info("%s: waiting for a slot of concurrency limit '%s'", stage, slot.name)
         reporter = PrefectTrainingReporter(stage)
-        with concurrency(slot.name, occupy=1, strict=True) if slot.name else contextlib.nullcontext():
+        with gpu_slot(cfg, stage):
             if cfg.launch.launcher == "inline":
                 manifest = stage_module(stage).run(run, cfg, reporter=reporter)
             else:

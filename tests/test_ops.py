@@ -10,6 +10,7 @@ import signal
 import socket
 import subprocess
 import sys
+import textwrap
 import threading
 import time
 import urllib.request
@@ -524,3 +525,37 @@ def psutil_alive(pid: int) -> bool:
         return psutil.Process(pid).status() != psutil.STATUS_ZOMBIE
     except psutil.NoSuchProcess:
         return False
+
+
+def test_without_a_server_the_gpu_slot_is_a_lock_that_dies_with_its_holder(tmp_path):
+    """`cptflow run` on its own starts a temporary server that forgets slot leases when it stops; a
+    killed run must not hold the GPU slot for good, so there the slot is a lock file."""
+    from flows.pipeline import local_slot
+
+    holder = textwrap.dedent(
+        """
+        import sys, time
+        from flows.pipeline import local_slot
+        with local_slot("gpu", 1, lambda: None, directory=sys.argv[1]):
+            print("holding", flush=True)
+            time.sleep(600)
+        """
+    )
+    other = subprocess.Popen([sys.executable, "-c", holder, str(tmp_path)], cwd=REPO, stdout=subprocess.PIPE, text=True)
+    assert other.stdout.readline().strip() == "holding"
+    waits, got = [], []
+
+    def wait_for_slot():
+        with local_slot("gpu", 1, lambda: waits.append(1), directory=tmp_path):
+            got.append(1)
+
+    waiter = threading.Thread(target=wait_for_slot)
+    waiter.start()
+    time.sleep(3)
+    assert waits == [1] and got == []  # the other run trains: this one waits
+    other.kill()  # killed while holding the slot
+    other.wait()
+    waiter.join(timeout=30)
+    assert got == [1]  # the slot came back with its holder's death
+    with local_slot("gpu", 2, lambda: None, directory=tmp_path), local_slot("gpu", 2, lambda: None, directory=tmp_path):
+        pass  # a limit of 2: two holders at once
