@@ -41,11 +41,12 @@ ui-check: $(STAMP)
 
 # Not part of `test` (a quick subset of each is): the reliability drills of docs/reliability.md —
 # SIGKILL every stage at random moments, concurrent runs, a hostile-input corpus, planted secrets.
-# About an hour on 2 cores; JSON reports in work/drills/.
+# About 75 minutes on 2 cores; JSON reports in work/drills/.
 drills: $(STAMP)
-	$(PY) -m drills.kill --prefect-trials 2 --out work/drills/kill.json
+	$(PY) -m drills.kill --trials 20 --crash-points 10 --out work/drills/kill.json
+	$(PY) -m drills.kill --via prefect --trials 3 --stages clean tokenize cpt --out work/drills/kill-prefect.json
 	$(PY) -m drills.concurrency --out work/drills/concurrency.json
-	$(PY) -m drills.hostile_input --size full --out work/drills/hostile_input.json
+	$(PY) -m drills.hostile_input --size full --out work/drills/hostile-input.json
 	$(PY) -m drills.security --out work/drills/security.json
 
 clean-work:

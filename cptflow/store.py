@@ -82,8 +82,14 @@ def file_entry(path: Path, root: Path) -> dict:
 def commit_manifest(directory: Path, manifest: dict) -> dict:
     """Record every output file with its sha256, then write the manifest (the commit point)."""
     directory = Path(directory)
-    for stale in directory.rglob(".*.tmp-*"):  # left by a writer that was killed
-        stale.unlink()
+    # Left by a writer that was killed: files (atomic_path, JsonlWriter) and whole directories (an
+    # adapter or checkpoint saved into `.<name>.tmp-<pid>/` before its rename). A directory has to go
+    # with rmtree: unlink() raised IsADirectoryError and the stage could never commit again.
+    for stale in sorted(directory.rglob(".*.tmp-*")):
+        if stale.is_dir() and not stale.is_symlink():
+            shutil.rmtree(stale, ignore_errors=True)
+        elif stale.exists() or stale.is_symlink():  # not already gone with a stale parent directory
+            stale.unlink()
     outputs = sorted(
         p for p in directory.rglob("*") if p.is_file() and WORK not in p.relative_to(directory).parts and p.name != MANIFEST
     )

@@ -602,7 +602,11 @@ def prune_checkpoints(root: Path, keep_best: int, metric_key: str) -> list[Path]
     keep |= {path for _, _, path in sorted(scored)[:keep_best]}
     for path in checkpoints:
         if path not in keep:
-            shutil.rmtree(path)
+            # Renamed out of sight first: a kill halfway through the delete must not leave a
+            # half-deleted checkpoint that still looks complete (the kill drill found one committed).
+            doomed = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+            os.replace(path, doomed)
+            shutil.rmtree(doomed)
     for stale in Path(root).glob(f".{CHECKPOINT_PREFIX}*.tmp-*"):
         shutil.rmtree(stale, ignore_errors=True)
     return sorted(keep, key=lambda p: p.name)
@@ -776,6 +780,8 @@ def fit(
         result.history, result.evals = state["history"], state["evals"]
         result.resumed_from = latest[-1].name
         logger.info("resuming from %s (step %d of %d)", latest[-1], result.step, total_steps)
+        if distributed.is_main():  # finish a prune the kill interrupted (there may be no step left to do it)
+            prune_checkpoints(checkpoint_root, tcfg.keep_best, metric_key)
     distributed.broadcast_parameters(p for g in optimizer.param_groups for p in g["params"])
     model.train()
     started = time.time()
