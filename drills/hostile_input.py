@@ -16,6 +16,7 @@ import io
 import json
 import os
 import random
+import resource
 import shutil
 import string
 import subprocess
@@ -337,7 +338,16 @@ def run_data_stages(config_path: str) -> dict:
         started = time.perf_counter()
         run_data_stage_plain(runs[stage], cfg)
         seconds[stage] = round(time.perf_counter() - started, 2)
-    return {"seconds": seconds, "directories": {stage: runs[stage].directory for stage in DATA_STAGES}}
+    return {"seconds": seconds, "directories": {stage: runs[stage].directory for stage in DATA_STAGES}, "peak_rss_kib": own_peak_rss_kib()}
+
+
+def own_peak_rss_kib() -> int:
+    """This process's peak RSS since exec (VmHWM). Not ru_maxrss: Linux carries the parent's RSS at fork
+    into a child's ru_maxrss across exec, so a child of a 1.8 GB pytest would report 1.8 GB."""
+    for line in Path("/proc/self/status").read_text().splitlines():
+        if line.startswith("VmHWM:"):
+            return int(line.split()[1])
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss  # not Linux: the best there is
 
 
 def run_child(config: Path, log: Path) -> tuple[int, dict | None, int, float]:
@@ -349,11 +359,12 @@ def run_child(config: Path, log: Path) -> tuple[int, dict | None, int, float]:
             [sys.executable, "-m", "drills.hostile_input", "--child", str(config), "--out", str(report)],
             cwd=REPO, stdout=out, stderr=subprocess.STDOUT, env=dict(os.environ, HF_HUB_OFFLINE="1", TQDM_DISABLE="1"),
         )
-        # wait4 gives this child's own rusage (ru_maxrss in KiB on Linux), not the sum over all children.
+        # wait4: this child's own rusage, not the maximum over every child pytest ever had.
         _, status, usage = os.wait4(child.pid, 0)
         child.returncode = os.waitstatus_to_exitcode(status)
     data = json.loads(report.read_text()) if report.is_file() and child.returncode == 0 else None
-    return child.returncode, data, usage.ru_maxrss, time.perf_counter() - started
+    peak_kib = data["peak_rss_kib"] if data else usage.ru_maxrss  # the child's VmHWM when it could report it
+    return child.returncode, data, peak_kib, time.perf_counter() - started
 
 
 # ----------------------------------------------------------------------------------------------------

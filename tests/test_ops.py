@@ -440,7 +440,8 @@ def test_retry_reruns_only_the_failed_stage_onward_and_cancel_kills_training(pre
     from prefect.settings import PREFECT_API_URL
     from prefect.states import Cancelling
 
-    config = write_config(tmp_path, corpus, tiny_llama_dir, gpu_concurrency={"name": "gpu-served-test"}, launch={"launcher": "torchrun"})
+    # Its own name: deployments outlive `serve`, and the other served test registered `flow-test`'s.
+    config = write_config(tmp_path, corpus, tiny_llama_dir, name="served-retry", gpu_concurrency={"name": "gpu-served-test"}, launch={"launcher": "torchrun"})
     data = yaml.safe_load(config.read_text())
     data["cpt"].update(max_steps=24, save_steps=4, eval_steps=4, retries=0)
     data["evaluate"]["export"] = {"merged": False}  # the merge is tested elsewhere
@@ -465,7 +466,7 @@ def test_retry_reruns_only_the_failed_stage_onward_and_cancel_kills_training(pre
             def final_state(flow_run_id, seconds=420):
                 return wait_until(lambda: (s := client.read_flow_run(flow_run_id).state).is_final() and s, seconds, "the flow run to end", server)
 
-            pipeline = wait_until(lambda: deployment("flow-test"), 120, "the deployments", server)
+            pipeline = wait_until(lambda: deployment("served-retry"), 120, "the deployments", server)
             flow_run = client.create_flow_run_from_deployment(pipeline.id)
             workers = wait_until(
                 lambda: [pid for pid, cmd in training_processes(str(work)).items() if "torch.distributed.run" not in cmd], 300, "cpt's worker", server
@@ -499,7 +500,7 @@ def test_retry_reruns_only_the_failed_stage_onward_and_cancel_kills_training(pre
                 assert f"| {stage} | ran |" in summary, summary
 
             # (2) cancel while cpt trains: nothing of the training tree survives
-            stage_deployment = deployment("flow-test-cpt")
+            stage_deployment = deployment("served-retry-cpt")
             again = client.create_flow_run_from_deployment(stage_deployment.id, parameters={**stage_deployment.parameters, "force": ["cpt"]})
             tree = wait_until(
                 lambda: (found := training_processes(str(work))) and any("torch.distributed.run" not in c for c in found.values()) and found,
