@@ -206,7 +206,7 @@ def run_cuda(args) -> dict:
                 parity = abs(losses[name] - losses["eager"]) / abs(losses["eager"])
                 record(label, f"{tokens}x{hidden}->{vocab}", measured[name], measured["eager"],
                        FUSED_MEMORY_TARGET, "memory", parity)
-            del x, w, labels
+            x = w = labels = None  # free the inputs before the next size (the closures above hold cells, not values)
             torch.cuda.empty_cache()
 
     elementwise = [
