@@ -1,6 +1,7 @@
 """Benchmark the tokenize stage (tokenize + pack + write Arrow shards) against two baselines.
 
-Same text, same process, same cores: (a) the fast tokenizer's batch encode alone, (b) the Hugging
+Ours runs as the stage does (tiktoken fast path where the tokenizer converts, `tokenize.encoder:
+auto`). Same text, same process, same cores: (a) the fast tokenizer's batch encode alone, (b) the Hugging
 Face `run_clm` recipe (Dataset.from_dict + map(tokenize) + group_texts + save_to_disk). Prints a
 table, then as the last line one JSON object:
   python benchmarks/bench_tokenize.py [--mb 20] [--seq-len 512] [--repeats 2] [--model builtin:tiny-llama]
@@ -29,6 +30,8 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "true")
 
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
+
+import numpy as np  # noqa: E402
 
 from cptflow.plan import StageRun  # noqa: E402
 from tasks import tokenize  # noqa: E402
@@ -181,6 +184,14 @@ def main() -> None:
             shutil.rmtree(scratch / f"clm-{repeat}")
     finally:
         shutil.rmtree(scratch, ignore_errors=True)
+    # Untimed: the fast encoder (if the stage used one) gives the tokenizer's own ids on every document.
+    encoder = tokenize.stage_encoder(cfg)
+    mismatched_documents = None
+    if encoder is not None:
+        fast, lengths = encoder.encode_documents(texts, tokenizer.eos_token_id)
+        reference = tokenize.document_token_ids(texts, tokenizer)
+        offsets = np.concatenate([[0], np.cumsum(lengths)])
+        mismatched_documents = sum(fast[offsets[i] : offsets[i + 1]].tolist() != ids for i, ids in enumerate(reference))
     best = {name: min(runs, key=lambda r: r["seconds"]) for name, runs in results.items()}
     rate = {name: r["tokens"] / r["seconds"] for name, r in best.items()}
     cpu = {name: min(r["cpu_seconds"] for r in runs) for name, runs in results.items()}
@@ -197,6 +208,8 @@ def main() -> None:
     for name, r in best.items():
         print(f"{labels[name]:<60} {r['seconds']:>8.2f} {rate[name] / 1e6:>8.3f} {megabytes / r['seconds']:>7.2f} {cpu[name]:>7.2f}")
     ours = best["ours"]
+    print(f"encoder: {'tiktoken' if encoder is not None else 'huggingface'}"
+          + (f", documents whose ids differ from the tokenizer's: {mismatched_documents}" if encoder is not None else ""))
     print(f"ours: tokenize {ours['tokenize_seconds']:.2f} s, pack+write {ours['pack_write_seconds']:.2f} s, "
           f"{ours['blocks']} blocks in {ours['shards']} shards")
     summary = {
@@ -208,6 +221,8 @@ def main() -> None:
         "seconds": {name: round(r["seconds"], 3) for name, r in best.items()},
         "cpu_seconds": {name: round(value, 3) for name, value in cpu.items()},
         "ours_pack_write_seconds": round(ours["pack_write_seconds"], 3),
+        "encoder": "tiktoken" if encoder is not None else "huggingface",
+        "documents_with_ids_differing_from_tokenizer": mismatched_documents,
         # tokens/s ratios; ours also counts one EOS per document that the baselines do not produce.
         "ratio_vs_raw_tokenizer": round(rate["ours"] / rate["raw"], 3),
         "ratio_vs_backend_encode": round(rate["ours"] / rate["backend"], 3),

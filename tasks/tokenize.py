@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import functools
 import itertools
+import logging
 import time
 from pathlib import Path
 from typing import Literal
@@ -21,6 +22,8 @@ from cptflow.store import WORK, atomic_path, atomic_write_json, read_json, sha25
 from cptflow.token_shards import tokenizer_fingerprint, write_token_shard
 
 STAGE_VERSION = 2
+
+logger = logging.getLogger(__name__)
 
 REASON_FINAL_BLOCK_DROPPED = "final_block_dropped"
 ROLES = ("domain", "general")
@@ -46,6 +49,14 @@ class TokenizeConfig(BaseModel):
     rows_per_batch: int = Field(default=256, gt=0, description="Blocks per Arrow record batch.")
     blocks_per_shard: int = Field(default=2048, gt=0, description="Blocks per output shard file.")
     batch_documents: int = Field(default=1000, gt=0, description="Documents per tokenizer call.")
+    encoder: Literal["auto", "tiktoken", "huggingface"] = Field(
+        default="auto",
+        description="What turns text into ids. tiktoken: an exact tiktoken equivalent of a byte-level "
+        "BPE tokenizer (GPT-2, Llama 3, Qwen2 families), 2-3x faster, checked against the tokenizer "
+        "on a probe and on every 100th document; an error if the tokenizer does not convert. "
+        "huggingface: the fast tokenizer itself. auto: tiktoken where it converts and agrees, else "
+        "huggingface. The ids are the same either way.",
+    )
 
 
 # ---------------------------------------------------------------------------------------------
@@ -71,6 +82,33 @@ def document_token_ids(texts: list[str], tokenizer) -> list[list[int]]:
     for row in ids:
         row.append(eos)
     return ids
+
+
+CHECK_EVERY = 100  # the fast encoder's ids are compared with the tokenizer's on every 100th document
+
+
+class EncoderMismatch(RuntimeError):
+    """The fast encoder and the tokenizer gave different ids for a document."""
+
+
+def encode_documents(texts: list[str], tokenizer, encoder=None) -> tuple[np.ndarray, np.ndarray, int]:
+    """(tokens uint32, lengths int64, documents checked): `document_token_ids`, flattened.
+
+    With a fast encoder (cptflow.fast_bpe) every CHECK_EVERY-th document is also encoded by the
+    tokenizer itself; a difference raises EncoderMismatch rather than change the token stream.
+    """
+    if encoder is None:
+        ids = document_token_ids(texts, tokenizer)
+        lengths = np.fromiter(map(len, ids), dtype=np.int64, count=len(ids))
+        return np.fromiter(itertools.chain.from_iterable(ids), dtype=np.uint32, count=int(lengths.sum())), lengths, 0
+    tokens, lengths = encoder.encode_documents(texts, tokenizer.eos_token_id)
+    sample = list(range(0, len(texts), CHECK_EVERY))
+    expected = document_token_ids([texts[i] for i in sample], tokenizer)
+    starts = np.cumsum(lengths) - lengths
+    for index, ids in zip(sample, expected):
+        if tokens[starts[index] : starts[index] + lengths[index]].tolist() != ids:
+            raise EncoderMismatch(f"fast encoder and tokenizer disagree on document {index} of the batch ({texts[index][:60]!r})")
+    return tokens, lengths, len(sample)
 
 
 def tokenizer_bos_id(tokenizer) -> int | None:
@@ -120,6 +158,31 @@ def stage_tokenizer(cfg):
     from cptflow.models import resolve_model_path
 
     return _stage_tokenizer(resolve_model_path(cfg.base_model), cfg.trust_remote_code)
+
+
+@functools.lru_cache(maxsize=2)
+def _stage_encoder(model_path: str, trust_remote_code: bool, choice: str):
+    from cptflow import fast_bpe
+
+    if choice == "huggingface":
+        return None
+    tokenizer = _stage_tokenizer(model_path, trust_remote_code)
+    encoder, why = fast_bpe.convert(tokenizer)
+    if encoder is not None:
+        why = fast_bpe.verify(encoder, tokenizer)
+    if why:
+        if choice == "tiktoken":
+            raise ValueError(f"tokenize.encoder = tiktoken, but {model_path}'s tokenizer has no exact tiktoken equivalent: {why}")
+        logger.info("tokenize: the Hugging Face tokenizer encodes (no tiktoken equivalent: %s)", why)
+        return None
+    return encoder
+
+
+def stage_encoder(cfg):
+    """The fast encoder for the base model's tokenizer, or None to use the tokenizer itself."""
+    from cptflow.models import resolve_model_path
+
+    return _stage_encoder(resolve_model_path(cfg.base_model), cfg.trust_remote_code, cfg.tokenize.encoder)
 
 
 def model_context_length(cfg) -> int | None:
@@ -232,6 +295,7 @@ def plan(run, cfg) -> list[dict]:
             f"{cfg.base_model!r} (max_position_embeddings = {limit}); set tokenize.seq_len <= {limit}"
         )
     stage_tokenizer(cfg)
+    stage_encoder(cfg)  # a tokenizer that does not convert fails here under `encoder: tiktoken`
     return upstream_shards(run)
 
 
@@ -246,26 +310,13 @@ def tokenize_shard(input_path: Path, shard: str, source: str, cfg, stage_directo
     if finished is not None:
         return finished
     started = time.perf_counter()
-    section: TokenizeConfig = cfg.tokenize
-    tokenizer = stage_tokenizer(cfg)
-    counts = ShardCounts(shard=shard, source=source)
-    token_parts: list[np.ndarray] = []
-    length_parts: list[np.ndarray] = []
-    domain_parts: list[np.ndarray] = []
-    documents = read_documents(input_path)
-    while batch := list(itertools.islice(documents, section.batch_documents)):
-        roles = [doc["role"] for doc in batch]
-        if unknown := set(roles) - set(ROLES):
-            raise ValueError(f"{input_path}: documents with role {sorted(unknown)}; expected one of {ROLES}")
-        ids = document_token_ids([doc["text"] for doc in batch], tokenizer)
-        lengths = np.fromiter(map(len, ids), dtype=np.int64, count=len(ids))
-        token_parts.append(np.fromiter(itertools.chain.from_iterable(ids), dtype=np.uint32, count=int(lengths.sum())))
-        length_parts.append(lengths)
-        domain_parts.append(np.array([role == "domain" for role in roles], dtype=bool))
-        counts.documents_in += len(batch)
-    tokens = np.concatenate(token_parts) if token_parts else np.zeros(0, np.uint32)
-    lengths = np.concatenate(length_parts) if length_parts else np.zeros(0, np.int64)
-    is_domain = np.concatenate(domain_parts) if domain_parts else np.zeros(0, bool)
+    tokenizer, encoder = stage_tokenizer(cfg), stage_encoder(cfg)
+    try:
+        counts, tokens, lengths, is_domain = _tokenize_documents(input_path, shard, source, cfg, tokenizer, encoder)
+    except EncoderMismatch as error:
+        logger.warning("tokenize %s: %s; encoding the shard again with the Hugging Face tokenizer", shard, error)
+        counts, tokens, lengths, is_domain = _tokenize_documents(input_path, shard, source, cfg, tokenizer, None)
+        counts.stats["encoder_fallbacks"] += 1
     _save_npy(shard_work_file(stage_directory, shard, "tokens.npy"), tokens)
     _save_npy(shard_work_file(stage_directory, shard, "lengths.npy"), lengths)
     _save_npy(shard_work_file(stage_directory, shard, "domain.npy"), is_domain)
@@ -275,6 +326,31 @@ def tokenize_shard(input_path: Path, shard: str, source: str, cfg, stage_directo
     counts.seconds = time.perf_counter() - started
     mark_shard_finished(stage_directory, counts)
     return counts
+
+
+def _tokenize_documents(input_path: Path, shard: str, source: str, cfg, tokenizer, encoder):
+    section: TokenizeConfig = cfg.tokenize
+    counts = ShardCounts(shard=shard, source=source)
+    token_parts: list[np.ndarray] = []
+    length_parts: list[np.ndarray] = []
+    domain_parts: list[np.ndarray] = []
+    documents = read_documents(input_path)
+    while batch := list(itertools.islice(documents, section.batch_documents)):
+        roles = [doc["role"] for doc in batch]
+        if unknown := set(roles) - set(ROLES):
+            raise ValueError(f"{input_path}: documents with role {sorted(unknown)}; expected one of {ROLES}")
+        tokens, lengths, checked = encode_documents([doc["text"] for doc in batch], tokenizer, encoder)
+        token_parts.append(tokens)
+        length_parts.append(lengths)
+        domain_parts.append(np.array([role == "domain" for role in roles], dtype=bool))
+        counts.documents_in += len(batch)
+        counts.stats["encoder_checked_documents"] += checked
+    if encoder is not None:
+        counts.stats["tiktoken_documents"] = counts.documents_in
+    tokens = np.concatenate(token_parts) if token_parts else np.zeros(0, np.uint32)
+    lengths = np.concatenate(length_parts) if length_parts else np.zeros(0, np.int64)
+    is_domain = np.concatenate(domain_parts) if domain_parts else np.zeros(0, bool)
+    return counts, tokens, lengths, is_domain
 
 
 def process(run, cfg, item: dict) -> ShardCounts:

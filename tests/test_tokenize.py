@@ -342,8 +342,11 @@ def test_config_rejects_unknown_keys_and_bad_values():
     with pytest.raises(ValidationError):
         TokenizeConfig(final_block="truncate")
     assert TokenizeConfig().model_dump() == {
-        "seq_len": 512, "final_block": "pad", "rows_per_batch": 256, "blocks_per_shard": 2048, "batch_documents": 1000
+        "seq_len": 512, "final_block": "pad", "rows_per_batch": 256, "blocks_per_shard": 2048, "batch_documents": 1000,
+        "encoder": "auto",
     }
+    with pytest.raises(ValidationError):
+        TokenizeConfig(encoder="sentencepiece")
 
 
 def test_literal_special_token_text_is_not_an_injected_eos(tiny_llama_dir):
@@ -356,3 +359,56 @@ def test_literal_special_token_text_is_not_an_injected_eos(tiny_llama_dir):
     ids = document_token_ids(texts, tokenizer)
     assert [row.count(tokenizer.eos_token_id) for row in ids] == [1, 1] and ids[0][-1] == tokenizer.eos_token_id
     assert document_tokens(texts, tokenizer) == [len(row) for row in ids]  # mix counts what tokenize packs
+
+
+# ---------------------------------------------------------------------------------------------
+# The tiktoken fast path (cptflow/fast_bpe.py): same shards, checked, and a fallback on mismatch
+# ---------------------------------------------------------------------------------------------
+
+
+def shard_bytes(run: StageRun, manifest: dict) -> list[bytes]:
+    return [(run.path / entry["path"]).read_bytes() for entry in manifest["token_shards"]]
+
+
+def test_fast_encoder_writes_the_same_shards_as_the_tokenizer(padded, tiny_llama_dir, upstream, tmp_path):
+    run, manifest = padded  # encoder: auto
+    assert manifest["stats"]["tiktoken_documents"] == len(all_documents())
+    assert manifest["stats"]["encoder_checked_documents"] > 0
+    slow_run = stage_run(tmp_path / "hf", upstream)
+    slow = run_stage(slow_run, stage_config(tiny_llama_dir, encoder="huggingface"))
+    assert "tiktoken_documents" not in slow["stats"]
+    assert shard_bytes(slow_run, slow) == shard_bytes(run, manifest)
+
+
+def test_fast_encoder_mismatch_reencodes_the_shard_with_the_tokenizer(padded, tiny_llama_dir, upstream, tmp_path, monkeypatch):
+    cfg = stage_config(tiny_llama_dir)
+    encoder = tokenize.stage_encoder(cfg)
+    assert encoder is not None
+    real = type(encoder).encode_documents
+
+    def off_by_one(self, texts, eos_id):  # a fast path that is wrong on the first document only
+        tokens, lengths = real(self, texts, eos_id)
+        tokens = tokens.copy()
+        tokens[1] = (tokens[1] + 1) % 200
+        return tokens, lengths
+
+    monkeypatch.setattr(type(encoder), "encode_documents", off_by_one)
+    run = stage_run(tmp_path / "mismatch", upstream)
+    manifest = run_stage(run, cfg)
+    assert manifest["stats"]["encoder_fallbacks"] == N_STREAMS
+    assert "tiktoken_documents" not in manifest["stats"]
+    assert shard_bytes(run, manifest) == shard_bytes(*padded)
+
+
+def test_encoder_tiktoken_refuses_a_tokenizer_without_an_equivalent(tiny_llama_dir, upstream, tmp_path, monkeypatch):
+    from cptflow import fast_bpe
+
+    monkeypatch.setattr(fast_bpe, "convert", lambda tokenizer: (None, "pre-tokenizer 'Metaspace'"))
+    tokenize._stage_encoder.cache_clear()
+    try:
+        with pytest.raises(ValueError, match="no exact tiktoken equivalent: pre-tokenizer 'Metaspace'"):
+            tokenize.plan(stage_run(tmp_path / "t", upstream), stage_config(tiny_llama_dir, encoder="tiktoken"))
+        # auto falls back to the tokenizer and says why
+        assert tokenize.stage_encoder(stage_config(tiny_llama_dir)) is None
+    finally:
+        tokenize._stage_encoder.cache_clear()
