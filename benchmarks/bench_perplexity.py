@@ -1,7 +1,10 @@
 """Benchmark perplexity scoring: length-bucketed batches (`score_texts`) vs one document per forward.
 
-Same model, same threads, one process. Prints a table, then as the last line one JSON object:
-  python benchmarks/bench_perplexity.py [--docs 400] [--model builtin:tiny-llama] [--quick]
+Same model, same threads, one process. Also measures the ceiling any float32 scorer can reach on
+this machine: the model's matmul FLOPs over these documents at the machine's measured peak float32
+matmul rate (a 2048 x 2048 product), with nothing else costing any time. Prints a table, then as the
+last line one JSON object:
+  python benchmarks/bench_perplexity.py [--docs 400] [--model builtin:tiny-llama] [--quick] [--bf16]
 """
 
 from __future__ import annotations
@@ -139,6 +142,23 @@ def load_model(name: str | None, corpus: list[str]):
     return LlamaForCausalLM(config).eval(), tokenizer, "random-llama-h256-l4"
 
 
+def peak_matmul_gflops(dtype=torch.float32, size: int = 2048, repeats: int = 10) -> float:
+    """Sustained GFLOP/s of one large square matmul with the current torch threads."""
+    a, b = torch.randn(size, size, dtype=dtype), torch.randn(size, size, dtype=dtype)
+    for _ in range(3):
+        a @ b
+    start = time.perf_counter()
+    for _ in range(repeats):
+        a @ b
+    return 2 * size**3 * repeats / (time.perf_counter() - start) / 1e9
+
+
+def linear_flops(model, tokens: int) -> float:
+    """Multiply-add FLOPs of every nn.Linear (lm_head included) over `tokens` positions."""
+    weights = sum(module.in_features * module.out_features for module in model.modules() if isinstance(module, torch.nn.Linear))
+    return 2.0 * weights * tokens
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--docs", type=int, default=400, help="documents to score")
@@ -146,10 +166,12 @@ def main() -> None:
                         "(default builtin:tiny-llama when data/raw/general exists, else random)")
     parser.add_argument("--quick", action="store_true", help="80 documents, for a smoke run")
     parser.add_argument("--max-length", type=int, default=512, help="tokens per document")
-    parser.add_argument("--batch-tokens", type=int, default=8192, help="token budget per batch")
+    parser.add_argument("--batch-tokens", type=int, default=None,
+                        help="token budget per batch (default: the stage's `auto`, 1024 on CPU)")
     parser.add_argument("--threads", type=int, default=None, help="torch threads (default all cores)")
     parser.add_argument("--raw-dir", type=Path, default=REPO / "data" / "raw")
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--bf16", action="store_true", help="also time the batched path with bfloat16 weights")
     args = parser.parse_args()
     n_docs = min(args.docs, 80) if args.quick else args.docs
     torch.set_num_threads(args.threads or os.cpu_count() or 1)
@@ -160,6 +182,10 @@ def main() -> None:
         corpus, corpus_label = generated_texts(2000, seed=args.seed), "generated"
     model, tokenizer, model_label = load_model(args.model, corpus)
     texts = documents_of_realistic_length(corpus, tokenizer, n_docs, args.seed)
+    if args.batch_tokens is None:
+        from tasks.perplexity import PerplexityConfig, resolve_batch_tokens
+
+        args.batch_tokens = resolve_batch_tokens(PerplexityConfig(), model)
     lengths = [min(len(ids), args.max_length) for ids in tokenizer(texts)["input_ids"]]
 
     # Warm-up (allocator, kernels) on a few documents, untimed.
@@ -174,6 +200,21 @@ def main() -> None:
     start = time.perf_counter()
     naive = score_texts_naive(texts, model, tokenizer, max_length=args.max_length)
     naive_s = time.perf_counter() - start
+
+    bf16_s = bf16_rel_diff = None
+    if args.bf16:
+        model_bf16 = model.to(torch.bfloat16)
+        score_texts(texts[:8], model_bf16, tokenizer, max_length=args.max_length, batch_tokens=args.batch_tokens)
+        start = time.perf_counter()
+        bf16 = score_texts(texts, model_bf16, tokenizer, max_length=args.max_length, batch_tokens=args.batch_tokens)
+        bf16_s = time.perf_counter() - start
+        bf16_rel_diff = max((abs(b.perplexity - n.perplexity) / n.perplexity for b, n in zip(bf16, naive) if n.tokens), default=0.0)
+        model = model.float()
+
+    # The float32 ceiling: only the matmuls, all at the machine's peak rate.
+    peak = peak_matmul_gflops()
+    matmul_floor_s = linear_flops(model, sum(lengths)) / (peak * 1e9)
+    ceiling = naive_s / matmul_floor_s
 
     rel_diffs = [
         abs(b.perplexity - n.perplexity) / n.perplexity
@@ -191,10 +232,15 @@ def main() -> None:
           f"{min(lengths)}/{int(statistics.median(lengths))}/{max(lengths)}, "
           f"max_length {args.max_length}, batch_tokens {args.batch_tokens}")
     print(f"{'method':<10}{'seconds':>10}{'docs/s':>10}{'tokens/s':>12}")
-    for label, seconds in (("batched", batched_s), ("naive", naive_s)):
+    rows = [("batched", batched_s), ("naive", naive_s)] + ([("bf16", bf16_s)] if bf16_s else [])
+    for label, seconds in rows:
         print(f"{label:<10}{seconds:>10.2f}{n_docs / seconds:>10.1f}{total_tokens / seconds:>12.0f}")
     print(f"speedup {naive_s / batched_s:.2f}x, max relative difference {max_rel_diff:.2e}, "
           f"token counts equal: {same_tokens}")
+    print(f"float32 ceiling on this machine: matmuls alone take {matmul_floor_s:.2f} s at the measured peak "
+          f"{peak:.0f} GFLOP/s, so no float32 scorer can beat the naive loop by more than {ceiling:.2f}x")
+    if bf16_s:
+        print(f"bf16 weights, batched: {naive_s / bf16_s:.2f}x the float32 naive loop, max relative difference {bf16_rel_diff:.1e}")
     if not same_tokens or max_rel_diff > 1e-3:
         print("WARNING: batched and naive scores disagree", file=sys.stderr)
     print(json.dumps({
@@ -205,6 +251,10 @@ def main() -> None:
         "speedup": round(naive_s / batched_s, 3),
         "max_rel_diff": max_rel_diff,
         "model": model_label,
+        "peak_fp32_matmul_gflops": round(peak, 1),
+        "matmul_floor_s": round(matmul_floor_s, 3),
+        "fp32_speedup_ceiling": round(ceiling, 2),
+        **({"bf16_speedup": round(naive_s / bf16_s, 3), "bf16_max_rel_diff": bf16_rel_diff} if bf16_s else {}),
     }))
 
 

@@ -155,6 +155,7 @@ def load_base_model(name: str, tcfg: TrainingConfig, *, trust_remote_code: bool 
     if tcfg.load_in_4bit:
         from peft import prepare_model_for_kbit_training
 
+        one_cpu_4bit_layout(model)
         # Upcasts the non-quantised weights (embeddings, norms) to fp32: trained embeddings are never fp16.
         model = prepare_model_for_kbit_training(
             model,
@@ -165,6 +166,19 @@ def load_base_model(name: str, tcfg: TrainingConfig, *, trust_remote_code: bool 
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
         model.enable_input_require_grads()
     return model
+
+
+def one_cpu_4bit_layout(model) -> None:
+    """Keep bitsandbytes' 4-bit layers in one layout on every CPU.
+
+    On CPUs with AVX512-BF16, bitsandbytes 0.50 repacks a 4-bit weight for its CPU inference kernel
+    the first time the layer runs in eval mode without grad: absmax is cast to bf16, so evaluation
+    numbers would differ from training's and from other hosts', and a layer narrower than the
+    quantisation block (64) fails to repack at all. Evaluation runs on the training layout instead.
+    """
+    for module in model.modules():
+        if hasattr(module, "support_avx512bf16_for_cpu"):
+            module.support_avx512bf16_for_cpu = False
 
 
 def embeddings_tied(model) -> bool:

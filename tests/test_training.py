@@ -141,6 +141,13 @@ def test_base_is_nf4_quantised_and_lora_targets_every_linear_layer(tiny_llama_di
         assert module.scaling["default"] == pytest.approx(8 / 4**0.5)  # rsLoRA: alpha / sqrt(r)
     for name in ("gate_proj", "up_proj", "down_proj"):
         assert hasattr(getattr(layer.mlp, name), "lora_A")
+    # Eval keeps the training layout on every CPU (bitsandbytes would repack for AVX512-BF16 hosts).
+    model.eval()
+    with torch.no_grad():
+        model(input_ids=torch.tensor([[1, 5, 9, 2]]))
+    for module in model.modules():
+        if isinstance(module, bnb.nn.Linear4bit):
+            assert not getattr(module.weight.quant_state, "packing_format_for_cpu", False)
 
 
 # ---------------------------------------------------------------------------------------------
