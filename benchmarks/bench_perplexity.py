@@ -10,6 +10,7 @@ last line one JSON object:
 from __future__ import annotations
 
 import argparse
+import copy
 import gzip
 import json
 import os
@@ -203,13 +204,13 @@ def main() -> None:
 
     bf16_s = bf16_rel_diff = None
     if args.bf16:
-        model_bf16 = model.to(torch.bfloat16)
+        model_bf16 = copy.deepcopy(model).to(torch.bfloat16)  # the float32 model stays as it was
         score_texts(texts[:8], model_bf16, tokenizer, max_length=args.max_length, batch_tokens=args.batch_tokens)
         start = time.perf_counter()
         bf16 = score_texts(texts, model_bf16, tokenizer, max_length=args.max_length, batch_tokens=args.batch_tokens)
         bf16_s = time.perf_counter() - start
         bf16_rel_diff = max((abs(b.perplexity - n.perplexity) / n.perplexity for b, n in zip(bf16, naive) if n.tokens), default=0.0)
-        model = model.float()
+        del model_bf16
 
     # The float32 ceiling: only the matmuls, all at the machine's peak rate.
     peak = peak_matmul_gflops()

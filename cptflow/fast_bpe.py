@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import itertools
 import json
+import os
 import unicodedata
 from dataclasses import dataclass
 
@@ -61,7 +62,7 @@ class FastEncoder:
     prefix: list[int]  # what the tokenizer adds before a text (BOS for Llama-style tokenizers)
     suffix: list[int]  # what it adds after (usually nothing); EOS is appended after this
     nfc: bool  # the tokenizer's normalizer is NFC
-    threads: int = 2
+    threads: int = min(8, os.cpu_count() or 1)
 
     def encode_documents(self, texts: list[str], eos_id: int) -> tuple[np.ndarray, np.ndarray]:
         """(tokens uint32, lengths int64): each document as prefix + text ids + suffix + EOS."""
@@ -87,7 +88,7 @@ class FastEncoder:
         return tokens, lengths
 
 
-def convert(tokenizer, threads: int = 2) -> tuple[FastEncoder | None, str]:
+def convert(tokenizer, threads: int | None = None) -> tuple[FastEncoder | None, str]:
     """(encoder, "") when the tokenizer has an exact tiktoken equivalent, else (None, why not)."""
     backend = getattr(tokenizer, "backend_tokenizer", None)
     if backend is None:
@@ -100,8 +101,8 @@ def convert(tokenizer, threads: int = 2) -> tuple[FastEncoder | None, str]:
     model = spec.get("model") or {}
     if model.get("type") != "BPE":
         return None, f"model type {model.get('type')!r} (only byte-level BPE converts)"
-    for key, fine in (("dropout", None), ("continuing_subword_prefix", None), ("end_of_word_suffix", None)):
-        if model.get(key) not in (fine, ""):
+    for key in ("dropout", "continuing_subword_prefix", "end_of_word_suffix"):
+        if model.get(key):
             return None, f"BPE {key} = {model.get(key)!r}"
     if model.get("byte_fallback"):
         return None, "byte_fallback BPE (SentencePiece style)"
@@ -160,10 +161,10 @@ def convert(tokenizer, threads: int = 2) -> tuple[FastEncoder | None, str]:
     prefix, suffix = _special_frame(tokenizer)
     if prefix is None:
         return None, "the tokenizer's special tokens are not a fixed prefix and suffix"
-    return (
-        FastEncoder(encoding, None if ids_are_ranks else mapping, prefix, suffix, normalizer is not None, threads),
-        "",
-    )
+    encoder = FastEncoder(encoding, None if ids_are_ranks else mapping, prefix, suffix, normalizer is not None)
+    if threads:
+        encoder.threads = threads
+    return encoder, ""
 
 
 def _split_pattern(pre_tokenizer: dict | None) -> tuple[str | None, str]:
@@ -210,11 +211,18 @@ def verify(encoder: FastEncoder, tokenizer, texts: list[str] | None = None) -> s
     from tasks.tokenize import document_token_ids  # the reference: the HF tokenizer itself
 
     texts = PROBE_TEXTS if texts is None else texts
-    eos = tokenizer.eos_token_id
-    tokens, lengths = encoder.encode_documents(texts, eos)
-    reference = document_token_ids(texts, tokenizer)
-    offsets = np.concatenate([[0], np.cumsum(lengths)])
-    for index, expected in enumerate(reference):
-        if tokens[offsets[index] : offsets[index + 1]].tolist() != expected:
-            return f"text {index} ({texts[index][:40]!r}) encodes differently"
+    tokens, lengths = encoder.encode_documents(texts, tokenizer.eos_token_id)
+    differing = differing_documents(tokens, lengths, document_token_ids(texts, tokenizer), range(len(texts)))
+    if differing:
+        return f"text {differing[0]} ({texts[differing[0]][:40]!r}) encodes differently"
     return ""
+
+
+def differing_documents(tokens: np.ndarray, lengths: np.ndarray, expected: list[list[int]], indices) -> list[int]:
+    """Of `indices`, the documents whose slice of the flat `tokens` differs from `expected` (one
+    row of ids per index, in the same order)."""
+    starts = np.cumsum(lengths) - lengths
+    return [
+        index for index, ids in zip(indices, expected)
+        if tokens[starts[index] : starts[index] + lengths[index]].tolist() != ids
+    ]

@@ -101,13 +101,13 @@ def encode_documents(texts: list[str], tokenizer, encoder=None) -> tuple[np.ndar
         ids = document_token_ids(texts, tokenizer)
         lengths = np.fromiter(map(len, ids), dtype=np.int64, count=len(ids))
         return np.fromiter(itertools.chain.from_iterable(ids), dtype=np.uint32, count=int(lengths.sum())), lengths, 0
+    from cptflow.fast_bpe import differing_documents
+
     tokens, lengths = encoder.encode_documents(texts, tokenizer.eos_token_id)
-    sample = list(range(0, len(texts), CHECK_EVERY))
-    expected = document_token_ids([texts[i] for i in sample], tokenizer)
-    starts = np.cumsum(lengths) - lengths
-    for index, ids in zip(sample, expected):
-        if tokens[starts[index] : starts[index] + lengths[index]].tolist() != ids:
-            raise EncoderMismatch(f"fast encoder and tokenizer disagree on document {index} of the batch ({texts[index][:60]!r})")
+    sample = range(0, len(texts), CHECK_EVERY)
+    if differing := differing_documents(tokens, lengths, document_token_ids([texts[i] for i in sample], tokenizer), sample):
+        index = differing[0]
+        raise EncoderMismatch(f"fast encoder and tokenizer disagree on document {index} of the batch ({texts[index][:60]!r})")
     return tokens, lengths, len(sample)
 
 
