@@ -21,13 +21,12 @@ from collections import Counter
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(REPO))
 
 from datatrove.data import Document  # noqa: E402
 from datatrove.pipeline.filters import GopherQualityFilter, GopherRepetitionFilter  # noqa: E402
 
-from tasks.clean import CleanConfig, CleanSteps, dedup_key  # noqa: E402
-from tasks.quality import QualityConfig, build_filters, filter_document, minhash_signature  # noqa: E402
+from cptflow.tasks.clean import CleanConfig, CleanSteps, dedup_key  # noqa: E402
+from cptflow.tasks.quality import QualityConfig, build_filters, filter_document, minhash_signature  # noqa: E402
 
 TARGET_SPEEDUP = 1.5
 ABSTRACTS = REPO / "data/raw/domain/abstracts.jsonl"

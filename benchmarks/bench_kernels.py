@@ -17,12 +17,11 @@ import time
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(REPO))
 
 import torch  # noqa: E402
 import torch.nn.functional as F  # noqa: E402
 
-from kernels import fused_linear_cross_entropy, rms_norm, rms_norm_reference, swiglu  # noqa: E402
+from cptflow.kernels import fused_linear_cross_entropy, rms_norm, rms_norm_reference, swiglu  # noqa: E402
 
 # Targets from the kernels issue: ours / eager for memory, eager / ours for speed.
 FUSED_MEMORY_TARGET = 0.3

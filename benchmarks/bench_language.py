@@ -15,12 +15,11 @@ import sys
 import time
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import langdetect  # noqa: E402
 from langdetect import DetectorFactory  # noqa: E402
 
-from tasks.quality import LanguageConfig, _language_model, identify_language  # noqa: E402
+from cptflow.tasks.quality import LanguageConfig, _language_model, identify_language  # noqa: E402
 
 DetectorFactory.seed = 0
 

@@ -24,11 +24,10 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "true")
 
 REPO = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(REPO))
 
 import torch  # noqa: E402
 
-from tasks.perplexity import score_texts, score_texts_naive  # noqa: E402
+from cptflow.tasks.perplexity import score_texts, score_texts_naive  # noqa: E402
 
 MIN_TOKENS, MAX_TOKENS = 50, 600
 
@@ -184,7 +183,7 @@ def main() -> None:
     model, tokenizer, model_label = load_model(args.model, corpus)
     texts = documents_of_realistic_length(corpus, tokenizer, n_docs, args.seed)
     if args.batch_tokens is None:
-        from tasks.perplexity import PerplexityConfig, resolve_batch_tokens
+        from cptflow.tasks.perplexity import PerplexityConfig, resolve_batch_tokens
 
         args.batch_tokens = resolve_batch_tokens(PerplexityConfig(), model)
     lengths = [min(len(ids), args.max_length) for ids in tokenizer(texts)["input_ids"]]

@@ -29,11 +29,10 @@ os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "true")
 
 REPO = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(REPO))
 
 from cptflow.plan import StageRun  # noqa: E402
-from tasks import tokenize  # noqa: E402
-from tasks.tokenize import TokenizeConfig  # noqa: E402
+from cptflow.tasks import tokenize  # noqa: E402
+from cptflow.tasks.tokenize import TokenizeConfig  # noqa: E402
 
 SENTENCE_END = re.compile(r"(?<=[.!?])\s+")
 

@@ -22,7 +22,6 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
 REPO = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(REPO))
 
 import torch  # noqa: E402
 
@@ -107,8 +106,8 @@ def import_everything() -> None:
     import transformers
     from transformers import Trainer, TrainingArguments  # noqa: F401
 
-    import kernels  # noqa: F401
-    import tasks.cpt  # noqa: F401
+    import cptflow.kernels  # noqa: F401
+    import cptflow.tasks.cpt  # noqa: F401
     from cptflow import training  # noqa: F401
 
     transformers.logging.set_verbosity_error()

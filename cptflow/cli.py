@@ -14,7 +14,7 @@ import typer
 from rich.console import Console
 from rich.table import Table
 
-import cptflow  # noqa: F401  (Prefect defaults before prefect is imported)
+import cptflow.flows  # noqa: F401  (its __init__ sets Prefect defaults before prefect is imported)
 
 app = typer.Typer(add_completion=False, no_args_is_help=True, help="Continued pretraining pipeline as a Prefect DAG.")
 console = Console()
@@ -41,7 +41,7 @@ def _load(config: Path, work_dir: Optional[Path]):
 def _preflight(cfg, stages: list[str] | None = None) -> None:
     """Inputs exist and have their text field, before a Prefect server is started or any work is done."""
     from cptflow.plan import plan_pipeline
-    from tasks.clean import InputError, check_text_field
+    from cptflow.tasks.clean import InputError, check_text_field
 
     try:
         for source in cfg.sources:
@@ -101,7 +101,7 @@ def run(
     """Run the pipeline; finished stages whose inputs and config are unchanged are cached."""
     cfg = _load(config, work_dir)
     from cptflow.plan import plan_pipeline
-    from flows.pipeline import StageSelectionError, check_upstreams_available, cptflow_pipeline, result_storage, select_stages
+    from cptflow.flows.pipeline import StageSelectionError, check_upstreams_available, cptflow_pipeline, result_storage, select_stages
 
     try:
         selected, _ = select_stages(only, from_stage, force)
@@ -212,7 +212,7 @@ def serve(
             "PREFECT_API_URL is not set: a schedule needs a Prefect server that outlives this command. "
             "Start one with `cptflow ui`, then `export PREFECT_API_URL=http://127.0.0.1:4200/api`"
         )
-    from flows.deployments import build_deployments
+    from cptflow.flows.deployments import build_deployments
 
     try:
         deployments = build_deployments(config, cron=cron, interval=interval, work_dir=work_dir)
@@ -224,7 +224,7 @@ def serve(
         _fail(f"--cron: {err.errors()[0]['msg']}" if isinstance(err, ValidationError) else str(err))
     from prefect import serve as prefect_serve
 
-    from flows.pipeline import result_storage
+    from cptflow.flows.pipeline import result_storage
 
     with result_storage(_load(config, work_dir)):  # the runner passes these settings to every flow run
         prefect_serve(*deployments)

@@ -11,14 +11,14 @@ from typing import Any, Literal
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, SecretStr, ValidationError, model_validator
 
-from tasks.clean import CleanConfig, SourceConfig
-from tasks.cpt import CptConfig
-from tasks.evaluate import EvaluateConfig
-from tasks.mix import MixConfig
-from tasks.perplexity import PerplexityConfig
-from tasks.quality import QualityConfig
-from tasks.sft import SftConfig
-from tasks.tokenize import TokenizeConfig
+from cptflow.tasks.clean import CleanConfig, SourceConfig
+from cptflow.tasks.cpt import CptConfig
+from cptflow.tasks.evaluate import EvaluateConfig
+from cptflow.tasks.mix import MixConfig
+from cptflow.tasks.perplexity import PerplexityConfig
+from cptflow.tasks.quality import QualityConfig
+from cptflow.tasks.sft import SftConfig
+from cptflow.tasks.tokenize import TokenizeConfig
 
 
 class ConfigError(ValueError):

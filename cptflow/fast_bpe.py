@@ -208,7 +208,7 @@ def _special_frame(tokenizer) -> tuple[list[int] | None, list[int]]:
 def verify(encoder: FastEncoder, tokenizer, texts: list[str] | None = None) -> str:
     """"" when the encoder and the tokenizer agree on every text (PROBE_TEXTS by default), else
     the first text where they differ."""
-    from tasks.tokenize import document_token_ids  # the reference: the HF tokenizer itself
+    from cptflow.tasks.tokenize import document_token_ids  # the reference: the HF tokenizer itself
 
     texts = PROBE_TEXTS if texts is None else texts
     tokens, lengths = encoder.encode_documents(texts, tokenizer.eos_token_id)

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import hashlib
 import os
+import importlib.resources
 from pathlib import Path
 
 from cptflow.tiny_model import TinyLlamaSpec, build_fingerprint, build_tiny_llama
@@ -18,7 +19,8 @@ BUILTIN_MODELS = ("tiny-llama",)
 TINY_LLAMA_SPEC = TinyLlamaSpec()
 TINY_LLAMA_SEED = 0
 
-REPO_DATA_DIR = Path(__file__).resolve().parents[1] / "data"
+# The sample corpora (data/ in the repository) install as package data: found in a wheel install too.
+SAMPLE_DATA_DIR = Path(str(importlib.resources.files("cptflow.sample_data")))
 # Weight files whose names and sizes identify a local checkpoint (contents would cost a full read).
 _WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth", ".gguf")
 
@@ -33,7 +35,7 @@ def default_cache_dir() -> Path:
 
 def default_corpus_files() -> list[Path]:
     """The sample general-English shards the builtin model is trained on, in name order."""
-    return sorted((REPO_DATA_DIR / "raw" / "general").glob("web-*.jsonl.gz"))
+    return sorted((SAMPLE_DATA_DIR / "raw" / "general").glob("web-*.jsonl.gz"))
 
 
 def _builtin_name(name: str) -> str:
@@ -48,7 +50,7 @@ def _builtin_corpus() -> list[Path]:
     files = default_corpus_files()
     if not files:
         raise FileNotFoundError(
-            f"builtin:tiny-llama is trained on {REPO_DATA_DIR / 'raw' / 'general'}/web-*.jsonl.gz, "
+            f"builtin:tiny-llama is trained on {SAMPLE_DATA_DIR / 'raw' / 'general'}/web-*.jsonl.gz, "
             "which does not exist; generate the sample data first"
         )
     return files

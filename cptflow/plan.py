@@ -24,7 +24,7 @@ UPSTREAM = {"quality": "clean", "perplexity": "quality", "mix": "perplexity", "t
 
 def stage_module(stage: str):
     """The module in tasks/ that does a stage's work: plan(), process() and commit(), or run()."""
-    from tasks import clean, cpt, evaluate, mix, perplexity, quality, sft, tokenize
+    from cptflow.tasks import clean, cpt, evaluate, mix, perplexity, quality, sft, tokenize
 
     modules = {"clean": clean, "quality": quality, "perplexity": perplexity, "mix": mix, "tokenize": tokenize}
     modules.update({"cpt": cpt, "sft": sft, "evaluate": evaluate})
@@ -58,8 +58,8 @@ class StageRun:
 def stage_payloads(cfg: PipelineConfig) -> dict[str, dict]:
     """What each stage's fingerprint covers (without upstream fingerprints, added in plan_pipeline)."""
     from cptflow.models import model_fingerprint
-    from tasks.clean import input_file_fingerprints
-    from tasks.sft import sft_data_fingerprints
+    from cptflow.tasks.clean import input_file_fingerprints
+    from cptflow.tasks.sft import sft_data_fingerprints
 
     versions = stage_versions()
     base = Path(cfg.base_dir)

@@ -449,7 +449,7 @@ def pack_eval_blocks(texts: Sequence[str], tokenizer, seq_len: int) -> list[dict
     The same blocks go through every model compared (base, cpt, sft), so their perplexities are on
     exactly the same tokens. The last block is padded; padding is ignored.
     """
-    from tasks.tokenize import document_token_ids
+    from cptflow.tasks.tokenize import document_token_ids
 
     stream = [token for ids in document_token_ids(list(texts), tokenizer) for token in ids]
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
@@ -677,7 +677,7 @@ def fused_loss_for(model, tcfg: TrainingConfig):
     if mode == "off":
         return None
     try:
-        from kernels import fused_linear_cross_entropy
+        from cptflow.kernels import fused_linear_cross_entropy
     except ImportError:  # kernels/ not installed in this environment
         if mode == "on":
             raise
@@ -694,7 +694,7 @@ def fused_loss_for(model, tcfg: TrainingConfig):
 def apply_kernel_patches(model, tcfg: TrainingConfig) -> dict:
     """RMSNorm and SwiGLU kernels on the model's modules (kernels/patch.py); {} when kernels/ is absent."""
     try:
-        from kernels.patch import apply_kernels
+        from cptflow.kernels.patch import apply_kernels
     except ImportError:
         if "on" in (tcfg.kernels.rms_norm, tcfg.kernels.swiglu):
             raise

@@ -1,12 +1,12 @@
 """Concurrency drills: two `cptflow run` at once, of the same config and of two configs sharing a work dir.
 
-Not a stage of the DAG: `python -m drills.concurrency` checks that a stage's work is done once (the
+Not a stage of the DAG: `python drills/run.py concurrency` checks that a stage's work is done once (the
 stage lock), that no stage directory is left half written, and that concurrent runs end with the
 outputs of a run alone (docs/reliability.md). The witness of "done once" is the Prefect server, not the
 runs' own reports: it counts the shard task runs of each data stage and the training tasks that trained.
 
-    python -m drills.concurrency                  # same config, two configs, builtin model cache (~10 min)
-    python -m drills.concurrency --only same-config --stages clean quality perplexity mix tokenize
+    python drills/run.py concurrency                  # same config, two configs, builtin model cache (~10 min)
+    python drills/run.py concurrency --only same-config --stages clean quality perplexity mix tokenize
 """
 
 from __future__ import annotations
@@ -277,7 +277,7 @@ def model_cache(root: Path) -> dict:
     shutil.rmtree(cache, ignore_errors=True)
     started = time.monotonic()
     processes = [
-        subprocess.Popen([sys.executable, "-c", BUILD_ONCE, str(cache)], cwd=REPO, env=child_env(), stdout=subprocess.PIPE, stderr=subprocess.DEVNULL)
+        subprocess.Popen([sys.executable, "-P", "-c", BUILD_ONCE, str(cache)], cwd=REPO, env=child_env(), stdout=subprocess.PIPE, stderr=subprocess.DEVNULL)
         for _ in range(2)
     ]
     outputs, peaks = [], []
@@ -322,7 +322,7 @@ def plain_pair(config: Path, reference: Path, work: Path, stages: list[str]) -> 
     shutil.rmtree(work, ignore_errors=True)
     started = time.monotonic()
     processes = [
-        subprocess.Popen([sys.executable, "-c", PLAIN_CHILD, str(config), str(work), *stages], cwd=REPO, env=child_env(),
+        subprocess.Popen([sys.executable, "-P", "-c", PLAIN_CHILD, str(config), str(work), *stages], cwd=REPO, env=child_env(),
                          stdout=subprocess.PIPE, stderr=subprocess.PIPE)
         for _ in range(2)
     ]
@@ -390,7 +390,7 @@ def drill(root: Path, scenarios: list[str], stages: list[str]) -> dict:
         data_stages = [s for s in stages if s not in ("cpt", "sft", "evaluate")]
         alone = root / "plain-pair" / "reference"
         shutil.rmtree(alone, ignore_errors=True)
-        subprocess.run([sys.executable, "-c", PLAIN_CHILD, str(config_a), str(alone), *data_stages], cwd=REPO, env=child_env(), check=True, capture_output=True)
+        subprocess.run([sys.executable, "-P", "-c", PLAIN_CHILD, str(config_a), str(alone), *data_stages], cwd=REPO, env=child_env(), check=True, capture_output=True)
         result = plain_pair(config_a, alone, root / "plain-pair" / "shared", data_stages)
         report["scenarios"]["plain-pair"] = result
         print(summary_line("plain-pair", result), flush=True)

@@ -4,8 +4,8 @@ Issue 7 (reliability drills). The data stages run plain (no Prefect) in a child 
 RSS is measured; the drill checks that every stage balances (in = kept + excluded + rejected), that
 every reject and exclusion has a reason, and that each hostile case ends the way it should.
 
-    python -m drills.hostile_input --size full --out work/drills/hostile-input.json   # 50 MB doc, 10 MB line
-    python -m drills.hostile_input --size quick                                        # scaled down (tests)
+    python drills/run.py hostile_input --size full --out work/drills/hostile-input.json   # 50 MB doc, 10 MB line
+    python drills/run.py hostile_input --size quick                                        # scaled down (tests)
 """
 
 from __future__ import annotations
@@ -26,6 +26,8 @@ import time
 from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
+
+from drills import drill_command
 
 import pyarrow as pa
 import pyarrow.parquet as pq
@@ -356,7 +358,7 @@ def run_child(config: Path, log: Path) -> tuple[int, dict | None, int, float]:
     report = config.parent / "child-report.json"
     with open(log, "wb") as out:
         child = subprocess.Popen(
-            [sys.executable, "-m", "drills.hostile_input", "--child", str(config), "--out", str(report)],
+            drill_command("hostile_input", "--child", str(config), "--out", str(report)),
             cwd=REPO, stdout=out, stderr=subprocess.STDOUT, env=dict(os.environ, HF_HUB_OFFLINE="1", TQDM_DISABLE="1"),
         )
         # wait4: this child's own rusage, not the maximum over every child pytest ever had.

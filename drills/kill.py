@@ -1,14 +1,14 @@
 """Kill drills: SIGKILL every stage at seeded random moments, rerun it, compare with an uninterrupted run.
 
-Not a stage of the DAG: `python -m drills.kill` turns "nothing lost, deterministic and resumable" into
+Not a stage of the DAG: `python drills/run.py kill` turns "nothing lost, deterministic and resumable" into
 figures (survived/total per stage, docs/reliability.md). A trial survives when the killed stage left
 either no manifest or a manifest whose every output verifies, its rerun finished, and the rerun's
 outputs equal the reference's: data stages byte for byte (every file's sha256 and the manifest minus
 timings), training stages tensor for tensor (adapter safetensors) and byte for byte.
 
-    python -m drills.kill --trials 20 --crash-points 10   # all 8 stages (~30 min on 2 cores)
-    python -m drills.kill --stages clean cpt --trials 3 --via prefect   # through `cptflow run`
-    python -m drills.kill --quick                 # 2 trials of quality and an 8-step cpt (the test's subset)
+    python drills/run.py kill --trials 20 --crash-points 10   # all 8 stages (~30 min on 2 cores)
+    python drills/run.py kill --stages clean cpt --trials 3 --via prefect   # through `cptflow run`
+    python drills/run.py kill --quick                 # 2 trials of quality and an 8-step cpt (the test's subset)
 
 Random moments rarely land between writing a temporary and renaming it; `--crash-points` adds trials
 where the child kills itself just before its k-th rename or unlink (every commit point and clean-up).
@@ -29,6 +29,8 @@ import time
 from collections import Counter
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
+
+from drills import drill_command
 
 REPO = Path(__file__).resolve().parents[1]
 RAW = REPO / "data" / "raw"
@@ -76,7 +78,7 @@ def build_model(root: Path, corpus: Path) -> Path:
         "import sys; from pathlib import Path; from cptflow.tiny_model import TINY_TEST_SPEC, build_tiny_llama; "
         "print(build_tiny_llama([Path(sys.argv[1])], Path(sys.argv[2]), spec=TINY_TEST_SPEC))"
     )
-    result = subprocess.run([sys.executable, "-c", code, str(corpus / "general" / "web-000.jsonl.gz"), str(root / "model-cache")],
+    result = subprocess.run([sys.executable, "-P", "-c", code, str(corpus / "general" / "web-000.jsonl.gz"), str(root / "model-cache")],
                             cwd=REPO, env=child_env(), capture_output=True, text=True, check=True)
     return Path(result.stdout.strip().splitlines()[-1])
 
@@ -251,14 +253,14 @@ def preload(stages) -> None:
     """Import what the stages need once, in the drill process: forked children then start in
     milliseconds instead of the 10-20 s that importing torch, transformers and peft takes on 2 cores.
     Nothing here runs a torch op, so no thread pool exists yet when we fork."""
-    import cptflow  # noqa: F401  (Prefect defaults before prefect is imported)
+    import cptflow.flows  # noqa: F401  (Prefect defaults before prefect is imported)
     from cptflow.plan import stage_module
 
     for stage in stages:
         stage_module(stage)
     if any(stage in TRAINING for stage in stages):
         import peft  # noqa: F401
-        import tasks.export  # noqa: F401
+        import cptflow.tasks.export  # noqa: F401
 
 
 def run_stage_here(config: str, work: str, stage: str) -> None:
@@ -388,7 +390,7 @@ def fork_stage(config: Path, work: Path, stage: str, kill_after: float | None = 
 
 def spawn_prefect_stage(config: Path, work: Path, stage: str, env: dict, kill_after: float | None = None) -> ChildResult:
     """`cptflow run CONFIG --only STAGE` in a fresh interpreter; the clock starts when it is READY."""
-    command = [sys.executable, "-m", "drills.kill", "--child", str(config), str(work), stage]
+    command = drill_command("kill", "--child", str(config), str(work), stage)
     log_path = work.parent / f"{work.name}-{stage}-{'kill' if kill_after is not None else 'run'}.log"
     work.parent.mkdir(parents=True, exist_ok=True)
     with open(log_path, "wb") as log:

@@ -5,8 +5,8 @@ never hard-coded on, model weights come from safetensors, the UI binds 127.0.0.1
 Planted secrets: HF_TOKEN, HUGGING_FACE_HUB_TOKEN, storage keys and a webhook URL are planted, the
 pipeline runs (and fails once, on purpose), and every output, log and artifact is scanned for them.
 
-    python -m drills.security                 # static checks + the whole pipeline through Prefect, twice
-    python -m drills.security --quick         # static checks + the data stages and the model card writer
+    python drills/run.py security                 # static checks + the whole pipeline through Prefect, twice
+    python drills/run.py security --quick         # static checks + the data stages and the model card writer
 """
 
 from __future__ import annotations
@@ -29,6 +29,8 @@ import threading
 import time
 from dataclasses import dataclass
 from pathlib import Path
+
+from drills import drill_command
 
 import yaml
 
@@ -167,7 +169,7 @@ def runtime_findings() -> list[Finding]:
     from peft.utils.save_and_load import torch_load
 
     from cptflow.config import PipelineConfig, load_config
-    from tasks.clean import HFDatasetSource
+    from cptflow.tasks.clean import HFDatasetSource
 
     findings = []
     for model, label in ((PipelineConfig, "PipelineConfig"), (HFDatasetSource, "HFDatasetSource")):
@@ -302,10 +304,10 @@ def quick_secret_scan(root: Path, model_dir: Path, documents: int = 30) -> dict:
     In-process and without Prefect: the failure artifact is captured where flows/failure.py creates it.
     Returns {"hits": [...], "webhook": [...], "files": n, "outside_work_dir": [...]}.
     """
-    import flows.failure as failure
+    import cptflow.flows.failure as failure
     from cptflow.config import load_config
     from cptflow.plan import DATA_STAGES, plan_pipeline, run_data_stage_plain
-    from tasks.export import write_model_card
+    from cptflow.tasks.export import write_model_card
 
     secrets = planted_secrets()
     needles = list(secrets.values())
@@ -372,7 +374,7 @@ def run_flow_child(config: Path, report: Path) -> None:
     from prefect.client.orchestration import get_client
     from prefect.testing.utilities import prefect_test_harness
 
-    from flows.pipeline import cptflow_pipeline
+    from cptflow.flows.pipeline import cptflow_pipeline
 
     outcome = {}
     with prefect_test_harness(server_startup_timeout=None):
@@ -420,7 +422,7 @@ def full_secret_scan(root: Path) -> dict:
         started = time.perf_counter()
         with open(root / "child.log", "wb") as log:
             child = subprocess.run(
-                [sys.executable, "-m", "drills.security", "--child", str(config), "--out", str(root / "child.json")],
+                drill_command("security", "--child", str(config), "--out", str(root / "child.json")),
                 cwd=REPO, env=env, stdout=log, stderr=subprocess.STDOUT,
             )
         seconds = time.perf_counter() - started

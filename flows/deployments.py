@@ -14,7 +14,7 @@ from prefect.deployments.runner import EntrypointType, RunnerDeployment
 
 from cptflow.config import load_config
 from cptflow.plan import PIPELINE_STAGES
-from flows.pipeline import cptflow_pipeline
+from cptflow.flows.pipeline import cptflow_pipeline
 
 # Two runs of one deployment would write into the same work directory: the second waits its turn
 # (a scheduled run firing while the previous one still trains is queued, not dropped).

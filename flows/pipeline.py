@@ -13,7 +13,6 @@ import json
 import time
 from pathlib import Path
 
-import cptflow  # noqa: F401  (sets Prefect defaults before prefect is imported)
 from prefect import flow, task, unmapped
 from prefect.artifacts import (
     create_link_artifact,
@@ -30,7 +29,7 @@ from cptflow.docshards import ShardCounts
 from cptflow.plan import DATA_STAGES, PIPELINE_STAGES, UPSTREAM, StageRun, plan_pipeline, stage_module
 from cptflow.store import read_manifest, reset_stage_dir, stage_lock
 from cptflow.training import TrainingReporter
-from flows.failure import failed_stage, publish_failure
+from cptflow.flows.failure import failed_stage, publish_failure
 
 
 class StageSelectionError(ValueError):

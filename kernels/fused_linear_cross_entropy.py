@@ -8,7 +8,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from kernels._dispatch import next_power_of_2, num_warps_for, triton_jit, use_triton
+from cptflow.kernels._dispatch import next_power_of_2, num_warps_for, triton_jit, use_triton
 
 try:
     import triton.language as tl

@@ -9,8 +9,8 @@ import types
 
 from torch import nn
 
-from kernels.rms_norm import rms_norm as fused_rms_norm
-from kernels.swiglu import swiglu as fused_swiglu
+from cptflow.kernels.rms_norm import rms_norm as fused_rms_norm
+from cptflow.kernels.swiglu import swiglu as fused_swiglu
 
 # Families whose RMSNorm is exactly `weight * (x * rsqrt(mean(x^2) + eps)).to(input_dtype)` and
 # whose MLP is `down(act(gate(x)) * up(x))`. Gemma is absent on purpose: its norm scales by

@@ -110,8 +110,8 @@ def run(run, cfg, reporter=None) -> dict:
     from peft import PeftModel
 
     from cptflow.models import load_tokenizer, resolve_model_path
-    from tasks.cpt import eval_blocks
-    from tasks.export import merge_adapter, write_model_card
+    from cptflow.tasks.cpt import eval_blocks
+    from cptflow.tasks.export import merge_adapter, write_model_card
 
     existing = read_manifest(run.path)
     if existing is not None:

@@ -89,7 +89,7 @@ class SftDataError(ValueError):
 
 def sft_data_fingerprints(cfg) -> list[dict]:
     """Path, size and mtime (or sha256) of each instruction file, for the sft fingerprint."""
-    from tasks.clean import file_fingerprint
+    from cptflow.tasks.clean import file_fingerprint
 
     out = []
     for item in cfg.sft.data:
@@ -307,7 +307,7 @@ def chat_template_for(tokenizer, section: SftConfig) -> tuple[str, str]:
 
 def run(run, cfg, reporter: TrainingReporter | None = None, *, stop_after_steps: int | None = None) -> dict | None:
     from cptflow.models import load_tokenizer
-    from tasks.cpt import eval_blocks
+    from cptflow.tasks.cpt import eval_blocks
 
     existing = read_manifest(run.path)
     if existing is not None:

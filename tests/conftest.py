@@ -7,6 +7,7 @@ collection of another stage's tests.
 from __future__ import annotations
 
 import gzip
+import importlib.util
 import json
 import os
 import random
@@ -14,6 +15,15 @@ import tempfile
 from pathlib import Path
 
 import pytest
+
+REPO = Path(__file__).resolve().parents[1]
+
+# drills/ (beside the packages, not installed) as the package `drills`, by its path: the checkout root
+# itself is not on sys.path, since its kernels/ folder would shadow Hugging Face's `kernels`.
+_spec = importlib.util.spec_from_file_location("drills_runner", REPO / "drills" / "run.py")
+_runner = importlib.util.module_from_spec(_spec)
+_spec.loader.exec_module(_runner)
+_runner.register_drills_package()
 
 # Before anything imports prefect: a private Prefect home (results, cache records) per test session,
 # no hub downloads.
@@ -23,7 +33,7 @@ os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
 
 # Prefect binds its log handler to the sys.stderr of the moment it is first imported: import it
 # now, not inside a test whose stderr (e.g. typer's CliRunner) is closed afterwards.
-import cptflow  # noqa: E402,F401
+import cptflow.flows  # noqa: E402,F401  (Prefect defaults)
 from prefect import flow as _prefect_flow  # noqa: E402,F401  (prefect.main sets up logging)
 
 _SUBJECTS = [

@@ -12,7 +12,7 @@ import pyarrow.parquet as pq
 import pytest
 
 from cptflow.docshards import finalize_shard, read_documents
-from tasks.clean import (
+from cptflow.tasks.clean import (
     CleanConfig,
     CleanSteps,
     InputError,

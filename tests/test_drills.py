@@ -14,6 +14,8 @@ import subprocess
 import sys
 from pathlib import Path
 
+from drills import drill_command
+
 import pytest
 
 REPO = Path(__file__).resolve().parents[1]
@@ -23,10 +25,10 @@ from drills.kill import compare_with_reference, debris, stage_path, verify_commi
 
 @pytest.fixture(scope="module")
 def kill_drill(tmp_path_factory) -> tuple[Path, dict]:
-    """`python -m drills.kill --quick`: 2 seeded kills of quality and of cpt, each rerun and compared."""
+    """`python drills/run.py kill --quick`: 2 seeded kills of quality and of cpt, each rerun and compared."""
     root = tmp_path_factory.mktemp("kill-drill")
     result = subprocess.run(
-        [sys.executable, "-m", "drills.kill", "--quick", "--root", str(root), "--out", str(root / "report.json")],
+        drill_command("kill", "--quick", "--root", str(root), "--out", str(root / "report.json")),
         cwd=REPO, env=dict(os.environ), capture_output=True, text=True, timeout=600,
     )
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]

@@ -112,7 +112,7 @@ def tied_base_dir(tiny_llama_dir, tokenizer, tmp_path_factory) -> Path:
 
 @pytest.fixture(scope="module")
 def untied_merge(tiny_llama_dir, untied_adapter, tmp_path_factory):
-    from tasks.export import merge_adapter
+    from cptflow.tasks.export import merge_adapter
 
     out_dir = tmp_path_factory.mktemp("merged-untied") / "merged"
     return merge_adapter(str(tiny_llama_dir), untied_adapter[0], out_dir, dtype="float32")
@@ -123,7 +123,7 @@ def test_merged_checkpoint_reproduces_adapted_model_logits(
 ):
     from transformers import AutoModelForCausalLM
 
-    from tasks.export import load_adapted_model
+    from cptflow.tasks.export import load_adapted_model
 
     adapted = _logits(load_adapted_model(str(tiny_llama_dir), untied_adapter[0]), tokenizer)
     merged_model = AutoModelForCausalLM.from_pretrained(untied_merge["path"])
@@ -156,7 +156,7 @@ def test_tied_base_stays_tied_after_merge(tied_base_dir, tokenizer, tmp_path):
     from safetensors.torch import load_file
     from transformers import AutoModelForCausalLM
 
-    from tasks.export import load_adapted_model, merge_adapter
+    from cptflow.tasks.export import load_adapted_model, merge_adapter
 
     adapter_dir = tmp_path / "adapter"
     trained = _train_adapter(tied_base_dir, adapter_dir, ensure_weight_tying=True, seed=2)
@@ -177,7 +177,7 @@ def test_tied_base_trained_apart_is_untied_and_keeps_trained_head(tied_base_dir,
     would throw the trained head away (peft PR#2972, LlamaFactory#6446)."""
     from transformers import AutoModelForCausalLM
 
-    from tasks.export import load_adapted_model, merge_adapter
+    from cptflow.tasks.export import load_adapted_model, merge_adapter
 
     adapter_dir = tmp_path / "adapter"
     with pytest.warns(UserWarning):  # peft warns about the tied layer without ensure_weight_tying
@@ -198,7 +198,7 @@ def test_bfloat16_merge_loads_as_bf16_with_close_logits(
 ):
     from transformers import AutoModelForCausalLM
 
-    from tasks.export import load_adapted_model, merge_adapter
+    from cptflow.tasks.export import load_adapted_model, merge_adapter
 
     result = merge_adapter(str(tiny_llama_dir), untied_adapter[0], tmp_path / "bf16", dtype="bfloat16")
     merged = AutoModelForCausalLM.from_pretrained(result["path"])
@@ -216,7 +216,7 @@ def test_bfloat16_merge_loads_as_bf16_with_close_logits(
 def test_merge_cleans_stale_temp_dir_and_replaces_previous_output(
     tiny_llama_dir, untied_adapter, tmp_path
 ):
-    from tasks.export import merge_adapter
+    from cptflow.tasks.export import merge_adapter
 
     out_dir = tmp_path / "out"
     stale = tmp_path / ".out.tmp-123"
@@ -238,7 +238,7 @@ def test_failed_merge_leaves_no_output_and_no_temp_dir(
 ):
     from transformers import PreTrainedModel
 
-    from tasks.export import merge_adapter
+    from cptflow.tasks.export import merge_adapter
 
     original_save = PreTrainedModel.save_pretrained
 
@@ -262,7 +262,7 @@ def test_merge_refuses_to_save_what_older_peft_got_wrong(
 
     from peft.tuners.tuners_utils import BaseTuner
 
-    from tasks.export import merge_adapter
+    from cptflow.tasks.export import merge_adapter
 
     adapter_dir = tmp_path / "adapter"
     with warnings.catch_warnings():
@@ -291,7 +291,7 @@ def test_merge_refuses_to_save_what_older_peft_got_wrong(
 
 
 def test_merge_rejects_unknown_dtype(tiny_llama_dir, untied_adapter, tmp_path):
-    from tasks.export import merge_adapter
+    from cptflow.tasks.export import merge_adapter
 
     with pytest.raises(ValueError, match="dtype"):
         merge_adapter(str(tiny_llama_dir), untied_adapter[0], tmp_path / "out", dtype="int8")
@@ -314,7 +314,7 @@ DATA = {"domain_tokens": 1_234_567, "general_tokens": 400_000, "documents": 5_32
 
 
 def _card(tmp_path: Path, **overrides) -> str:
-    from tasks.export import write_model_card
+    from cptflow.tasks.export import write_model_card
 
     kwargs = dict(
         model_name="tiny-llama-cpt",

@@ -84,7 +84,7 @@ def file_times(root: Path) -> dict[str, int]:
 
 
 def test_run_rerun_change_and_force(prefect_harness, corpus, tiny_llama_dir, tmp_path):
-    from flows.pipeline import run_pipeline
+    from cptflow.flows.pipeline import run_pipeline
 
     config = write_config(tmp_path, corpus, tiny_llama_dir)
     reports = run_pipeline(config)
@@ -154,7 +154,7 @@ KILL_SCRIPT = textwrap.dedent(
     from cptflow.config import load_config
     from cptflow.plan import plan_pipeline, run_data_stage_plain
     import cptflow.docshards as docshards
-    import tasks.quality as quality
+    import cptflow.tasks.quality as quality
 
     cfg = load_config(sys.argv[1], sys.argv[2])
     runs = plan_pipeline(cfg)
@@ -177,14 +177,14 @@ KILL_SCRIPT = textwrap.dedent(
 
 
 def test_killed_stage_resumes_and_ends_byte_identical(prefect_harness, corpus, tiny_llama_dir, tmp_path):
-    from flows.pipeline import run_pipeline
+    from cptflow.flows.pipeline import run_pipeline
 
     config = write_config(tmp_path, corpus, tiny_llama_dir)
     reference = run_pipeline(config, work_dir=str(tmp_path / "reference"), only=list(DATA_STAGES))
 
     killed_dir = tmp_path / "killed"
     result = subprocess.run(
-        [sys.executable, "-c", KILL_SCRIPT, str(config), str(killed_dir)],
+        [sys.executable, "-P", "-c", KILL_SCRIPT, str(config), str(killed_dir)],
         cwd=REPO,
         env=dict(os.environ),
         capture_output=True,
@@ -206,7 +206,7 @@ def test_killed_stage_resumes_and_ends_byte_identical(prefect_harness, corpus, t
 
 
 def test_dask_runner_gives_the_same_bytes_as_threads(prefect_harness, corpus, tiny_llama_dir, tmp_path):
-    from flows.pipeline import run_pipeline
+    from cptflow.flows.pipeline import run_pipeline
 
     threads = write_config(tmp_path / "threads", corpus, tiny_llama_dir)
     dask = write_config(tmp_path / "dask", corpus, tiny_llama_dir, runner={"kind": "dask", "dask_workers": 2})

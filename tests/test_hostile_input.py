@@ -17,7 +17,7 @@ from typer.testing import CliRunner
 
 from cptflow.cli import app
 from cptflow.docshards import finalize_shard, read_documents
-from tasks.clean import (
+from cptflow.tasks.clean import (
     CleanConfig,
     CleanSteps,
     SourceConfig,

@@ -19,7 +19,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from kernels import (
+from cptflow.kernels import (
     apply_kernels,
     fused_linear_cross_entropy,
     linear_cross_entropy_reference,
@@ -29,11 +29,11 @@ from kernels import (
     swiglu_reference,
     use_triton,
 )
-from kernels._dispatch import triton
-from kernels.fused_linear_cross_entropy import default_chunk_tokens
+from cptflow.kernels._dispatch import triton
+from cptflow.kernels.fused_linear_cross_entropy import default_chunk_tokens
 
 # The module, not the function that kernels/__init__.py re-exports under the same name.
-fused_module = importlib.import_module("kernels.fused_linear_cross_entropy")
+fused_module = importlib.import_module("cptflow.kernels.fused_linear_cross_entropy")
 
 FP32_TOL = 1e-5
 # Triton's interpreter truncates fp32 -> bf16 casts (GPUs round to nearest): up to 1 bf16 ulp.
@@ -370,8 +370,8 @@ def test_kernels_compile_to_h100_machine_code(tmp_path, monkeypatch):
     from triton.compiler import ASTSource
     from triton.runtime.jit import JITFunction
 
-    from kernels.rms_norm import _rms_norm_backward_kernel, _rms_norm_forward_kernel
-    from kernels.swiglu import _swiglu_backward_kernel, _swiglu_forward_kernel
+    from cptflow.kernels.rms_norm import _rms_norm_backward_kernel, _rms_norm_forward_kernel
+    from cptflow.kernels.swiglu import _swiglu_backward_kernel, _swiglu_forward_kernel
 
     if not isinstance(_swiglu_forward_kernel, JITFunction):
         pytest.skip("this process imported triton in interpreter mode")

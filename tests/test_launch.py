@@ -28,7 +28,7 @@ REPO = Path(__file__).resolve().parents[1]
 TREE = textwrap.dedent(
     """
     import os, subprocess, sys, time
-    grandchild = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(600)"])
+    grandchild = subprocess.Popen([sys.executable, "-P", "-c", "import time; time.sleep(600)"])
     with open(sys.argv[1], "w") as handle:
         handle.write(f"{os.getpid()} {grandchild.pid}")
     print("workers up", flush=True)
@@ -39,8 +39,8 @@ TREE = textwrap.dedent(
 # Like torchrun's workers: the grandchild has a session of its own (a group signal misses it) and
 # ignores SIGTERM (hung in a collective), so only SIGKILL to it, found as a descendant, ends it.
 STUBBORN_TREE = TREE.replace(
-    'grandchild = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(600)"])',
-    'grandchild = subprocess.Popen([sys.executable, "-c", "import signal, time; signal.signal(signal.SIGTERM, signal.SIG_IGN); time.sleep(600)"], start_new_session=True)',
+    'grandchild = subprocess.Popen([sys.executable, "-P", "-c", "import time; time.sleep(600)"])',
+    'grandchild = subprocess.Popen([sys.executable, "-P", "-c", "import signal, time; signal.signal(signal.SIGTERM, signal.SIG_IGN); time.sleep(600)"], start_new_session=True)',
 )
 
 
@@ -80,7 +80,7 @@ def test_output_is_streamed_line_by_line_and_events_reach_the_reporter():
         lines.append(line)
         times.append(time.monotonic())
 
-    run_process_tree([sys.executable, "-c", script], on_line=on_line)
+    run_process_tree([sys.executable, "-P", "-c", script], on_line=on_line)
     assert lines[0] == "first" and lines[-1] == "last"
     assert "progress 10%" in lines and "progress 20%" in lines  # carriage returns end lines too
 
@@ -97,7 +97,7 @@ def test_output_is_streamed_line_by_line_and_events_reach_the_reporter():
 
 def test_a_failing_process_raises_with_its_last_lines():
     with pytest.raises(TrainingProcessError, match=r"exited with code 3(.|\n)*CUDA out of memory"):
-        run_process_tree([sys.executable, "-c", "print('CUDA out of memory'); raise SystemExit(3)"], on_line=lambda line: None)
+        run_process_tree([sys.executable, "-P", "-c", "print('CUDA out of memory'); raise SystemExit(3)"], on_line=lambda line: None)
 
 
 def test_a_timeout_kills_the_whole_process_tree_even_workers_in_their_own_session(tmp_path):
@@ -105,7 +105,7 @@ def test_a_timeout_kills_the_whole_process_tree_even_workers_in_their_own_sessio
     pids = tmp_path / "pids"
     started = time.monotonic()
     with pytest.raises(TrainingTimeout, match="timeout"):
-        run_process_tree([sys.executable, "-c", STUBBORN_TREE, str(pids)], on_line=lambda line: None, timeout_seconds=3)
+        run_process_tree([sys.executable, "-P", "-c", STUBBORN_TREE, str(pids)], on_line=lambda line: None, timeout_seconds=3)
     assert time.monotonic() - started < 30
     child, grandchild = map(int, pids.read_text().split())
     assert not alive(child) and not alive(grandchild)
@@ -118,10 +118,10 @@ def test_sigterm_to_the_launching_process_kills_the_whole_process_tree(tmp_path)
         f"""
         import sys
         from cptflow.launch import run_process_tree
-        run_process_tree([sys.executable, "-c", {TREE!r}, {str(pids)!r}], on_line=print)
+        run_process_tree([sys.executable, "-P", "-c", {TREE!r}, {str(pids)!r}], on_line=print)
         """
     )
-    parent = subprocess.Popen([sys.executable, "-c", launcher], cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    parent = subprocess.Popen([sys.executable, "-P", "-c", launcher], cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     child, grandchild = map(int, wait_for(pids).split())
     assert alive(child) and alive(grandchild)
     parent.send_signal(signal.SIGTERM)
@@ -137,7 +137,7 @@ def test_a_sigkilled_launching_process_still_takes_the_launcher_down(tmp_path):
     """Not even a chance to clean up: the kernel sends the launcher SIGTERM (PR_SET_PDEATHSIG)."""
     pids = tmp_path / "pids"
     launcher = f"from cptflow.launch import run_process_tree; import sys; run_process_tree([sys.executable, '-c', {TREE!r}, {str(pids)!r}], on_line=print)"
-    parent = subprocess.Popen([sys.executable, "-c", launcher], cwd=REPO, stdout=subprocess.DEVNULL)
+    parent = subprocess.Popen([sys.executable, "-P", "-c", launcher], cwd=REPO, stdout=subprocess.DEVNULL)
     child, _ = map(int, wait_for(pids).split())
     parent.kill()
     parent.wait()

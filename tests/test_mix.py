@@ -12,8 +12,8 @@ import numpy as np
 import pytest
 from pydantic import ValidationError
 
-from tasks import mix
-from tasks.mix import (
+from cptflow.tasks import mix
+from cptflow.tasks.mix import (
     MixConfig,
     MixEpochsError,
     MixEpochsWarning,
@@ -217,7 +217,7 @@ def write_upstream(directory: Path, docs: list[dict], shards_per_source: int = 2
 
 
 def stage_config(tokenizer_dir: Path, seed: int = 0, **mix_fields):
-    from tasks.clean import SourceConfig
+    from cptflow.tasks.clean import SourceConfig
 
     sources = [SourceConfig(name="papers", role="domain", paths=["x"]), SourceConfig(name="web", role="general", paths=["y"])]
     mix_cfg = MixConfig.model_validate({"domain_eval_documents": 20, "general_eval_documents": 25, **mix_fields})

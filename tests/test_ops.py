@@ -50,7 +50,7 @@ def free_port() -> int:
 def test_deployments_register_schedule_and_one_per_stage(prefect_harness, tmp_path):
     from prefect.client.orchestration import get_client
 
-    from flows.deployments import build_deployments
+    from cptflow.flows.deployments import build_deployments
 
     config = minimal_config(tmp_path)
     work = tmp_path / "w"
@@ -62,7 +62,7 @@ def test_deployments_register_schedule_and_one_per_stage(prefect_harness, tmp_pa
         whole = client.read_deployment_by_name("cptflow-pipeline/ops")
         assert [s.schedule.cron for s in whole.schedules] == ["0 2 * * *"]
         assert whole.parameters == base
-        assert whole.entrypoint == "flows.pipeline.cptflow_pipeline"
+        assert whole.entrypoint == "cptflow.flows.pipeline.cptflow_pipeline"
         assert whole.global_concurrency_limit.limit == 1
         assert set(whole.tags) == {"cptflow", "ops"}
         # typed parameters: the UI renders a form
@@ -81,7 +81,7 @@ def test_deployments_register_schedule_and_one_per_stage(prefect_harness, tmp_pa
 
 
 def test_deployments_refuse_cron_and_interval_together(tmp_path):
-    from flows.deployments import build_deployments
+    from cptflow.flows.deployments import build_deployments
 
     with pytest.raises(ValueError, match="not both"):
         build_deployments(minimal_config(tmp_path), cron="0 2 * * *", interval=60)
@@ -204,7 +204,7 @@ def test_ui_serves_health_on_loopback_and_stops_on_ctrl_c(tmp_path):
 # ----------------------------------------------------------------------------------------------------
 def test_ray_runner_gives_the_same_bytes_as_threads(prefect_harness, corpus, tiny_llama_dir, tmp_path):  # noqa: F811
     pytest.importorskip("prefect_ray", reason="pip install 'cptflow[ray]'")
-    from flows.pipeline import run_pipeline
+    from cptflow.flows.pipeline import run_pipeline
 
     threads = write_config(tmp_path / "threads", corpus, tiny_llama_dir)
     ray = write_config(tmp_path / "ray", corpus, tiny_llama_dir, runner={"kind": "ray", "max_workers": 2})
@@ -217,7 +217,7 @@ def test_ray_runner_gives_the_same_bytes_as_threads(prefect_harness, corpus, tin
 
 def test_ray_runner_without_prefect_ray_names_the_extra(monkeypatch):
     from cptflow.config import RunnerConfig
-    from flows.pipeline import make_task_runner
+    from cptflow.flows.pipeline import make_task_runner
 
     monkeypatch.setitem(sys.modules, "prefect_ray", None)  # as if not installed
     with pytest.raises(ImportError, match=r"pip install 'cptflow\[ray\]'"):
@@ -265,7 +265,7 @@ def test_failure_artifact_names_stage_error_and_rerun_command(prefect_harness, w
     from prefect import flow
     from prefect.client.schemas.sorting import ArtifactSort
 
-    from flows.failure import publish_failure
+    from cptflow.flows.failure import publish_failure
 
     @flow
     def failing_pipeline() -> dict:  # where the pipeline flow calls it: inside its run
@@ -295,7 +295,7 @@ def test_failure_artifact_names_stage_error_and_rerun_command(prefect_harness, w
 
 
 def test_failure_notification_problems_are_logged_without_the_url(prefect_harness, tmp_path, caplog):
-    from flows.failure import publish_failure
+    from cptflow.flows.failure import publish_failure
 
     caplog.set_level(logging.DEBUG)
     refusing = Webhook(status=500)
@@ -314,7 +314,7 @@ def test_failure_notification_problems_are_logged_without_the_url(prefect_harnes
 def test_failure_notification_through_a_prefect_block(prefect_harness, webhook, tmp_path, caplog):
     from prefect.blocks.notifications import CustomWebhookNotificationBlock
 
-    from flows.failure import publish_failure
+    from cptflow.flows.failure import publish_failure
 
     caplog.set_level(logging.DEBUG)
     CustomWebhookNotificationBlock(name="ops", url=webhook.url, json_data={"text": "{{subject}}: {{body}}"}).save("ops-alerts", overwrite=True)
@@ -326,7 +326,7 @@ def test_failure_notification_through_a_prefect_block(prefect_harness, webhook, 
 
 
 def test_failed_stage_is_the_first_selected_stage_not_done(corpus, tiny_llama_dir, tmp_path):  # noqa: F811
-    from flows.failure import failed_stage, rerun_command
+    from cptflow.flows.failure import failed_stage, rerun_command
 
     cfg = load_config(write_config(tmp_path, corpus, tiny_llama_dir))
     runs = plan_pipeline(cfg)
@@ -392,7 +392,7 @@ def test_result_storage_is_a_local_path_or_a_prefect_storage_block(prefect_harne
     a saved filesystem block (the same mechanism as s3-bucket/... for retries across containers)."""
     from prefect.filesystems import LocalFileSystem
 
-    import flows.pipeline as pipeline
+    import cptflow.flows.pipeline as pipeline
 
     local = write_config(tmp_path / "local", corpus, tiny_llama_dir, results={"local_path": "prefect-results"})
     pipeline.run_pipeline(local, only=["clean"])
@@ -531,18 +531,18 @@ def psutil_alive(pid: int) -> bool:
 def test_without_a_server_the_gpu_slot_is_a_lock_that_dies_with_its_holder(tmp_path):
     """`cptflow run` on its own starts a temporary server that forgets slot leases when it stops; a
     killed run must not hold the GPU slot for good, so there the slot is a lock file."""
-    from flows.pipeline import local_slot
+    from cptflow.flows.pipeline import local_slot
 
     holder = textwrap.dedent(
         """
         import sys, time
-        from flows.pipeline import local_slot
+        from cptflow.flows.pipeline import local_slot
         with local_slot("gpu", 1, lambda: None, directory=sys.argv[1]):
             print("holding", flush=True)
             time.sleep(600)
         """
     )
-    other = subprocess.Popen([sys.executable, "-c", holder, str(tmp_path)], cwd=REPO, stdout=subprocess.PIPE, text=True)
+    other = subprocess.Popen([sys.executable, "-P", "-c", holder, str(tmp_path)], cwd=REPO, stdout=subprocess.PIPE, text=True)
     assert other.stdout.readline().strip() == "holding"
     waits, got = [], []
 

@@ -16,7 +16,7 @@ transformers = pytest.importorskip("transformers")
 from pydantic import ValidationError  # noqa: E402
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors, trainers  # noqa: E402
 
-from tasks.perplexity import (  # noqa: E402
+from cptflow.tasks.perplexity import (  # noqa: E402
     REASON_ABOVE_BAND,
     REASON_ABOVE_MAX,
     REASON_BELOW_BAND,
@@ -27,7 +27,7 @@ from tasks.perplexity import (  # noqa: E402
     score_texts,
     score_texts_naive,
 )
-from tests.conftest import everyday_english_docs  # noqa: E402
+from conftest import everyday_english_docs  # noqa: E402
 
 
 @pytest.fixture(scope="module")

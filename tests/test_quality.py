@@ -14,7 +14,7 @@ import pytest
 from langdetect import DetectorFactory
 from pydantic import ValidationError
 
-from tasks.quality import (
+from cptflow.tasks.quality import (
     C4Config,
     GopherQualityConfig,
     GopherRepetitionConfig,
@@ -160,14 +160,14 @@ def test_language_id_is_deterministic_across_calls_processes_and_global_seed_cha
     fast = [identify_language(t, LanguageConfig()) for t in texts]
     assert [identify_language(t, LanguageConfig()) for t in texts] == fast
     code = (
-        "import sys; sys.path.insert(0, sys.argv[1]); import json\n"
-        "from tasks.quality import identify_language, LanguageConfig\n"
-        "print(json.dumps([identify_language(t, LanguageConfig()) for t in json.loads(sys.argv[2])]))"
+        "import sys, json\n"
+        "from cptflow.tasks.quality import identify_language, LanguageConfig\n"
+        "print(json.dumps([identify_language(t, LanguageConfig()) for t in json.loads(sys.argv[1])]))"
     )
     import json
 
     out = subprocess.run(
-        [sys.executable, "-c", code, str(ROOT), json.dumps(texts)], capture_output=True, text=True, check=True
+        [sys.executable, "-P", "-c", code, json.dumps(texts)], capture_output=True, text=True, check=True
     )
     assert [tuple(x) for x in json.loads(out.stdout)] == fast
 
@@ -381,9 +381,9 @@ def test_minhash_signature_is_deterministic_across_processes():
     ours = minhash_signature(ENGLISH, cfg)
     assert ours.shape == (cfg.num_buckets * cfg.rows_per_bucket,)
     code = (
-        "import sys; sys.path.insert(0, sys.argv[1])\n"
-        "from tasks.quality import minhash_signature, MinHashConfig\n"
-        "print(','.join(map(str, minhash_signature(sys.argv[2], MinHashConfig()))))"
+        "import sys\n"
+        "from cptflow.tasks.quality import minhash_signature, MinHashConfig\n"
+        "print(','.join(map(str, minhash_signature(sys.argv[1], MinHashConfig()))))"
     )
-    out = subprocess.run([sys.executable, "-c", code, str(ROOT), ENGLISH], capture_output=True, text=True, check=True)
+    out = subprocess.run([sys.executable, "-P", "-c", code, ENGLISH], capture_output=True, text=True, check=True)
     assert out.stdout.strip() == ",".join(map(str, ours))

@@ -18,7 +18,7 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
 from pydantic import ValidationError  # noqa: E402
 
-import tasks.tokenize as tokenize  # noqa: E402
+import cptflow.tasks.tokenize as tokenize  # noqa: E402
 from cptflow.plan import StageRun  # noqa: E402
 from cptflow.store import read_manifest, sha256_file  # noqa: E402
 from cptflow.token_shards import (  # noqa: E402
@@ -28,8 +28,8 @@ from cptflow.token_shards import (  # noqa: E402
     open_token_shard,
     read_shard_metadata,
 )
-from tasks.tokenize import TokenizeConfig, document_token_ids  # noqa: E402
-from tests.conftest import everyday_english_docs  # noqa: E402
+from cptflow.tasks.tokenize import TokenizeConfig, document_token_ids  # noqa: E402
+from conftest import everyday_english_docs  # noqa: E402
 
 N_STREAMS = 3
 
@@ -351,8 +351,8 @@ def test_config_rejects_unknown_keys_and_bad_values():
 
 def test_literal_special_token_text_is_not_an_injected_eos(tiny_llama_dir):
     from cptflow.models import load_tokenizer
-    from tasks.mix import document_tokens
-    from tasks.tokenize import document_token_ids
+    from cptflow.tasks.mix import document_tokens
+    from cptflow.tasks.tokenize import document_token_ids
 
     tokenizer = load_tokenizer(str(tiny_llama_dir))
     texts = ["the page said </s> and then <s> again", "plain"]

@@ -237,7 +237,7 @@ def test_tied_embeddings_stay_tied_through_training_saving_and_merging(tied_llam
     from transformers import AutoModelForCausalLM
 
     from cptflow.training import save_adapter
-    from tasks.export import merge_adapter
+    from cptflow.tasks.export import merge_adapter
 
     tcfg = tiny_config()
     base = load_base_model(str(tied_llama_dir), tcfg)
@@ -320,7 +320,7 @@ KILL_AT_STEP = textwrap.dedent(
     from cptflow.config import load_config
     from cptflow.plan import plan_pipeline
     from cptflow.training import TrainingReporter
-    import tasks.cpt as cpt
+    import cptflow.tasks.cpt as cpt
 
     class DieAtStep(TrainingReporter):
         def on_log(self, record):
@@ -334,7 +334,7 @@ KILL_AT_STEP = textwrap.dedent(
 
 
 def test_killed_cpt_resumes_from_its_checkpoint_and_ends_with_identical_weights(prepared, tmp_path):
-    import tasks.cpt as cpt
+    import cptflow.tasks.cpt as cpt
 
     reference_dir = work_copy(prepared, tmp_path / "reference")
     cfg = load_config(prepared, reference_dir)
@@ -343,7 +343,7 @@ def test_killed_cpt_resumes_from_its_checkpoint_and_ends_with_identical_weights(
 
     killed_dir = work_copy(prepared, tmp_path / "killed")
     result = subprocess.run(
-        [sys.executable, "-c", KILL_AT_STEP, str(prepared), str(killed_dir), "3"],
+        [sys.executable, "-P", "-c", KILL_AT_STEP, str(prepared), str(killed_dir), "3"],
         cwd=REPO, env=dict(os.environ), capture_output=True, text=True, timeout=300,
     )
     assert result.returncode == -signal.SIGKILL, result.stderr[-2000:]
@@ -368,7 +368,7 @@ def test_killed_cpt_resumes_from_its_checkpoint_and_ends_with_identical_weights(
 
 
 def test_cpt_learns_and_records_groups_memory_and_best_checkpoint(prepared, tmp_path):
-    import tasks.cpt as cpt
+    import cptflow.tasks.cpt as cpt
 
     work = work_copy(prepared, tmp_path / "work")
     cfg = load_config(write_variant(prepared, tmp_path / "variant", max_steps=8, kernels={"fused_linear_cross_entropy": "off"}), work)
@@ -385,7 +385,7 @@ def test_cpt_learns_and_records_groups_memory_and_best_checkpoint(prepared, tmp_
 
 
 def test_kernels_on_and_off_give_the_same_loss_curve(prepared, tmp_path):
-    import tasks.cpt as cpt
+    import cptflow.tasks.cpt as cpt
 
     curves = {}
     for mode in ("on", "off"):
@@ -400,7 +400,7 @@ def test_kernels_on_and_off_give_the_same_loss_curve(prepared, tmp_path):
 
 def test_two_gloo_processes_match_one_process_with_doubled_accumulation(prepared, tmp_path):
     """torchrun, 2 CPU processes (gloo), micro-batch 2 each == 1 process, micro-batch 2, accumulation 2."""
-    import tasks.cpt as cpt
+    import cptflow.tasks.cpt as cpt
     from cptflow.launch import launch_stage
     from cptflow.training import TrainingReporter
 
@@ -446,7 +446,7 @@ def test_two_gloo_processes_match_one_process_with_doubled_accumulation(prepared
 def test_sft_labels_only_the_answers_each_ending_in_eos(tiny_llama_dir):
     from transformers import AutoTokenizer
 
-    from tasks.sft import DEFAULT_CHAT_TEMPLATE, tokenize_conversation
+    from cptflow.tasks.sft import DEFAULT_CHAT_TEMPLATE, tokenize_conversation
 
     tokenizer = AutoTokenizer.from_pretrained(str(tiny_llama_dir))
     messages = [
@@ -480,7 +480,7 @@ def test_sft_labels_only_the_answers_each_ending_in_eos(tiny_llama_dir):
 def test_sft_accounts_for_every_line(tiny_llama_dir, tmp_path):
     from transformers import AutoTokenizer
 
-    from tasks.sft import load_examples
+    from cptflow.tasks.sft import load_examples
 
     path = tmp_path / "mixed.jsonl"
     lines = [
@@ -507,8 +507,8 @@ def test_sft_accounts_for_every_line(tiny_llama_dir, tmp_path):
 
 
 def test_sft_continues_from_the_cpt_adapter_with_embeddings_frozen(prepared, tmp_path):
-    import tasks.cpt as cpt
-    import tasks.sft as sft
+    import cptflow.tasks.cpt as cpt
+    import cptflow.tasks.sft as sft
 
     cfg = load_config(prepared, work_copy(prepared, tmp_path / "work"))
     cfg.sft.max_steps, cfg.sft.max_length, cfg.sft.micro_batch_size, cfg.sft.save_steps = 3, 96, 4, 3
@@ -548,7 +548,7 @@ def test_training_can_start_from_an_existing_adapter(tiny_llama_dir, tmp_path):
 
 
 def test_a_prefect_retry_of_a_failed_cpt_resumes_from_its_checkpoint(prefect_harness, prepared, tmp_path, monkeypatch):
-    import flows.pipeline as pipeline
+    import cptflow.flows.pipeline as pipeline
 
     failures = []
     original = pipeline.PrefectTrainingReporter.on_log
@@ -576,7 +576,7 @@ def test_training_waits_for_a_slot_of_the_gpu_concurrency_limit(prefect_harness,
 
     from prefect.concurrency.sync import concurrency
 
-    import flows.pipeline as pipeline
+    import cptflow.flows.pipeline as pipeline
 
     pipeline.ensure_concurrency_limit("gpu", 1)
     work = work_copy(prepared, tmp_path / "work")
@@ -592,7 +592,7 @@ def test_training_waits_for_a_slot_of_the_gpu_concurrency_limit(prefect_harness,
 
 
 def test_fused_loss_falls_back_to_the_eager_head_where_it_cannot_apply(tiny_llama_dir, caplog):
-    from kernels import fused_linear_cross_entropy
+    from cptflow.kernels import fused_linear_cross_entropy
 
     from cptflow.training import fused_loss_for
 
