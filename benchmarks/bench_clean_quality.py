@@ -15,7 +15,6 @@ import gzip
 import json
 import random
 import re
-import sys
 import time
 from collections import Counter
 from pathlib import Path

@@ -11,10 +11,7 @@ from __future__ import annotations
 import argparse
 import json
 import random
-import sys
 import time
-from pathlib import Path
-
 
 import langdetect  # noqa: E402
 from langdetect import DetectorFactory  # noqa: E402

@@ -18,11 +18,9 @@ from __future__ import annotations
 import argparse
 import json
 import statistics
-import sys
 import tempfile
 import time
 from pathlib import Path
-
 
 import numpy as np  # noqa: E402
 import pyarrow as pa  # noqa: E402

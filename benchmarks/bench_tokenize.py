@@ -16,7 +16,6 @@ import os
 import random
 import re
 import shutil
-import sys
 import tempfile
 import time
 import types

@@ -118,8 +118,16 @@ def import_everything() -> None:
 
 def run_cptflow(args, model_path: str) -> dict:
     """Exactly the cpt stage's calls: load_base_model -> add_adapters -> kernels -> optimizer -> train_step."""
-    from cptflow.training import add_adapters, build_optimizer, build_scheduler, load_base_model, set_seed, train_step
-    from cptflow.training import apply_kernel_patches, fused_loss_for
+    from cptflow.training import (
+        add_adapters,
+        apply_kernel_patches,
+        build_optimizer,
+        build_scheduler,
+        fused_loss_for,
+        load_base_model,
+        set_seed,
+        train_step,
+    )
 
     tcfg = training_config(args)
     total = args.warmup + args.steps

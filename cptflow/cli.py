@@ -1,11 +1,20 @@
 """The `cptflow` command: run the pipeline, validate a config, show the state of each stage.
 
 Errors a user can fix (config, inputs, stage selection) are printed as one clear message, not a traceback.
+
+The commands import the pipeline (torch, transformers and prefect: seconds) when they run, not when
+this module is imported, so `cptflow --help`, `cptflow demo` and `cptflow ui` answer at once: the
+function-local imports below are deferred on purpose.
 """
 
 from __future__ import annotations
 
+import importlib.resources
 import json
+import os
+import shutil
+import signal
+import subprocess
 import sys
 from pathlib import Path
 from typing import Optional
@@ -15,6 +24,7 @@ from rich.console import Console
 from rich.table import Table
 
 import cptflow.flows  # noqa: F401  (its __init__ sets Prefect defaults before prefect is imported)
+from cptflow.store import read_manifest
 
 app = typer.Typer(add_completion=False, no_args_is_help=True, help="Continued pretraining pipeline as a Prefect DAG.")
 console = Console()
@@ -100,8 +110,14 @@ def run(
 ) -> None:
     """Run the pipeline; finished stages whose inputs and config are unchanged are cached."""
     cfg = _load(config, work_dir)
+    from cptflow.flows.pipeline import (
+        StageSelectionError,
+        check_upstreams_available,
+        cptflow_pipeline,
+        result_storage,
+        select_stages,
+    )
     from cptflow.plan import plan_pipeline
-    from cptflow.flows.pipeline import StageSelectionError, check_upstreams_available, cptflow_pipeline, result_storage, select_stages
 
     try:
         selected, _ = select_stages(only, from_stage, force)
@@ -144,8 +160,6 @@ def _print_reports(reports: list[dict]) -> None:
             console.print(f"  {report['stage']}: {report['result']}", highlight=False)
     evaluate = next((r for r in reports if r["stage"] == "evaluate" and r["state"] != "not run"), None)
     if evaluate:
-        from cptflow.store import read_manifest
-
         manifest = read_manifest(Path(evaluate["directory"]))
         if manifest:
             console.print("\nForgetting: perplexity on held-out text (lower is better)\n" + manifest["forgetting_table"], highlight=False)
@@ -201,19 +215,16 @@ def serve(
 
     NAME is the config's `name`. Run one from the UI (a form for only, from_stage, force, work_dir) or with `prefect deployment run 'cptflow-pipeline/NAME-quality'`. Two runs of one deployment never overlap: a run due while the previous one still works waits for it.
     """
-    from prefect.settings import PREFECT_API_URL
-
     from cptflow.config import ConfigError
+    from cptflow.flows.deployments import build_deployments, prefect_api_url, serve_deployments
 
     if cron and interval:
         _fail("give --cron or --interval, not both")
-    if not PREFECT_API_URL.value():
+    if not prefect_api_url():
         _fail(
             "PREFECT_API_URL is not set: a schedule needs a Prefect server that outlives this command. "
             "Start one with `cptflow ui`, then `export PREFECT_API_URL=http://127.0.0.1:4200/api`"
         )
-    from cptflow.flows.deployments import build_deployments
-
     try:
         deployments = build_deployments(config, cron=cron, interval=interval, work_dir=work_dir)
     except ConfigError as err:
@@ -222,12 +233,38 @@ def serve(
         from pydantic import ValidationError
 
         _fail(f"--cron: {err.errors()[0]['msg']}" if isinstance(err, ValidationError) else str(err))
-    from prefect import serve as prefect_serve
+    serve_deployments(deployments, _load(config, work_dir))
 
-    from cptflow.flows.pipeline import result_storage
 
-    with result_storage(_load(config, work_dir)):  # the runner passes these settings to every flow run
-        prefect_serve(*deployments)
+def write_demo(directory: Path, force: bool = False) -> Path:
+    """Copy the demo config and the sample data (package data: present in a wheel install too) into
+    `directory` as configs/demo.yaml and data/, the layout of the repository. Returns the config path."""
+    directory = Path(directory)
+    config = directory / "configs" / "demo.yaml"
+    data = directory / "data"
+    if not force and (config.exists() or data.exists()):
+        raise FileExistsError(f"{directory} already holds configs/demo.yaml or data/ (pass --force to overwrite them)")
+    sample_data = Path(str(importlib.resources.files("cptflow.sample_data")))
+    shutil.rmtree(data, ignore_errors=True)
+    shutil.copytree(sample_data, data, ignore=shutil.ignore_patterns("*.py", "__pycache__"))
+    config.parent.mkdir(parents=True, exist_ok=True)
+    shutil.copyfile(Path(str(importlib.resources.files("cptflow.sample_configs"))) / "demo.yaml", config)
+    return config
+
+
+@app.command()
+def demo(
+    directory: Path = typer.Argument(..., help="Where to write configs/demo.yaml and data/ (created if missing)"),
+    force: bool = typer.Option(False, "--force", help="Overwrite a demo written there before"),
+) -> None:
+    """Write the embedded demo (config and sample corpora) into DIRECTORY, to run from anywhere cptflow
+    is installed: `cptflow run DIRECTORY/configs/demo.yaml`."""
+    try:
+        config = write_demo(directory, force=force)
+    except FileExistsError as err:
+        _fail(str(err))
+    console.print(f"Wrote {config} and {directory / 'data'}", highlight=False, soft_wrap=True)
+    console.print(f"Run it: cptflow run {config}", highlight=False, soft_wrap=True)
 
 
 LOOPBACK_HOSTS = ("127.0.0.1", "localhost", "::1")
@@ -240,8 +277,6 @@ def _browser_host(host: str) -> str:
 def ui_command(host: str, port: int) -> tuple[list[str], dict[str, str]]:
     """argv and environment of `prefect server start` for `cptflow ui`: SQLite in ./.prefect unless
     PREFECT_HOME is set, no analytics, bound to `host` whatever PREFECT_SERVER_API_HOST says."""
-    import os
-
     env = dict(os.environ)
     env.setdefault("PREFECT_HOME", str(Path.cwd() / ".prefect"))
     env["PREFECT_SERVER_ANALYTICS_ENABLED"] = "false"
@@ -266,10 +301,6 @@ def ui(
 
     Its database is SQLite in ./.prefect unless PREFECT_HOME is set. The server has no login, so it listens on 127.0.0.1 unless --host says otherwise. It prints the `export PREFECT_API_URL=...` line that sends `cptflow run` and `cptflow serve` to it.
     """
-    import os
-    import signal
-    import subprocess
-
     if host is None:
         configured = os.environ.get("PREFECT_SERVER_API_HOST")
         if configured and configured not in LOOPBACK_HOSTS:

@@ -21,6 +21,8 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from cptflow.tokenization import document_token_ids
+
 # HF's ByteLevel pre-tokenizer with use_regex=True (the GPT-2 pattern, as tiktoken writes it).
 GPT2_PATTERN = r"""'(?:[sdmt]|ll|ve|re)| ?\p{L}+| ?\p{N}+| ?[^\s\p{L}\p{N}]+|\s+(?!\S)|\s+"""
 
@@ -208,8 +210,6 @@ def _special_frame(tokenizer) -> tuple[list[int] | None, list[int]]:
 def verify(encoder: FastEncoder, tokenizer, texts: list[str] | None = None) -> str:
     """"" when the encoder and the tokenizer agree on every text (PROBE_TEXTS by default), else
     the first text where they differ."""
-    from cptflow.tasks.tokenize import document_token_ids  # the reference: the HF tokenizer itself
-
     texts = PROBE_TEXTS if texts is None else texts
     tokens, lengths = encoder.encode_documents(texts, tokenizer.eos_token_id)
     differing = differing_documents(tokens, lengths, document_token_ids(texts, tokenizer), range(len(texts)))

@@ -7,8 +7,8 @@ and get a stable model fingerprint for their caches.
 from __future__ import annotations
 
 import hashlib
-import os
 import importlib.resources
+import os
 from pathlib import Path
 
 from cptflow.tiny_model import TinyLlamaSpec, build_fingerprint, build_tiny_llama

@@ -13,9 +13,8 @@ import os
 import shutil
 import time
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any, Iterator, Literal
 
-STAGES = ("clean", "quality", "perplexity", "mix", "tokenize", "cpt", "sft", "evaluate")
 MANIFEST = "manifest.json"
 WORK = "_work"  # per-shard partial results and completion markers of an unfinished stage
 
@@ -35,6 +34,17 @@ def sha256_file(path: Path, chunk_bytes: int = 1 << 20) -> str:
         while chunk := handle.read(chunk_bytes):
             digest.update(chunk)
     return digest.hexdigest()
+
+
+def file_fingerprint(path: Path, mode: Literal["mtime", "content"]) -> dict:
+    """How one input file enters a fingerprint: size and mtime, or size and sha256 of its bytes."""
+    stat = path.stat()
+    entry = {"path": str(path.resolve()), "bytes": stat.st_size}
+    if mode == "content":
+        entry["sha256"] = hashlib.sha256(path.read_bytes()).hexdigest()
+    else:
+        entry["mtime_ns"] = stat.st_mtime_ns
+    return entry
 
 
 def stage_dir(work_dir: Path, stage: str, stage_fingerprint: str) -> Path:

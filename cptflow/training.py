@@ -26,7 +26,12 @@ import torch.nn.functional as F
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 from cptflow import distributed
+from cptflow.kernels import fused_linear_cross_entropy
+from cptflow.kernels.patch import apply_kernels
+from cptflow.models import pick_device, pick_dtype, resolve_model_path
+from cptflow.stage import Artifact
 from cptflow.store import atomic_write_json, atomic_write_text, read_json
+from cptflow.tokenization import document_token_ids
 
 logger = logging.getLogger(__name__)
 
@@ -131,7 +136,6 @@ def load_base_model(name: str, tcfg: TrainingConfig, *, trust_remote_code: bool 
     """The base causal LM, NF4-quantised (QLoRA) or in the compute dtype, prepared for k-bit training."""
     from transformers import AutoModelForCausalLM, BitsAndBytesConfig
 
-    from cptflow.models import pick_device, pick_dtype, resolve_model_path
 
     device = pick_device(tcfg.device)
     if device == "cuda" and distributed.initialized():  # one GPU per process: the launcher's LOCAL_RANK
@@ -449,8 +453,6 @@ def pack_eval_blocks(texts: Sequence[str], tokenizer, seq_len: int) -> list[dict
     The same blocks go through every model compared (base, cpt, sft), so their perplexities are on
     exactly the same tokens. The last block is padded; padding is ignored.
     """
-    from cptflow.tasks.tokenize import document_token_ids
-
     stream = [token for ids in document_token_ids(list(texts), tokenizer) for token in ids]
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
     blocks = []
@@ -465,6 +467,16 @@ def pack_eval_blocks(texts: Sequence[str], tokenizer, seq_len: int) -> list[dict
 
 
 PAD_VALUES = {"labels": IGNORE_INDEX, "attention_mask": 0}  # input_ids padding is masked, so 0 will do
+
+
+# mix's held-out sets: the same tokens for cpt, sft and evaluate (so their perplexities compare).
+EVAL_SETS = ("domain_eval", "general_eval")
+
+
+def eval_blocks(stage_directories: dict, tokenizer, seq_len: int) -> dict[str, list[dict]]:
+    """mix's held-out sets, tokenized and packed as for training."""
+    mix_dir = Path(stage_directories["mix"])
+    return {name: pack_eval_blocks(read_texts(mix_dir / "eval" / f"{name}.jsonl"), tokenizer, seq_len) for name in EVAL_SETS}
 
 
 def collate(samples: Sequence[dict], device: str | torch.device = "cpu") -> dict:
@@ -676,12 +688,6 @@ def fused_loss_for(model, tcfg: TrainingConfig):
     mode = tcfg.kernels.fused_linear_cross_entropy
     if mode == "off":
         return None
-    try:
-        from cptflow.kernels import fused_linear_cross_entropy
-    except ImportError:  # kernels/ not installed in this environment
-        if mode == "on":
-            raise
-        return None
     if tcfg.kl_weight > 0 or _head_weight(_causal_lm(model).lm_head) is None:
         reason = "kl_weight > 0 needs the logits" if tcfg.kl_weight > 0 else "lm_head is LoRA-wrapped or has a bias"
         if mode == "on":
@@ -692,13 +698,7 @@ def fused_loss_for(model, tcfg: TrainingConfig):
 
 
 def apply_kernel_patches(model, tcfg: TrainingConfig) -> dict:
-    """RMSNorm and SwiGLU kernels on the model's modules (kernels/patch.py); {} when kernels/ is absent."""
-    try:
-        from cptflow.kernels.patch import apply_kernels
-    except ImportError:
-        if "on" in (tcfg.kernels.rms_norm, tcfg.kernels.swiglu):
-            raise
-        return {}
+    """RMSNorm and SwiGLU kernels on the model's modules (kernels/patch.py)."""
     return apply_kernels(model, rms_norm=tcfg.kernels.rms_norm, swiglu=tcfg.kernels.swiglu)
 
 
@@ -747,6 +747,32 @@ class TrainingReporter:
 
     def on_checkpoint(self, path: Path, best: Path | None) -> None:
         logger.info("checkpoint %s (best so far: %s)", path, best)
+
+
+def training_artifacts(manifest: dict, directory: Path) -> list[Artifact]:
+    """What cpt and sft show once committed: held-out perplexity per eval, peak memory per phase and a
+    link to the best checkpoint (published once per stage, not at every eval)."""
+    stage = manifest["stage"]
+    rows = [{"step": e["step"], **{f"{n} ppl": v["perplexity"] for n, v in e.items() if isinstance(v, dict)}} for e in manifest["evals"]]
+    found = [
+        Artifact(key=f"{stage}-eval", description=f"{stage}: held-out perplexity per step", table=rows),
+        Artifact(
+            key=f"{stage}-memory",
+            description=f"{stage}: peak memory per phase",
+            table=[{"phase": phase, **values} for phase, values in manifest["memory"].items()],
+        ),
+    ]
+    if manifest.get("best_checkpoint"):
+        best = Path(directory) / manifest["best_checkpoint"]
+        found.append(
+            Artifact(
+                key=f"{stage}-best-checkpoint",
+                description=f"{stage}: the checkpoint with the best held-out perplexity",
+                link=best.resolve().as_uri(),
+                link_text=str(best),
+            )
+        )
+    return found
 
 
 @dataclass

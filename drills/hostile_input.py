@@ -27,11 +27,11 @@ from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from drills import drill_command
-
 import pyarrow as pa
 import pyarrow.parquet as pq
 import yaml
+
+from drills import drill_command
 
 REPO = Path(__file__).resolve().parents[1]
 SAMPLE_DOMAIN = REPO / "data" / "raw" / "domain" / "abstracts.jsonl"

@@ -260,6 +260,7 @@ def preload(stages) -> None:
         stage_module(stage)
     if any(stage in TRAINING for stage in stages):
         import peft  # noqa: F401
+
         import cptflow.tasks.export  # noqa: F401
 
 

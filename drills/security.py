@@ -30,9 +30,9 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
-from drills import drill_command
-
 import yaml
+
+from drills import drill_command
 
 REPO = Path(__file__).resolve().parents[1]
 # Our code: what the pipeline, its scripts and benchmarks run. Tests load checkpoints they wrote themselves.

@@ -9,12 +9,14 @@ from __future__ import annotations
 from datetime import timedelta
 from pathlib import Path
 
+from prefect import serve
 from prefect.client.schemas.objects import ConcurrencyLimitConfig, ConcurrencyLimitStrategy
 from prefect.deployments.runner import EntrypointType, RunnerDeployment
+from prefect.settings import PREFECT_API_URL
 
-from cptflow.config import load_config
+from cptflow.config import PipelineConfig, load_config
+from cptflow.flows.pipeline import cptflow_pipeline, result_storage
 from cptflow.plan import PIPELINE_STAGES
-from cptflow.flows.pipeline import cptflow_pipeline
 
 # Two runs of one deployment would write into the same work directory: the second waits its turn
 # (a scheduled run firing while the previous one still trains is queued, not dropped).
@@ -69,3 +71,15 @@ def build_deployments(
             )
         )
     return deployments
+
+
+def prefect_api_url() -> str | None:
+    """The Prefect server `cptflow serve` registers with (None: no server configured)."""
+    return PREFECT_API_URL.value()
+
+
+def serve_deployments(deployments: list[RunnerDeployment], cfg: PipelineConfig) -> None:
+    """Run the deployments' flow runs in this process until Ctrl-C, with the config's result storage
+    (the runner passes these settings to every flow run it starts)."""
+    with result_storage(cfg):
+        serve(*deployments)

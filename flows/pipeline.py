@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import contextlib
 import fcntl
-import json
 import time
 from pathlib import Path
 
@@ -26,10 +25,11 @@ from prefect.logging import get_run_logger
 
 from cptflow.config import PipelineConfig, RunnerConfig, load_config
 from cptflow.docshards import ShardCounts
+from cptflow.flows.failure import failed_stage, publish_failure
 from cptflow.plan import DATA_STAGES, PIPELINE_STAGES, UPSTREAM, StageRun, plan_pipeline, stage_module
 from cptflow.store import read_manifest, reset_stage_dir, stage_lock
 from cptflow.training import TrainingReporter
-from cptflow.flows.failure import failed_stage, publish_failure
+from cptflow.training_process import launch_stage
 
 
 class StageSelectionError(ValueError):
@@ -118,14 +118,28 @@ def commit_stage(stage: str, run: StageRun, cfg: PipelineConfig, shard_counts: l
     if run.is_done():  # the Prefect cache was lost but the store has the result: no work
         return {"stage": stage, "fingerprint": run.fingerprint, "state": "cached"}
     manifest = stage_module(stage).commit(run, cfg, shard_counts, started)
-    publish_stage_artifacts(manifest)
+    publish_artifacts(manifest, run.path)
     # Small and independent of the work directory: the cache key is the fingerprint alone.
     return {"stage": stage, "fingerprint": run.fingerprint, "state": "ran"}
 
 
+def handoff(report: dict) -> dict:
+    """What a stage returns to the pipeline flow, which passes it to the next stage as `upstream`.
+
+    Prefect links a returned value and its direct members to the run that returned it, and draws an
+    edge wherever a linked object turns up in another run's inputs. The report sits one level down,
+    so the strings it shares with other stages' inputs (stage names, fingerprints, "ran") draw none.
+    """
+    return {"report": report}
+
+
 @flow(name="data-stage", flow_run_name="{stage}", log_prints=True)
-def data_stage(stage: str, run: StageRun, cfg: PipelineConfig, force: bool = False) -> dict:
-    """Map a data stage's shards over the configured task runner, then commit it."""
+def data_stage(stage: str, run: StageRun, cfg: PipelineConfig, force: bool = False, upstream: dict | None = None) -> dict:
+    """Map a data stage's shards over the configured task runner, then commit it.
+
+    `upstream` is the previous stage's result: unused here (the store holds the data), but passing it
+    is what makes Prefect draw the edge between the two stages in the run graph.
+    """
     logger = get_run_logger()
     # One run at a time does a stage's work; a second one waits here, then finds it committed.
     with stage_lock(run.path):
@@ -144,12 +158,12 @@ def data_stage(stage: str, run: StageRun, cfg: PipelineConfig, force: bool = Fal
     ran = state.result()["state"] == "ran" and state.name != "Cached"
     report = _stage_report(run, "ran" if ran else "cached")
     logger.info("%s: %s (%s)", stage, report["state"], run.fingerprint)
-    return report
+    return handoff(report)
 
 
 class PrefectTrainingReporter(TrainingReporter):
-    """Training progress as artifacts: a live progress bar (step, loss, LR per group, tokens/s), the eval
-    table per step, and a link to the best checkpoint."""
+    """Training progress in the UI: a progress bar updated in place (step, loss, LR per group, tokens/s),
+    the optimizer's parameter groups, and every log line in the run log."""
 
     def __init__(self, stage: str):
         self.stage = stage
@@ -169,18 +183,13 @@ class PrefectTrainingReporter(TrainingReporter):
         if self.progress_id is not None:
             update_progress_artifact(self.progress_id, 100.0 * record["step"] / record["total_steps"], description=f"{self.stage}: {line}")
 
+    # The eval table and the best checkpoint are published once, when the stage commits
+    # (publish_artifacts): one new artifact version per eval would crowd the run graph.
     def on_eval(self, step: int, results: dict) -> None:
         self.logger.info("%s: eval at step %d: %s", self.stage, step, results)
-        self.evals = [*getattr(self, "evals", []), results]
-        rows = [
-            {"step": e["step"], **{f"{name} ppl": values["perplexity"] for name, values in e.items() if isinstance(values, dict)}}
-            for e in self.evals
-        ]
-        create_table_artifact(key=f"{self.stage}-eval", table=rows, description=f"{self.stage}: held-out perplexity per step")
 
     def on_checkpoint(self, path: Path, best: Path | None) -> None:
-        if best is not None:
-            create_link_artifact(key=f"{self.stage}-best-checkpoint", link=best.resolve().as_uri(), link_text=str(best), description=f"{self.stage}: best checkpoint so far")
+        self.logger.info("%s: checkpoint %s (best so far: %s)", self.stage, path, best)
 
 
 def ensure_concurrency_limit(name: str, limit: int) -> None:
@@ -254,43 +263,49 @@ def gpu_slot(cfg: PipelineConfig, stage: str):
 
 
 @task(name="train-stage", cache_key_fn=_stage_cache_key, persist_result=True, task_run_name="{stage}")
-def training_stage(stage: str, run: StageRun, cfg: PipelineConfig) -> dict:
+def training_stage(stage: str, run: StageRun, cfg: PipelineConfig, upstream: dict | None = None) -> dict:
     """cpt, sft or evaluate; a retry (or a rerun after a crash) resumes from the latest checkpoint.
 
-    Runs as a torchrun / accelerate process tree (cptflow/launch.py) whose output streams into this
+    Runs as a torchrun / accelerate process tree (cptflow/training_process.py, cptflow/launch.py) whose output streams into this
     task's log, or inline (`launch.launcher: inline`). Holds a slot of the global concurrency limit
     `gpu_concurrency.name` while it trains, so two scheduled runs never train on the same GPU at once.
     """
-    from cptflow.launch import launch_stage
-
     logger = get_run_logger()
     with stage_lock(run.path):  # a second run of the same stage waits, then finds it done
         if run.is_done():
-            return {"stage": stage, "fingerprint": run.fingerprint, "state": "cached"}
+            return handoff({"stage": stage, "fingerprint": run.fingerprint, "state": "cached"})
         reporter = PrefectTrainingReporter(stage)
         with gpu_slot(cfg, stage):
             if cfg.launch.launcher == "inline":
                 manifest = stage_module(stage).run(run, cfg, reporter=reporter)
             else:
                 manifest = launch_stage(stage, run, cfg, reporter, log=logger.info)
-    publish_training_artifacts(manifest, run.path)
-    return {"stage": stage, "fingerprint": run.fingerprint, "state": "ran"}
+    publish_artifacts(manifest, run.path)
+    return handoff({"stage": stage, "fingerprint": run.fingerprint, "state": "ran"})
 
 
-def run_stage(stage: str, runs: dict[str, StageRun], cfg: PipelineConfig, selected: list[str], forced: set[str]) -> dict:
+def run_stage(
+    stage: str, runs: dict[str, StageRun], cfg: PipelineConfig, selected: list[str], forced: set[str], upstream: dict | None = None
+) -> tuple[dict, dict]:
+    """(the stage's report, what the next stage receives as `upstream`): the value Prefect returned for
+    this stage, so that the graph draws the edge `stage → next stage`."""
     run = runs[stage]
     if stage not in selected:
-        return _stage_report(run, "done" if run.is_done() else "not run")
+        report = _stage_report(run, "done" if run.is_done() else "not run")
+        return report, handoff(report)
     if stage in DATA_STAGES:
         runner = make_task_runner(cfg.runner)
-        return data_stage.with_options(name=stage, task_runner=runner)(stage, run, cfg, force=stage in forced)
+        result = data_stage.with_options(name=stage, task_runner=runner)(stage, run, cfg, force=stage in forced, upstream=upstream)
+        return result["report"], result
     if stage in forced:
         reset_stage_dir(run.path)
     done = run.is_done()
     retries = getattr(getattr(cfg, stage), "retries", 0)
-    state = training_stage.with_options(refresh_cache=not done, retries=retries)(stage, run, cfg, return_state=True)
-    ran = state.result()["state"] == "ran" and state.name != "Cached"
-    return _stage_report(run, "ran" if ran else "cached")
+    state = training_stage.with_options(refresh_cache=not done, retries=retries)(stage, run, cfg, upstream=upstream, return_state=True)
+    result = state.result()
+    outcome = result.get("report", result)  # a cache record from before handoff() holds the report itself
+    ran = outcome["state"] == "ran" and state.name != "Cached"
+    return _stage_report(run, "ran" if ran else "cached"), result
 
 
 @flow(name="cptflow-pipeline", log_prints=True)
@@ -307,20 +322,15 @@ def cptflow_pipeline(
     runs = plan_pipeline(cfg)
     check_upstreams_available(runs, selected)
 
+    reports, upstream = [], None
     try:
-        clean_report = run_stage("clean", runs, cfg, selected, forced)
-        quality_report = run_stage("quality", runs, cfg, selected, forced)
-        perplexity_report = run_stage("perplexity", runs, cfg, selected, forced)
-        mix_report = run_stage("mix", runs, cfg, selected, forced)
-        tokenize_report = run_stage("tokenize", runs, cfg, selected, forced)
-        cpt_report = run_stage("cpt", runs, cfg, selected, forced)
-        sft_report = run_stage("sft", runs, cfg, selected, forced)
-        evaluate_report = run_stage("evaluate", runs, cfg, selected, forced)
+        for stage in PIPELINE_STAGES:  # each stage receives the one before it: the graph is the chain
+            report, upstream = run_stage(stage, runs, cfg, selected, forced, upstream)
+            reports.append(report)
     except Exception as error:  # a stage failed: say which one, and how to rerun from it
         publish_failure(cfg, failed_stage(runs, selected), error, config_path=config_path, work_dir=work_dir)
         raise
 
-    reports = [clean_report, quality_report, perplexity_report, mix_report, tokenize_report, cpt_report, sft_report, evaluate_report]
     publish_run_summary(cfg, reports)
     return reports
 
@@ -339,66 +349,15 @@ def check_upstreams_available(runs: dict[str, StageRun], selected: list[str]) ->
 # ----------------------------------------------------------------------------------------------------
 # Artifacts (keys: lowercase letters, digits and dashes only)
 # ----------------------------------------------------------------------------------------------------
-def stage_table_rows(manifest: dict) -> list[dict]:
-    by_source = manifest["counts_by_source"]
-    sources = sorted(by_source)
-
-    def row(measure: str, pick) -> dict:
-        values = {"measure": measure, "total": pick(manifest["counts"])}
-        values.update({name: pick(by_source[name]) for name in sources})
-        return values
-
-    rows = [row("documents in", lambda c: c["in"]), row("kept", lambda c: c["kept"])]
-    for kind in ("excluded", "rejected"):
-        reasons = sorted({r for c in [manifest["counts"], *by_source.values()] for r in c[kind]})
-        rows += [row(f"{kind}: {reason}", lambda c, k=kind, r=reason: c[k].get(r, 0)) for reason in reasons]
-    timing = manifest["timings"]
-    rows.append({"measure": "docs/s per worker", "total": timing["docs_per_s_per_worker"]})
-    rows.append({"measure": "seconds (wall)", "total": timing["seconds"]})
-    return rows
-
-
-def publish_stage_artifacts(manifest: dict) -> None:
-    stage = manifest["stage"]
-    create_table_artifact(
-        key=f"{stage}-counts",
-        table=stage_table_rows(manifest),
-        description=f"{stage} ({manifest['fingerprint']}): documents in, kept, dropped per reason, throughput",
-    )
-    if "thresholds" in manifest:  # perplexity: the cutoffs each source's band turned into
-        rows = [{"source": source, **limits} for source, limits in sorted(manifest["thresholds"].items())]
-        create_table_artifact(key="perplexity-thresholds", table=rows, description="perplexity cutoffs per source")
-    if "schedule" in manifest:  # mix: target vs realised domain share along the stream
-        windows = manifest["schedule"]
-        step = max(1, len(windows) // 50)  # at most ~50 rows in the UI; the manifest has them all
-        rows = [dict(w, target=round(w["target"], 4), realised=round(w["realised"], 4)) for w in windows[::step]]
-        create_table_artifact(key="mix-schedule", table=rows, description="domain share per window: target vs realised")
-        tokens = [{"source": s, "stream_tokens": n} for s, n in sorted(manifest.get("tokens_by_source", {}).items())]
-        create_table_artifact(key="mix-tokens", table=tokens, description="training-stream tokens per source")
-
-
-def publish_training_artifacts(manifest: dict, directory: Path) -> None:
-    stage = manifest["stage"]
-    if stage == "evaluate":
-        rows = manifest["forgetting"]
-        create_table_artifact(key="evaluate-forgetting", table=rows, description="perplexity of base, cpt and sft on the same held-out tokens; % change vs base")
-        generations = json.loads((directory / manifest["generations"]).read_text(encoding="utf-8"))
-        if generations:
-            parts = ["# Generations (greedy)", ""]
-            for item in generations:
-                parts += [f"## {item['prompt']}", ""] + [f"- **{m}**: {item[m] or '(empty)'}" for m in ("base", "cpt", "sft")] + [""]
-            create_markdown_artifact(key="evaluate-generations", markdown="\n".join(parts), description="base, cpt and sft answers side by side")
-        merged = (manifest["export"] or {}).get("merged")
-        target = directory / (merged["path"] if merged else manifest["export"]["adapter"])
-        create_link_artifact(key="evaluate-export", link=target.resolve().as_uri(), link_text=str(target), description="exported model with its model card")
-        return
-    rows = [{"step": e["step"], **{f"{n} ppl": v["perplexity"] for n, v in e.items() if isinstance(v, dict)}} for e in manifest["evals"]]
-    create_table_artifact(key=f"{stage}-eval", table=rows, description=f"{stage}: held-out perplexity per step")
-    create_table_artifact(
-        key=f"{stage}-memory",
-        table=[{"phase": phase, **values} for phase, values in manifest["memory"].items()],
-        description=f"{stage}: peak memory per phase",
-    )
+def publish_artifacts(manifest: dict, directory: Path) -> None:
+    """The artifacts the stage module declares for its committed result (cptflow.stage.Artifact)."""
+    for artifact in stage_module(manifest["stage"]).artifacts(manifest, Path(directory)):
+        if artifact.table is not None:
+            create_table_artifact(key=artifact.key, table=artifact.table, description=artifact.description)
+        elif artifact.markdown is not None:
+            create_markdown_artifact(key=artifact.key, markdown=artifact.markdown, description=artifact.description)
+        else:
+            create_link_artifact(key=artifact.key, link=artifact.link, link_text=artifact.link_text, description=artifact.description)
 
 
 def publish_run_summary(cfg: PipelineConfig, reports: list[dict]) -> None:
@@ -425,7 +384,11 @@ def publish_run_summary(cfg: PipelineConfig, reports: list[dict]) -> None:
 def result_storage(cfg: PipelineConfig):
     """Prefect settings for the config's result storage, around a flow call or `serve` (whose runner
     hands its settings to every flow-run process it starts)."""
-    from prefect.settings import PREFECT_RESULTS_DEFAULT_STORAGE_BLOCK, PREFECT_RESULTS_LOCAL_STORAGE_PATH, temporary_settings
+    from prefect.settings import (
+        PREFECT_RESULTS_DEFAULT_STORAGE_BLOCK,
+        PREFECT_RESULTS_LOCAL_STORAGE_PATH,
+        temporary_settings,
+    )
 
     updates = {}
     if cfg.results.block:

@@ -26,12 +26,14 @@ from pydantic import BaseModel, ConfigDict, Field, model_validator
 from cptflow.docshards import (
     JsonlWriter,
     ShardCounts,
+    finalize_shard,
     load_finished_shard,
     mark_shard_finished,
     shard_work_file,
 )
+from cptflow.stage import Artifact, commit_data_stage, counts_artifact
+from cptflow.store import file_fingerprint
 
-STAGE_VERSION = 1
 DEFAULT_MAX_RECORD_BYTES = 64 * 2**20
 
 
@@ -165,17 +167,6 @@ def list_input_files(source: SourceConfig, base_dir: Path) -> list[Path]:
             else:
                 files.append(match)
     return files
-
-
-def file_fingerprint(path: Path, mode: Literal["mtime", "content"]) -> dict:
-    """How one input file enters a fingerprint: size and mtime, or size and sha256 of its bytes."""
-    stat = path.stat()
-    entry = {"path": str(path.resolve()), "bytes": stat.st_size}
-    if mode == "content":
-        entry["sha256"] = hashlib.sha256(path.read_bytes()).hexdigest()
-    else:
-        entry["mtime_ns"] = stat.st_mtime_ns
-    return entry
 
 
 def input_file_fingerprints(source: SourceConfig, base_dir: Path, mode: Literal["mtime", "content"]) -> list[dict]:
@@ -817,6 +808,30 @@ def duplicate_decisions(stage_directory: Path, shard_names: list[str], dedup: bo
     return drops
 
 
+# ---------------------------------------------------------------------------------------------
+# The stage, as the pipeline sees it (cptflow/plan.py lists the stage modules in DAG order)
+# ---------------------------------------------------------------------------------------------
+STAGE_VERSION = 1
+NAME = "clean"
+UPSTREAM = None  # the first stage: reads the configured sources
+Config = CleanConfig  # the `clean:` section of the pipeline YAML
+
+
+def fingerprint_inputs(cfg) -> dict:
+    """The config, the sources and each input file (size and mtime, or sha256: `input_fingerprint`)."""
+    base = Path(cfg.base_dir)
+    return {
+        "config": cfg.clean.model_dump(mode="json"),
+        "sources": [s.model_dump(mode="json") for s in cfg.sources],
+        "inputs": {s.name: input_file_fingerprints(s, base, cfg.input_fingerprint) for s in cfg.sources},
+        "version": STAGE_VERSION,
+    }
+
+
+def artifacts(manifest: dict, directory: Path) -> list[Artifact]:
+    return [counts_artifact(manifest)]
+
+
 def plan(run, cfg) -> list[dict]:
     """Input shards of every source, after checking that the inputs exist and have the text field."""
     base = Path(cfg.base_dir)
@@ -833,9 +848,6 @@ def process(run, cfg, item: dict) -> ShardCounts:
 
 
 def commit(run, cfg, shard_counts: list[ShardCounts], started: float) -> dict:
-    from cptflow.docshards import finalize_shard
-    from cptflow.plan import commit_data_stage
-
     drops = duplicate_decisions(run.path, [c.shard for c in shard_counts], cfg.clean.dedup)
     final = [finalize_shard(run.path, counts, drops[counts.shard]) for counts in shard_counts]
     return commit_data_stage(run, final, started)

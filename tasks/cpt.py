@@ -15,8 +15,13 @@ from pathlib import Path
 from pydantic import Field
 
 from cptflow import distributed
+from cptflow.models import load_tokenizer, model_fingerprint
+from cptflow.stage import Artifact
 from cptflow.store import commit_manifest, now_iso, read_manifest
+from cptflow.token_reader import TokenShardDataset
+from cptflow.token_shards import tokenizer_fingerprint
 from cptflow.training import (
+    EVAL_SETS,
     MicroBatches,
     TrainingConfig,
     TrainingReporter,
@@ -24,23 +29,21 @@ from cptflow.training import (
     build_optimizer,
     build_scheduler,
     describe_param_groups,
+    eval_blocks,
     evaluate_perplexity,
     fit,
     memory_snapshot,
-    pack_eval_blocks,
     prepare_model,
-    read_texts,
     save_adapter,
     set_seed,
     trainable_parameters,
+    training_artifacts,
     write_history,
 )
 
 logger = logging.getLogger(__name__)
 
-STAGE_VERSION = 1
 METRIC = "domain_eval"  # checkpoints kept as "best" have the lowest domain perplexity
-EVAL_SETS = ("domain_eval", "general_eval")
 
 
 class CptConfig(TrainingConfig):
@@ -54,12 +57,6 @@ class CptConfig(TrainingConfig):
 # ---------------------------------------------------------------------------------------------
 # Set-up shared with sft and evaluate
 # ---------------------------------------------------------------------------------------------
-
-
-def eval_blocks(stage_directories: dict, tokenizer, seq_len: int) -> dict[str, list[dict]]:
-    """mix's held-out sets, tokenized and packed as for training."""
-    mix_dir = Path(stage_directories["mix"])
-    return {name: pack_eval_blocks(read_texts(mix_dir / "eval" / f"{name}.jsonl"), tokenizer, seq_len) for name in EVAL_SETS}
 
 
 def make_evaluator(model, blocks: dict[str, list[dict]], batch_size: int):
@@ -79,14 +76,32 @@ def token_shard_paths(tokenize_dir: Path) -> list[Path]:
 # ---------------------------------------------------------------------------------------------
 # The stage
 # ---------------------------------------------------------------------------------------------
+STAGE_VERSION = 1
+NAME = "cpt"
+UPSTREAM = "tokenize"
+Config = CptConfig
+
+
+def fingerprint_inputs(cfg) -> dict:
+    """The weights depend on the base model, the seed and the number of processes (data order per rank
+    and reduction order differ with it); `retries` only says how often Prefect tries."""
+    init_adapter = model_fingerprint(str(cfg.resolve(cfg.cpt.init_adapter))) if cfg.cpt.init_adapter else None
+    return {
+        "config": cfg.cpt.model_dump(mode="json", exclude={"retries"}),
+        "model": model_fingerprint(cfg.base_model),
+        "init_adapter": init_adapter,
+        "processes": cfg.launch.num_processes,
+        "seed": cfg.seed,
+        "version": STAGE_VERSION,
+    }
+
+
+def artifacts(manifest: dict, directory: Path) -> list[Artifact]:
+    return training_artifacts(manifest, directory)
 
 
 def run(run, cfg, reporter: TrainingReporter | None = None, *, stop_after_steps: int | None = None) -> dict | None:
     """Train (or resume) and commit. Returns the manifest; None when stopped early by `stop_after_steps`."""
-    from cptflow.models import load_tokenizer
-    from cptflow.token_reader import TokenShardDataset
-    from cptflow.token_shards import tokenizer_fingerprint
-
     existing = read_manifest(run.path)
     if existing is not None:
         return existing

@@ -6,6 +6,7 @@ The last stage of the DAG (... -> cpt -> sft -> **evaluate**).
 
 from __future__ import annotations
 
+import json
 import logging
 import shutil
 import time
@@ -15,12 +16,14 @@ from typing import Literal
 import torch
 from pydantic import BaseModel, ConfigDict, Field
 
+from cptflow.export import merge_adapter, write_model_card
+from cptflow.models import load_tokenizer, resolve_model_path
+from cptflow.stage import Artifact
 from cptflow.store import atomic_write_json, commit_manifest, now_iso, read_manifest
-from cptflow.training import evaluate_perplexity, load_base_model, memory_snapshot, set_seed
+from cptflow.training import eval_blocks, evaluate_perplexity, load_base_model, memory_snapshot, set_seed
 
 logger = logging.getLogger(__name__)
 
-STAGE_VERSION = 1
 MODELS = ("base", "cpt", "sft")
 EVAL_SET_NAMES = {"domain": "domain_eval", "general": "general_eval"}
 
@@ -106,12 +109,53 @@ def data_statistics(stage_directories: dict, sft_manifest: dict) -> dict:
     }
 
 
+# ---------------------------------------------------------------------------------------------
+# The stage, as the pipeline sees it (cptflow/plan.py lists the stage modules in DAG order)
+# ---------------------------------------------------------------------------------------------
+STAGE_VERSION = 1
+NAME = "evaluate"
+UPSTREAM = "sft"
+Config = EvaluateConfig
+
+
+def fingerprint_inputs(cfg) -> dict:
+    return {"config": cfg.evaluate.model_dump(mode="json"), "seed": cfg.seed, "version": STAGE_VERSION}
+
+
+def artifacts(manifest: dict, directory: Path) -> list[Artifact]:
+    """The forgetting table, the generations side by side and a link to the export."""
+    found = [
+        Artifact(
+            key="evaluate-forgetting",
+            description="perplexity of base, cpt and sft on the same held-out tokens; % change vs base",
+            table=manifest["forgetting"],
+        )
+    ]
+    generations = json.loads((directory / manifest["generations"]).read_text(encoding="utf-8"))
+    if generations:
+        parts = ["# Generations (greedy)", ""]
+        for item in generations:
+            parts += [f"## {item['prompt']}", ""]
+            parts += [f"- **{m}**: {item[m] or '(empty)'}" for m in ("base", "cpt", "sft")] + [""]
+        found.append(
+            Artifact(key="evaluate-generations", description="base, cpt and sft answers side by side", markdown="\n".join(parts))
+        )
+    merged = (manifest["export"] or {}).get("merged")
+    target = directory / (merged["path"] if merged else manifest["export"]["adapter"])
+    found.append(
+        Artifact(
+            key="evaluate-export",
+            description="exported model with its model card",
+            link=target.resolve().as_uri(),
+            link_text=str(target),
+        )
+    )
+    return found
+
+
 def run(run, cfg, reporter=None) -> dict:
     from peft import PeftModel
 
-    from cptflow.models import load_tokenizer, resolve_model_path
-    from cptflow.tasks.cpt import eval_blocks
-    from cptflow.tasks.export import merge_adapter, write_model_card
 
     existing = read_manifest(run.path)
     if existing is not None:

@@ -31,9 +31,9 @@ from cptflow.docshards import (
     mark_shard_finished,
     shard_work_file,
 )
+from cptflow.models import load_tokenizer, model_fingerprint, resolve_model_path
+from cptflow.stage import Artifact, commit_data_stage, counts_artifact, upstream_shards
 from cptflow.store import atomic_path, atomic_write_json, read_json
-
-STAGE_VERSION = 2
 
 ROLES = ("domain", "general")
 MIX_SHARD = "mix"  # the stage's one work item: mixing is a single global decision
@@ -212,8 +212,6 @@ def document_tokens(texts: Sequence[str], tokenizer) -> list[int]:
 
 @functools.lru_cache(maxsize=2)
 def _tokenizer(name: str, trust_remote_code: bool):
-    from cptflow.models import load_tokenizer, resolve_model_path
-
     return load_tokenizer(resolve_model_path(name), trust_remote_code=trust_remote_code)
 
 
@@ -419,17 +417,46 @@ def _read_catalogue(upstream: Path, shards: list[dict], roles: dict[str, str], t
     return catalogue
 
 
-def plan(run, cfg) -> list[dict]:
-    from cptflow.models import resolve_model_path
+# ---------------------------------------------------------------------------------------------
+# The stage, as the pipeline sees it (cptflow/plan.py lists the stage modules in DAG order)
+# ---------------------------------------------------------------------------------------------
+STAGE_VERSION = 2
+NAME = "mix"
+UPSTREAM = "perplexity"
+Config = MixConfig
 
+
+def fingerprint_inputs(cfg) -> dict:
+    """The held-out sets and the stream order depend on the seed; token counts on the tokenizer."""
+    return {
+        "config": cfg.mix.model_dump(mode="json"),
+        "tokenizer": model_fingerprint(cfg.base_model),
+        "roles": {s.name: s.role for s in cfg.sources},
+        "seed": cfg.seed,
+        "version": STAGE_VERSION,
+    }
+
+
+def artifacts(manifest: dict, directory: Path) -> list[Artifact]:
+    """The counts, target vs realised domain share along the stream, and tokens per source."""
+    windows = manifest["schedule"]
+    step = max(1, len(windows) // 50)  # at most ~50 rows in the UI; the manifest has them all
+    rows = [dict(w, target=round(w["target"], 4), realised=round(w["realised"], 4)) for w in windows[::step]]
+    tokens = [{"source": s, "stream_tokens": n} for s, n in sorted(manifest.get("tokens_by_source", {}).items())]
+    return [
+        counts_artifact(manifest),
+        Artifact(key="mix-schedule", description="domain share per window: target vs realised", table=rows),
+        Artifact(key="mix-tokens", description="training-stream tokens per source", table=tokens),
+    ]
+
+
+def plan(run, cfg) -> list[dict]:
     resolve_model_path(cfg.base_model)  # build a builtin tokenizer once, before the work item runs
     return [{"shard": MIX_SHARD, "source": "all"}]
 
 
 def mix_documents(run, cfg) -> ShardCounts:
     """Decide held-out sets and the stream into `_work/` (no document text is copied); idempotent."""
-    from cptflow.plan import upstream_shards
-
     finished = load_finished_shard(run.path, MIX_SHARD)
     if finished is not None:
         return finished
@@ -576,8 +603,6 @@ def commit(run, cfg, shard_counts: list[ShardCounts], started: float) -> dict:
     excluded documents (held out, unused) are counted on the last stream shard. Repeats show in the
     stats (`stream_documents`, `stream_tokens`, `domain_tokens`). `counts_by_source` is per source.
     """
-    from cptflow.plan import commit_data_stage
-
     section: MixConfig = cfg.mix
     decisions = read_json(shard_work_file(run.path, MIX_SHARD, "decisions.json"))
     shard_index, offsets, tokens = np.load(shard_work_file(run.path, MIX_SHARD, "catalogue.npy")).tolist()

@@ -29,9 +29,9 @@ from cptflow.docshards import (
     read_documents,
     shard_work_file,
 )
+from cptflow.models import load_causal_lm, load_tokenizer, model_fingerprint, resolve_model_path
+from cptflow.stage import Artifact, commit_data_stage, counts_artifact, upstream_shard_path, upstream_shards
 from cptflow.store import atomic_write_json, read_json
-
-STAGE_VERSION = 2
 
 REASON_ABOVE_MAX = "perplexity_above_max"
 REASON_BELOW_BAND = "perplexity_below_band"
@@ -298,8 +298,6 @@ _MODEL_LOCK = threading.Lock()  # one scoring model per process, one forward at 
 
 @functools.lru_cache(maxsize=2)
 def _scoring_model(name: str, device: str, dtype: str, trust_remote_code: bool):
-    from cptflow.models import load_causal_lm, load_tokenizer
-
     tokenizer = load_tokenizer(name, trust_remote_code=trust_remote_code)
     model = load_causal_lm(name, device=device, dtype=dtype, trust_remote_code=trust_remote_code)
     return model, tokenizer
@@ -315,18 +313,36 @@ def scoring_model_name(cfg) -> str:
     return cfg.perplexity.model or cfg.base_model
 
 
-def plan(run, cfg) -> list[dict]:
-    from cptflow.models import resolve_model_path
-    from cptflow.plan import upstream_shards
+# ---------------------------------------------------------------------------------------------
+# The stage, as the pipeline sees it (cptflow/plan.py lists the stage modules in DAG order)
+# ---------------------------------------------------------------------------------------------
+STAGE_VERSION = 2
+NAME = "perplexity"
+UPSTREAM = "quality"
+Config = PerplexityConfig
 
+
+def fingerprint_inputs(cfg) -> dict:
+    return {
+        "config": cfg.perplexity.model_dump(mode="json"),
+        "model": model_fingerprint(cfg.perplexity.model or cfg.base_model),
+        "version": STAGE_VERSION,
+    }
+
+
+def artifacts(manifest: dict, directory: Path) -> list[Artifact]:
+    """The counts, and the cutoffs each source's band turned into."""
+    rows = [{"source": source, **limits} for source, limits in sorted(manifest["thresholds"].items())]
+    return [counts_artifact(manifest), Artifact(key="perplexity-thresholds", description="perplexity cutoffs per source", table=rows)]
+
+
+def plan(run, cfg) -> list[dict]:
     resolve_model_path(scoring_model_name(cfg))  # build builtin models once, before shards run in parallel
     return upstream_shards(run)
 
 
 def perplexity_shard(input_path: Path, shard: str, source: str, cfg, stage_directory: Path) -> ShardCounts:
     """Score one shard into `_work/`: every document with its perplexity (None if unscorable)."""
-    from cptflow.models import resolve_model_path
-
     finished = load_finished_shard(stage_directory, shard)
     if finished is not None:
         return finished
@@ -366,8 +382,6 @@ def perplexity_shard(input_path: Path, shard: str, source: str, cfg, stage_direc
 
 
 def process(run, cfg, item: dict) -> ShardCounts:
-    from cptflow.plan import upstream_shard_path
-
     input_path = upstream_shard_path(run, item["shard"])
     return perplexity_shard(input_path, item["shard"], item["source"], cfg, run.path)
 
@@ -375,8 +389,6 @@ def process(run, cfg, item: dict) -> ShardCounts:
 def commit(run, cfg, shard_counts: list[ShardCounts], started: float) -> dict:
     """Bands are percentiles of each source's own scores: a domain corpus is more perplexing to a
     general model than general text, and one global band would drop mostly domain documents."""
-    from cptflow.plan import commit_data_stage
-
     section: PerplexityConfig = cfg.perplexity
     scores = {c.shard: read_json(shard_work_file(run.path, c.shard, "scores.json")) for c in shard_counts}
     thresholds: dict[str, dict] = {}

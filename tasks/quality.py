@@ -33,9 +33,8 @@ from cptflow.docshards import (
     read_documents,
     shard_work_file,
 )
+from cptflow.stage import Artifact, commit_data_stage, counts_artifact, upstream_shard_path, upstream_shards
 from cptflow.store import atomic_path
-
-STAGE_VERSION = 1
 
 # Unseeded langdetect is random ("Hello world, ok" -> nl in 49/50 runs). Our own factory below also
 # carries seed 0 as an instance attribute, so code elsewhere resetting the class attribute cannot
@@ -734,11 +733,21 @@ def find_near_duplicates(signatures: Sequence[np.ndarray], cfg: MinHashConfig) -
 # ---------------------------------------------------------------------------------------------
 # The stage: filter each shard, then one commit that removes near-duplicates across all shards
 # ---------------------------------------------------------------------------------------------
+STAGE_VERSION = 1
+NAME = "quality"
+UPSTREAM = "clean"
+Config = QualityConfig
+
+
+def fingerprint_inputs(cfg) -> dict:
+    return {"config": cfg.quality.model_dump(mode="json"), "version": STAGE_VERSION}
+
+
+def artifacts(manifest: dict, directory: Path) -> list[Artifact]:
+    return [counts_artifact(manifest)]
 
 
 def plan(run, cfg) -> list[dict]:
-    from cptflow.plan import upstream_shards
-
     return upstream_shards(run)
 
 
@@ -776,15 +785,11 @@ def quality_shard(input_path: Path, shard: str, source: str, cfg: QualityConfig,
 
 
 def process(run, cfg, item: dict) -> ShardCounts:
-    from cptflow.plan import upstream_shard_path
-
     input_path = upstream_shard_path(run, item["shard"])
     return quality_shard(input_path, item["shard"], item["source"], cfg.quality, run.path)
 
 
 def commit(run, cfg, shard_counts: list[ShardCounts], started: float) -> dict:
-    from cptflow.plan import commit_data_stage
-
     drops: dict[str, dict[int, str]] = {c.shard: {} for c in shard_counts}
     if cfg.quality.minhash.enabled:
         owners: list[tuple[str, int]] = []

@@ -20,7 +20,9 @@ import torch
 from pydantic import BaseModel, ConfigDict, Field
 
 from cptflow import distributed
-from cptflow.store import atomic_write_json, commit_manifest, now_iso, read_manifest
+from cptflow.models import load_tokenizer
+from cptflow.stage import Artifact
+from cptflow.store import atomic_write_json, commit_manifest, file_fingerprint, now_iso, read_manifest
 from cptflow.training import (
     IGNORE_INDEX,
     MicroBatches,
@@ -31,6 +33,7 @@ from cptflow.training import (
     build_scheduler,
     collate,
     describe_param_groups,
+    eval_blocks,
     evaluate_perplexity,
     fit,
     memory_snapshot,
@@ -38,12 +41,12 @@ from cptflow.training import (
     save_adapter,
     set_seed,
     trainable_parameters,
+    training_artifacts,
     write_history,
 )
 
 logger = logging.getLogger(__name__)
 
-STAGE_VERSION = 1
 METRIC = "sft_eval"  # best checkpoints: lowest perplexity of held-out answers
 ROLES = ("system", "user", "assistant")
 
@@ -89,8 +92,6 @@ class SftDataError(ValueError):
 
 def sft_data_fingerprints(cfg) -> list[dict]:
     """Path, size and mtime (or sha256) of each instruction file, for the sft fingerprint."""
-    from cptflow.tasks.clean import file_fingerprint
-
     out = []
     for item in cfg.sft.data:
         path = cfg.resolve(item.path)
@@ -305,10 +306,30 @@ def chat_template_for(tokenizer, section: SftConfig) -> tuple[str, str]:
     return DEFAULT_CHAT_TEMPLATE, "cptflow default"
 
 
-def run(run, cfg, reporter: TrainingReporter | None = None, *, stop_after_steps: int | None = None) -> dict | None:
-    from cptflow.models import load_tokenizer
-    from cptflow.tasks.cpt import eval_blocks
+# ---------------------------------------------------------------------------------------------
+# The stage, as the pipeline sees it (cptflow/plan.py lists the stage modules in DAG order)
+# ---------------------------------------------------------------------------------------------
+STAGE_VERSION = 1
+NAME = "sft"
+UPSTREAM = "cpt"
+Config = SftConfig
 
+
+def fingerprint_inputs(cfg) -> dict:
+    return {
+        "config": cfg.sft.model_dump(mode="json", exclude={"retries"}),
+        "data": sft_data_fingerprints(cfg),
+        "processes": cfg.launch.num_processes,
+        "seed": cfg.seed,
+        "version": STAGE_VERSION,
+    }
+
+
+def artifacts(manifest: dict, directory: Path) -> list[Artifact]:
+    return training_artifacts(manifest, directory)
+
+
+def run(run, cfg, reporter: TrainingReporter | None = None, *, stop_after_steps: int | None = None) -> dict | None:
     existing = read_manifest(run.path)
     if existing is not None:
         return existing

@@ -17,11 +17,14 @@ from typing import Literal
 import numpy as np
 from pydantic import BaseModel, ConfigDict, Field
 
+from cptflow import __version__, fast_bpe
 from cptflow.docshards import ShardCounts, load_finished_shard, mark_shard_finished, read_documents, shard_work_file
+from cptflow.fast_bpe import differing_documents
+from cptflow.models import load_tokenizer, model_fingerprint, resolve_model_path
+from cptflow.stage import Artifact, commit_data_stage, counts_artifact, upstream_shard_path, upstream_shards
 from cptflow.store import WORK, atomic_path, atomic_write_json, read_json, sha256_file
 from cptflow.token_shards import tokenizer_fingerprint, write_token_shard
-
-STAGE_VERSION = 2
+from cptflow.tokenization import document_token_ids
 
 logger = logging.getLogger(__name__)
 
@@ -64,26 +67,6 @@ class TokenizeConfig(BaseModel):
 # ---------------------------------------------------------------------------------------------
 
 
-def document_token_ids(texts: list[str], tokenizer) -> list[list[int]]:
-    """Token ids of each document: the tokenizer's own special tokens (BOS for Llama-style
-    tokenizers, none for a tokenizer without BOS), then EOS, so generation learns to stop.
-
-    The mix stage counts a document's tokens the same way: len(tokenizer(text)["input_ids"]) + 1.
-    One batched call: a fast tokenizer encodes the batch on all cores in Rust.
-    """
-    eos = tokenizer.eos_token_id
-    if eos is None:
-        raise ValueError(f"tokenizer {getattr(tokenizer, 'name_or_path', '')!r} has no EOS token; documents need one to be packed")
-    # verbose=False: documents longer than model_max_length are expected here (they get packed).
-    # split_special_tokens: a literal "</s>" in web text is text, never an injected EOS.
-    ids = tokenizer(
-        list(texts), add_special_tokens=True, split_special_tokens=True, return_attention_mask=False, verbose=False
-    )["input_ids"]
-    for row in ids:
-        row.append(eos)
-    return ids
-
-
 CHECK_EVERY = 100  # the fast encoder's ids are compared with the tokenizer's on every 100th document
 
 
@@ -101,7 +84,6 @@ def encode_documents(texts: list[str], tokenizer, encoder=None) -> tuple[np.ndar
         ids = document_token_ids(texts, tokenizer)
         lengths = np.fromiter(map(len, ids), dtype=np.int64, count=len(ids))
         return np.fromiter(itertools.chain.from_iterable(ids), dtype=np.uint32, count=int(lengths.sum())), lengths, 0
-    from cptflow.fast_bpe import differing_documents
 
     tokens, lengths = encoder.encode_documents(texts, tokenizer.eos_token_id)
     sample = range(0, len(texts), CHECK_EVERY)
@@ -123,8 +105,6 @@ def tokenizer_bos_id(tokenizer) -> int | None:
 
 def shard_metadata(tokenizer, seq_len: int, seed: int) -> dict:
     """What every output shard records about how its tokens were made (see token_shards.METADATA_KEYS)."""
-    from cptflow import __version__
-
     eos = tokenizer.eos_token_id
     return {
         "tokenizer_fingerprint": tokenizer_fingerprint(tokenizer),
@@ -141,8 +121,6 @@ def shard_metadata(tokenizer, seq_len: int, seed: int) -> dict:
 
 @functools.lru_cache(maxsize=2)
 def _stage_tokenizer(model_path: str, trust_remote_code: bool):
-    from cptflow.models import load_tokenizer
-
     tokenizer = load_tokenizer(model_path, trust_remote_code=trust_remote_code)
     if not getattr(tokenizer, "is_fast", False):
         raise ValueError(f"{model_path}: the tokenize stage needs a fast (Rust) tokenizer, got {type(tokenizer).__name__}")
@@ -155,15 +133,11 @@ def _stage_tokenizer(model_path: str, trust_remote_code: bool):
 
 
 def stage_tokenizer(cfg):
-    from cptflow.models import resolve_model_path
-
     return _stage_tokenizer(resolve_model_path(cfg.base_model), cfg.trust_remote_code)
 
 
 @functools.lru_cache(maxsize=2)
 def _stage_encoder(model_path: str, trust_remote_code: bool, choice: str):
-    from cptflow import fast_bpe
-
     if choice == "huggingface":
         return None
     tokenizer = _stage_tokenizer(model_path, trust_remote_code)
@@ -180,8 +154,6 @@ def _stage_encoder(model_path: str, trust_remote_code: bool, choice: str):
 
 def stage_encoder(cfg):
     """The fast encoder for the base model's tokenizer, or None to use the tokenizer itself."""
-    from cptflow.models import resolve_model_path
-
     return _stage_encoder(resolve_model_path(cfg.base_model), cfg.trust_remote_code, cfg.tokenize.encoder)
 
 
@@ -189,7 +161,6 @@ def model_context_length(cfg) -> int | None:
     """max_position_embeddings of the base model (None if its config names no limit)."""
     from transformers import AutoConfig
 
-    from cptflow.models import resolve_model_path
 
     config = AutoConfig.from_pretrained(resolve_model_path(cfg.base_model), trust_remote_code=cfg.trust_remote_code)
     for name in ("max_position_embeddings", "n_positions", "max_sequence_length"):
@@ -282,11 +253,26 @@ class TokenStream:
 # ---------------------------------------------------------------------------------------------
 # The stage: tokenize each stream shard into _work/ (parallel), then pack and write sequentially
 # ---------------------------------------------------------------------------------------------
+STAGE_VERSION = 2
+NAME = "tokenize"
+UPSTREAM = "mix"
+Config = TokenizeConfig
+
+
+def fingerprint_inputs(cfg) -> dict:
+    return {
+        "config": cfg.tokenize.model_dump(mode="json"),
+        "tokenizer": model_fingerprint(cfg.base_model),
+        "seed": cfg.seed,
+        "version": STAGE_VERSION,
+    }
+
+
+def artifacts(manifest: dict, directory: Path) -> list[Artifact]:
+    return [counts_artifact(manifest)]
 
 
 def plan(run, cfg) -> list[dict]:
-    from cptflow.plan import upstream_shards
-
     section: TokenizeConfig = cfg.tokenize
     limit = model_context_length(cfg)  # also builds a builtin model once, before shards run in parallel
     if limit is not None and section.seq_len > limit:
@@ -354,8 +340,6 @@ def _tokenize_documents(input_path: Path, shard: str, source: str, cfg, tokenize
 
 
 def process(run, cfg, item: dict) -> ShardCounts:
-    from cptflow.plan import upstream_shard_path
-
     input_path = upstream_shard_path(run, item["shard"])
     return tokenize_shard(input_path, item["shard"], item["source"], cfg, run.path)
 
@@ -378,8 +362,6 @@ def _write_or_reuse(path: Path, record_path: Path, write) -> dict:
 def commit(run, cfg, shard_counts: list[ShardCounts], started: float) -> dict:
     """Pack all stream shards, in order, into blocks and write output shard k = blocks
     [k * blocks_per_shard, (k + 1) * blocks_per_shard); then the manifest."""
-    from cptflow.plan import commit_data_stage
-
     section: TokenizeConfig = cfg.tokenize
     seq_len, per_shard = section.seq_len, section.blocks_per_shard
     tokenizer = stage_tokenizer(cfg)

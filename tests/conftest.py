@@ -33,8 +33,10 @@ os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
 
 # Prefect binds its log handler to the sys.stderr of the moment it is first imported: import it
 # now, not inside a test whose stderr (e.g. typer's CliRunner) is closed afterwards.
-import cptflow.flows  # noqa: E402,F401  (Prefect defaults)
+# isort: off
+import cptflow.flows  # noqa: E402,F401  (its __init__ sets Prefect defaults: first)
 from prefect import flow as _prefect_flow  # noqa: E402,F401  (prefect.main sets up logging)
+# isort: on
 
 _SUBJECTS = [
     "My neighbour", "The old baker", "Our teacher", "A friend of mine", "The city council",
@@ -128,8 +130,9 @@ def builtin_tiny_llama_dir(tmp_path_factory) -> Path:
 @pytest.fixture(scope="session")
 def prefect_harness(tmp_path_factory):
     """One temporary Prefect server for the whole session (it takes 15-30 s to start on 2 cores)."""
-    import cptflow  # noqa: F401  (startup timeout and analytics defaults)
     from prefect.testing.utilities import prefect_test_harness
+
+    import cptflow  # noqa: F401  (startup timeout and analytics defaults)
 
     with prefect_test_harness(server_startup_timeout=None):
         yield

@@ -11,12 +11,11 @@ import json
 import os
 import shutil
 import subprocess
-import sys
 from pathlib import Path
 
-from drills import drill_command
-
 import pytest
+
+from drills import drill_command
 
 REPO = Path(__file__).resolve().parents[1]
 from drills.concurrency import plain_pair

@@ -83,12 +83,43 @@ def file_times(root: Path) -> dict[str, int]:
     return {str(p.relative_to(root)): p.stat().st_mtime_ns for p in root.rglob("*") if p.is_file()}
 
 
+def latest_pipeline_run_graph() -> dict:
+    """The run graph of the latest cptflow-pipeline run, as the UI gets it (/flow_runs/{id}/graph-v2)."""
+    from prefect.client.orchestration import get_client
+    from prefect.client.schemas.filters import FlowFilter
+    from prefect.client.schemas.sorting import FlowRunSort
+
+    with get_client(sync_client=True) as client:
+        flow_filter = FlowFilter(name={"any_": ["cptflow-pipeline"]})
+        (latest,) = client.read_flow_runs(flow_filter=flow_filter, sort=FlowRunSort.START_TIME_DESC, limit=1)
+        response = client._client.get(f"/flow_runs/{latest.id}/graph-v2")
+        response.raise_for_status()
+        return response.json()
+
+
+def assert_graph_is_the_chain(graph: dict) -> None:
+    """Eight stage nodes; each one's only parent is the stage before it, so the UI draws the DAG."""
+    nodes = {node_id: node for node_id, node in graph["nodes"]}
+    by_stage = {}
+    for node_id, node in nodes.items():
+        stage = node["label"].split(" / ")[-1]  # a subflow: "<flow> / <run name>"; a task: its run name
+        if stage in PIPELINE_STAGES:
+            by_stage[stage] = node_id
+    assert list(by_stage) and set(by_stage) == set(PIPELINE_STAGES), [n["label"] for n in nodes.values()]
+    for previous, stage in zip(PIPELINE_STAGES, PIPELINE_STAGES[1:]):
+        parents = {edge["id"] for edge in nodes[by_stage[stage]]["parents"]}  # one edge per argument holding it
+        assert parents == {by_stage[previous]}, (stage, [nodes[p]["label"] for p in parents if p in nodes])
+    assert nodes[by_stage["clean"]]["parents"] == []
+
+
 def test_run_rerun_change_and_force(prefect_harness, corpus, tiny_llama_dir, tmp_path):
     from cptflow.flows.pipeline import run_pipeline
 
     config = write_config(tmp_path, corpus, tiny_llama_dir)
     reports = run_pipeline(config)
     assert [(r["stage"], r["state"]) for r in reports] == [(s, "ran") for s in PIPELINE_STAGES]
+
+    assert_graph_is_the_chain(latest_pipeline_run_graph())
 
     manifests = {r["stage"]: read_manifest(Path(r["directory"])) for r in reports}
     assert all(manifests[r["stage"]]["fingerprint"] == Path(r["directory"]).name for r in reports)

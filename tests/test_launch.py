@@ -13,7 +13,7 @@ from pathlib import Path
 
 import pytest
 
-from cptflow.launch import (
+from cptflow.training_process import (
     EVENT_MARKER,
     TrainingProcessError,
     TrainingTimeout,
@@ -117,7 +117,7 @@ def test_sigterm_to_the_launching_process_kills_the_whole_process_tree(tmp_path)
     launcher = textwrap.dedent(
         f"""
         import sys
-        from cptflow.launch import run_process_tree
+        from cptflow.training_process import run_process_tree
         run_process_tree([sys.executable, "-P", "-c", {TREE!r}, {str(pids)!r}], on_line=print)
         """
     )
@@ -136,7 +136,7 @@ def test_sigterm_to_the_launching_process_kills_the_whole_process_tree(tmp_path)
 def test_a_sigkilled_launching_process_still_takes_the_launcher_down(tmp_path):
     """Not even a chance to clean up: the kernel sends the launcher SIGTERM (PR_SET_PDEATHSIG)."""
     pids = tmp_path / "pids"
-    launcher = f"from cptflow.launch import run_process_tree; import sys; run_process_tree([sys.executable, '-c', {TREE!r}, {str(pids)!r}], on_line=print)"
+    launcher = f"from cptflow.training_process import run_process_tree; import sys; run_process_tree([sys.executable, '-c', {TREE!r}, {str(pids)!r}], on_line=print)"
     parent = subprocess.Popen([sys.executable, "-P", "-c", launcher], cwd=REPO, stdout=subprocess.DEVNULL)
     child, _ = map(int, wait_for(pids).split())
     parent.kill()

@@ -104,6 +104,32 @@ def violations(modules: dict[str, Path]) -> list[str]:
     return problems
 
 
+# Modules whose function-local imports of project modules are deferred on purpose (a heavy dependency
+# behind them): the CLI imports torch, transformers and prefect only in the command that needs them.
+DEFERRED_IMPORTS_ALLOWED = {"cptflow.cli"}
+
+
+def function_local_project_imports(modules: dict[str, Path]) -> list[str]:
+    found = []
+    for module, path in modules.items():
+        if module in DEFERRED_IMPORTS_ALLOWED:
+            continue
+        for node in ast.walk(ast.parse(path.read_text(encoding="utf-8"))):
+            if not isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef)):
+                continue
+            for inner in ast.walk(node):
+                names = [inner.module or ""] if isinstance(inner, ast.ImportFrom) else [a.name for a in getattr(inner, "names", [])] if isinstance(inner, ast.Import) else []
+                if any(name.split(".")[0] == "cptflow" for name in names):
+                    found.append(f"{path.relative_to(REPO)}:{inner.lineno}: {ast.unparse(inner)}")
+    return found
+
+
+def test_project_imports_sit_at_the_top_of_each_module():
+    """No import of a project module is hidden inside a function to get around a cycle."""
+    found = function_local_project_imports(project_modules())
+    assert not found, "function-local project imports:\n" + "\n".join(found)
+
+
 def test_every_import_points_down_the_layers():
     problems = violations(project_modules())
     assert not problems, "layer rule broken:\n" + "\n".join(problems)
@@ -126,3 +152,24 @@ def test_the_rule_catches_an_upward_import(tmp_path):
 def test_modules_come_from_the_installed_namespace(module):
     imported = __import__(module, fromlist=["_"])
     assert imported.__name__ == module
+
+
+def test_a_stage_is_one_module_in_the_pipeline_list():
+    """Each module of plan.STAGE_MODULES declares what the pipeline needs, its upstream is the module
+    before it, and PipelineConfig has its typed section under the stage's name."""
+    from cptflow.config import PipelineConfig
+    from cptflow.plan import DATA_STAGES, PIPELINE_STAGES, STAGE_MODULES, TRAINING_STAGES, UPSTREAM
+
+    assert PIPELINE_STAGES == ("clean", "quality", "perplexity", "mix", "tokenize", "cpt", "sft", "evaluate")
+    previous = None
+    for module in STAGE_MODULES:
+        for name in ("NAME", "UPSTREAM", "STAGE_VERSION", "Config", "fingerprint_inputs", "artifacts"):
+            assert hasattr(module, name), f"{module.__name__} does not declare {name}"
+        assert module.__name__ == f"cptflow.tasks.{module.NAME}"
+        assert module.UPSTREAM == previous, f"{module.NAME}: upstream {module.UPSTREAM}, the list says {previous}"
+        assert PipelineConfig.model_fields[module.NAME].annotation is module.Config
+        data = all(hasattr(module, f) for f in ("plan", "process", "commit"))
+        assert data != hasattr(module, "run"), f"{module.NAME}: plan/process/commit (data) or run (training), not both"
+        previous = module.NAME
+    assert DATA_STAGES == PIPELINE_STAGES[:5] and TRAINING_STAGES == PIPELINE_STAGES[5:]
+    assert UPSTREAM == {s: u for s, u in zip(PIPELINE_STAGES[1:], PIPELINE_STAGES[:-1])}

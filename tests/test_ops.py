@@ -260,9 +260,9 @@ def webhook():
 
 
 def test_failure_artifact_names_stage_error_and_rerun_command(prefect_harness, webhook, tmp_path, caplog):
+    from prefect import flow
     from prefect.client.orchestration import get_client
     from prefect.client.schemas.filters import ArtifactFilter, ArtifactFilterKey
-    from prefect import flow
     from prefect.client.schemas.sorting import ArtifactSort
 
     from cptflow.flows.failure import publish_failure

@@ -13,6 +13,7 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 torch = pytest.importorskip("torch")
 transformers = pytest.importorskip("transformers")
 
+from conftest import everyday_english_docs  # noqa: E402
 from pydantic import ValidationError  # noqa: E402
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors, trainers  # noqa: E402
 
@@ -27,7 +28,6 @@ from cptflow.tasks.perplexity import (  # noqa: E402
     score_texts,
     score_texts_naive,
 )
-from conftest import everyday_english_docs  # noqa: E402
 
 
 @pytest.fixture(scope="module")

@@ -16,11 +16,13 @@ import pytest
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
+from conftest import everyday_english_docs  # noqa: E402
 from pydantic import ValidationError  # noqa: E402
 
 import cptflow.tasks.tokenize as tokenize  # noqa: E402
 from cptflow.plan import StageRun  # noqa: E402
-from cptflow.store import read_manifest, sha256_file  # noqa: E402
+from cptflow.store import sha256_file  # noqa: E402
+from cptflow.tasks.tokenize import TokenizeConfig, document_token_ids  # noqa: E402
 from cptflow.token_shards import (  # noqa: E402
     SCHEMA_VERSION,
     TokenShardError,
@@ -28,8 +30,6 @@ from cptflow.token_shards import (  # noqa: E402
     open_token_shard,
     read_shard_metadata,
 )
-from cptflow.tasks.tokenize import TokenizeConfig, document_token_ids  # noqa: E402
-from conftest import everyday_english_docs  # noqa: E402
 
 N_STREAMS = 3
 

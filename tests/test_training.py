@@ -15,6 +15,7 @@ from pathlib import Path
 import pytest
 import torch
 from pydantic import ValidationError
+from test_flow import corpus, write_config  # noqa: F401  (the flow tests' corpus fixture and config)
 
 from cptflow.config import load_config
 from cptflow.plan import DATA_STAGES, plan_pipeline, run_data_stage_plain
@@ -34,7 +35,6 @@ from cptflow.training import (
     token_loss_sum,
     train_step,
 )
-from test_flow import corpus, write_config  # noqa: F401  (the flow tests' corpus fixture and config)
 
 REPO = Path(__file__).resolve().parents[1]
 SMALL_LORA = LoraSettings(r=4, alpha=8)
@@ -236,8 +236,8 @@ def tied_llama_dir(tiny_llama_dir, tmp_path_factory) -> Path:
 def test_tied_embeddings_stay_tied_through_training_saving_and_merging(tied_llama_dir, tmp_path):
     from transformers import AutoModelForCausalLM
 
-    from cptflow.training import save_adapter
     from cptflow.tasks.export import merge_adapter
+    from cptflow.training import save_adapter
 
     tcfg = tiny_config()
     base = load_base_model(str(tied_llama_dir), tcfg)
@@ -401,7 +401,7 @@ def test_kernels_on_and_off_give_the_same_loss_curve(prepared, tmp_path):
 def test_two_gloo_processes_match_one_process_with_doubled_accumulation(prepared, tmp_path):
     """torchrun, 2 CPU processes (gloo), micro-batch 2 each == 1 process, micro-batch 2, accumulation 2."""
     import cptflow.tasks.cpt as cpt
-    from cptflow.launch import launch_stage
+    from cptflow.training_process import launch_stage
     from cptflow.training import TrainingReporter
 
     settings = dict(micro_batch_size=2, max_steps=6, eval_steps=3, save_steps=3, log_steps=1)
@@ -528,8 +528,9 @@ def test_sft_continues_from_the_cpt_adapter_with_embeddings_frozen(prepared, tmp
 
 
 def test_training_can_start_from_an_existing_adapter(tiny_llama_dir, tmp_path):
-    from cptflow.training import save_adapter
     from transformers import AutoTokenizer
+
+    from cptflow.training import save_adapter
 
     tcfg = tiny_config()
     first = add_adapters(load_base_model(str(tiny_llama_dir), tcfg), tcfg)
@@ -593,7 +594,6 @@ def test_training_waits_for_a_slot_of_the_gpu_concurrency_limit(prefect_harness,
 
 def test_fused_loss_falls_back_to_the_eager_head_where_it_cannot_apply(tiny_llama_dir, caplog):
     from cptflow.kernels import fused_linear_cross_entropy
-
     from cptflow.training import fused_loss_for
 
     tcfg = tiny_config()
