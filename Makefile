@@ -9,7 +9,7 @@ STAMP := $(VENV)/.installed-stamp
 export HF_HUB_OFFLINE := 1
 export HF_DATASETS_OFFLINE := 1
 
-.PHONY: install demo test test-all bench clean-work ui-check drills
+.PHONY: install demo lint test test-slow test-all bench clean-work ui-check drills
 
 $(STAMP): pyproject.toml Makefile
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -25,12 +25,21 @@ demo: $(STAMP)
 
 # pytest's own script, not `python -m pytest`: that would put the checkout root on sys.path, where
 # kernels/ shadows Hugging Face's `kernels`. The tests import the installed cptflow.
-# `make test` skips the tests marked slow (minutes each); `make test-all` runs everything (CI does).
+# `make test` skips the tests marked slow (minutes each: the wheel built and installed into a fresh
+# venv); `make test-slow` runs just those, `make test-all` everything. CI runs lint, test, test-slow.
 test: $(STAMP)
 	$(VENV)/bin/pytest -q -m "not slow"
 
+test-slow: $(STAMP)
+	$(VENV)/bin/pytest -q -m slow
+
 test-all: $(STAMP)
 	$(VENV)/bin/pytest -q
+
+# ruff (pyproject.toml [tool.ruff]): lint and formatting, line length 120.
+lint: $(STAMP)
+	$(VENV)/bin/ruff check .
+	$(VENV)/bin/ruff format --check .
 
 bench: $(STAMP)
 	$(PY) -m pip install --quiet -e '.[bench]'

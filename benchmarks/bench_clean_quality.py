@@ -227,8 +227,10 @@ def main() -> None:
     words = sum(len(t.split()) for t in texts) / n_docs
     html_share = sum(doc["source"] == "html" for doc in docs) / n_docs
 
-    print(f"{n_docs} generated documents (mean {words:.0f} words, {html_share:.1%} HTML), "
-          f"1 process on 1 core, best of {repeats} interleaved passes")
+    print(
+        f"{n_docs} generated documents (mean {words:.0f} words, {html_share:.1%} HTML), "
+        f"1 process on 1 core, best of {repeats} interleaved passes"
+    )
     print(f"{'variant':<44}{'docs/s':>10}{'docs/s cpu':>12}{'kept':>8}")
     labels = {
         "ours_clean": "ours: clean (incl. exact-dup key)",
@@ -240,33 +242,43 @@ def main() -> None:
     for name, label in labels.items():
         print(f"{label:<44}{rate[name]:>10.1f}{cpu_rate[name]:>12.1f}{kept_counts[name] / n_docs:>8.1%}")
     print(f"speedup clean+quality vs datatrove: {speedup:.2f}x wall, {cpu_speedup:.2f}x cpu (target {TARGET_SPEEDUP}x)")
-    print("keep rate by kind (ours / datatrove): " + ", ".join(
-        f"{kind} {sum(i in kept_ours for i in ids) / len(ids):.1%} / {sum(i in kept_datatrove for i in ids) / len(ids):.1%}"
-        for kind in ("abstract", "web", "html")
-        if (ids := [i for i, doc in enumerate(docs) if doc["source"] == kind])
-    ))
+    print(
+        "keep rate by kind (ours / datatrove): "
+        + ", ".join(
+            (
+                f"{kind} {sum(i in kept_ours for i in ids) / len(ids):.1%} / "
+                f"{sum(i in kept_datatrove for i in ids) / len(ids):.1%}"
+            )
+            for kind in ("abstract", "web", "html")
+            if (ids := [i for i, doc in enumerate(docs) if doc["source"] == kind])
+        )
+    )
     print(f"same keep/drop decision on {agreement:.1%} of documents")
     print(f"ours drop reasons: {dict(reasons_ours.most_common())}")
     print(f"datatrove drop reasons: {dict(reasons_datatrove.most_common())}")
-    print(json.dumps({
-        "benchmark": "clean_quality_vs_datatrove",
-        "docs": n_docs,
-        "repeats": repeats,
-        "cores": 1,
-        "ours_docs_per_s": round(rate["ours_clean_quality"], 1),
-        "datatrove_docs_per_s": round(rate["datatrove_gopher"], 1),
-        "speedup": round(speedup, 2),
-        "target": TARGET_SPEEDUP,
-        "meets_target": speedup >= TARGET_SPEEDUP,
-        "speedup_cpu_time": round(cpu_speedup, 2),
-        "ours_clean_docs_per_s": round(rate["ours_clean"], 1),
-        "ours_quality_docs_per_s": round(rate["ours_quality"], 1),
-        "ours_with_minhash_docs_per_s": round(rate["ours_clean_quality_minhash"], 1),
-        "speedup_with_minhash": round(rate["ours_clean_quality_minhash"] / rate["datatrove_gopher"], 2),
-        "ours_keep_rate": round(len(kept_ours) / n_docs, 4),
-        "datatrove_keep_rate": round(len(kept_datatrove) / n_docs, 4),
-        "decision_agreement": round(agreement, 4),
-    }))
+    print(
+        json.dumps(
+            {
+                "benchmark": "clean_quality_vs_datatrove",
+                "docs": n_docs,
+                "repeats": repeats,
+                "cores": 1,
+                "ours_docs_per_s": round(rate["ours_clean_quality"], 1),
+                "datatrove_docs_per_s": round(rate["datatrove_gopher"], 1),
+                "speedup": round(speedup, 2),
+                "target": TARGET_SPEEDUP,
+                "meets_target": speedup >= TARGET_SPEEDUP,
+                "speedup_cpu_time": round(cpu_speedup, 2),
+                "ours_clean_docs_per_s": round(rate["ours_clean"], 1),
+                "ours_quality_docs_per_s": round(rate["ours_quality"], 1),
+                "ours_with_minhash_docs_per_s": round(rate["ours_clean_quality_minhash"], 1),
+                "speedup_with_minhash": round(rate["ours_clean_quality_minhash"] / rate["datatrove_gopher"], 2),
+                "ours_keep_rate": round(len(kept_ours) / n_docs, 4),
+                "datatrove_keep_rate": round(len(kept_datatrove) / n_docs, 4),
+                "decision_agreement": round(agreement, 4),
+            }
+        )
+    )
 
 
 if __name__ == "__main__":

@@ -88,24 +88,41 @@ def cpu_child(args) -> None:
         start = time.perf_counter()
         LOSSES[args.child](x, w, labels).backward()
         repeat_s.append(time.perf_counter() - start)
-    print(json.dumps({
-        "variant": args.child,
-        "loss": loss.item(),
-        "setup_rss_mib": setup_rss,
-        # ru_maxrss also covers start-up: measured from the RSS now, a start-up peak can only make
-        # `extra` larger (conservative), never hide what the loss allocated.
-        "extra_peak_mib": peak - setup_rss,
-        "seconds": statistics.median(repeat_s) if repeat_s else first_s,
-        "first_seconds": first_s,
-    }))
+    print(
+        json.dumps(
+            {
+                "variant": args.child,
+                "loss": loss.item(),
+                "setup_rss_mib": setup_rss,
+                # ru_maxrss also covers start-up: measured from the RSS now, a start-up peak can only make
+                # `extra` larger (conservative), never hide what the loss allocated.
+                "extra_peak_mib": peak - setup_rss,
+                "seconds": statistics.median(repeat_s) if repeat_s else first_s,
+                "first_seconds": first_s,
+            }
+        )
+    )
 
 
 def run_cpu(args) -> dict:
     results = {}
     for variant in ("eager", "fused"):
-        cmd = [sys.executable, __file__, "--child", variant, "--tokens", str(args.tokens), "--hidden",
-               str(args.hidden), "--vocab", str(args.vocab), "--threads", str(args.threads),
-               "--repeats", str(args.repeats)]
+        cmd = [
+            sys.executable,
+            __file__,
+            "--child",
+            variant,
+            "--tokens",
+            str(args.tokens),
+            "--hidden",
+            str(args.hidden),
+            "--vocab",
+            str(args.vocab),
+            "--threads",
+            str(args.threads),
+            "--repeats",
+            str(args.repeats),
+        ]
         out = subprocess.run(cmd, capture_output=True, text=True, check=True).stdout
         results[variant] = json.loads(out.strip().splitlines()[-1])
     eager, fused = results["eager"], results["fused"]
@@ -114,26 +131,37 @@ def run_cpu(args) -> dict:
     loss_diff = abs(fused["loss"] - eager["loss"])
     full_logits_mib = args.tokens * args.vocab * 4 / MiB
 
-    print(f"fused linear+cross-entropy, CPU fp32: {args.tokens} tokens x hidden {args.hidden} x vocab "
-          f"{args.vocab} (full logits would be {full_logits_mib:.0f} MiB), torch threads {args.threads}")
-    print("memory: each variant in a fresh process; peak RSS (getrusage ru_maxrss) during one forward+backward "
-          "minus the RSS once inputs exist (both include the weight gradient)")
+    print(
+        f"fused linear+cross-entropy, CPU fp32: {args.tokens} tokens x hidden {args.hidden} x vocab "
+        f"{args.vocab} (full logits would be {full_logits_mib:.0f} MiB), torch threads {args.threads}"
+    )
+    print(
+        "memory: each variant in a fresh process; peak RSS (getrusage ru_maxrss) during one forward+backward "
+        "minus the RSS once inputs exist (both include the weight gradient)"
+    )
     print(f"{'variant':<8}{'extra peak MiB':>16}{'seconds':>10}{'loss':>22}")
     for label, r in (("eager", eager), ("fused", fused)):
         print(f"{label:<8}{r['extra_peak_mib']:>16.0f}{r['seconds']:>10.2f}{r['loss']:>22.10f}")
-    print(f"memory ratio fused/eager {memory_ratio:.3f} (target <= {FUSED_MEMORY_TARGET}), "
-          f"time ratio {time_ratio:.2f}, loss |difference| {loss_diff:.2e}")
+    print(
+        f"memory ratio fused/eager {memory_ratio:.3f} (target <= {FUSED_MEMORY_TARGET}), "
+        f"time ratio {time_ratio:.2f}, loss |difference| {loss_diff:.2e}"
+    )
     if memory_ratio > FUSED_MEMORY_TARGET or loss_diff > 1e-4 * abs(eager["loss"]):
         print("WARNING: fused loss misses its memory target or disagrees with eager", file=sys.stderr)
     return {
         "benchmark": "kernels_cpu",
-        "tokens": args.tokens, "hidden": args.hidden, "vocab": args.vocab,
+        "tokens": args.tokens,
+        "hidden": args.hidden,
+        "vocab": args.vocab,
         "eager_extra_peak_mib": round(eager["extra_peak_mib"], 1),
         "fused_extra_peak_mib": round(fused["extra_peak_mib"], 1),
         "memory_ratio": round(memory_ratio, 4),
-        "eager_s": round(eager["seconds"], 3), "fused_s": round(fused["seconds"], 3),
+        "eager_s": round(eager["seconds"], 3),
+        "fused_s": round(fused["seconds"], 3),
         "time_ratio": round(time_ratio, 3),
-        "eager_loss": eager["loss"], "fused_loss": fused["loss"], "loss_abs_diff": loss_diff,
+        "eager_loss": eager["loss"],
+        "fused_loss": fused["loss"],
+        "loss_abs_diff": loss_diff,
     }
 
 
@@ -181,12 +209,35 @@ def run_cuda(args) -> dict:
         else:
             ok = speedup >= target
             target_text = f"speedup>={target}"
-        rows.append((kernel, shape, ours_ms, eager_ms, speedup, ours_mib, eager_mib, memory_ratio, target_text,
-                     "yes" if ok else "NO", parity))
-        records.append({"kernel": kernel, "shape": shape, "ours_ms": round(ours_ms, 3), "eager_ms": round(eager_ms, 3),
-                        "speedup": round(speedup, 3), "ours_mib": round(ours_mib, 1),
-                        "eager_mib": round(eager_mib, 1), "memory_ratio": round(memory_ratio, 4), "ok": ok,
-                        "max_rel_diff": parity})
+        rows.append(
+            (
+                kernel,
+                shape,
+                ours_ms,
+                eager_ms,
+                speedup,
+                ours_mib,
+                eager_mib,
+                memory_ratio,
+                target_text,
+                "yes" if ok else "NO",
+                parity,
+            )
+        )
+        records.append(
+            {
+                "kernel": kernel,
+                "shape": shape,
+                "ours_ms": round(ours_ms, 3),
+                "eager_ms": round(eager_ms, 3),
+                "speedup": round(speedup, 3),
+                "ours_mib": round(ours_mib, 1),
+                "eager_mib": round(eager_mib, 1),
+                "memory_ratio": round(memory_ratio, 4),
+                "ok": ok,
+                "max_rel_diff": parity,
+            }
+        )
 
     for vocab in vocabs:
         for tokens in token_counts:
@@ -197,20 +248,33 @@ def run_cuda(args) -> dict:
 
             measured, losses = {}, {}
             for name, fn in CUDA_LOSSES.items():
-                measured[name] = cuda_measure(lambda fn=fn: fn(x, w, labels).backward(), reset, args.warmup,
-                                              args.repeats)
+                measured[name] = cuda_measure(
+                    lambda fn=fn: fn(x, w, labels).backward(), reset, args.warmup, args.repeats
+                )
                 with torch.no_grad():
                     losses[name] = fn(x, w, labels).item()
             for name, label in (("fused", "fused CE, fp32 dW acc"), ("fused_bf16_acc", "fused CE, bf16 dW acc")):
                 parity = abs(losses[name] - losses["eager"]) / abs(losses["eager"])
-                record(label, f"{tokens}x{hidden}->{vocab}", measured[name], measured["eager"],
-                       FUSED_MEMORY_TARGET, "memory", parity)
+                record(
+                    label,
+                    f"{tokens}x{hidden}->{vocab}",
+                    measured[name],
+                    measured["eager"],
+                    FUSED_MEMORY_TARGET,
+                    "memory",
+                    parity,
+                )
             x = w = labels = None  # free the inputs before the next size (the closures above hold cells, not values)
             torch.cuda.empty_cache()
 
     elementwise = [
-        ("rms_norm", hidden, lambda a, b: rms_norm(a, b), lambda a, b: rms_norm_reference(a, b),
-         RMS_NORM_SPEEDUP_TARGET),
+        (
+            "rms_norm",
+            hidden,
+            lambda a, b: rms_norm(a, b),
+            lambda a, b: rms_norm_reference(a, b),
+            RMS_NORM_SPEEDUP_TARGET,
+        ),
         # Llama-3-8B's MLP width for hidden 4096.
         ("swiglu", 14336, swiglu, lambda a, b: F.silu(a) * b, SWIGLU_SPEEDUP_TARGET),
     ]
@@ -234,25 +298,33 @@ def run_cuda(args) -> dict:
                 parity = ((ours_fn(a, b).float() - reference).norm() / reference.norm()).item()
             record(kernel, f"{tokens}x{width}", ours, eager, target, "speed", parity)
 
-    print(f"{torch.cuda.get_device_name()}, bf16, forward+backward, median of {args.repeats} after "
-          f"{args.warmup} warm-up; memory = max_memory_allocated above the inputs")
-    print("eager: fused loss vs F.linear + .float() + F.cross_entropy (Hugging Face's loss path); "
-          "rms_norm vs LlamaRMSNorm's ops; swiglu vs F.silu(gate) * up")
-    header = (f"{'kernel':<27}{'shape':>20}{'ours ms':>9}{'eager ms':>10}{'speedup':>9}{'ours MiB':>10}"
-              f"{'eager MiB':>11}{'mem ratio':>10}  {'target':<24}{'ok':<4}{'rel diff':>9}")
+    print(
+        f"{torch.cuda.get_device_name()}, bf16, forward+backward, median of {args.repeats} after "
+        f"{args.warmup} warm-up; memory = max_memory_allocated above the inputs"
+    )
+    print(
+        "eager: fused loss vs F.linear + .float() + F.cross_entropy (Hugging Face's loss path); "
+        "rms_norm vs LlamaRMSNorm's ops; swiglu vs F.silu(gate) * up"
+    )
+    header = (
+        f"{'kernel':<27}{'shape':>20}{'ours ms':>9}{'eager ms':>10}{'speedup':>9}{'ours MiB':>10}"
+        f"{'eager MiB':>11}{'mem ratio':>10}  {'target':<24}{'ok':<4}{'rel diff':>9}"
+    )
     print(header)
     for row in rows:
-        print(f"{row[0]:<27}{row[1]:>20}{row[2]:>9.2f}{row[3]:>10.2f}{row[4]:>8.2f}x{row[5]:>10.0f}"
-              f"{row[6]:>11.0f}{row[7]:>10.3f}  {row[8]:<24}{row[9]:<4}{row[10]:>9.1e}")
+        print(
+            f"{row[0]:<27}{row[1]:>20}{row[2]:>9.2f}{row[3]:>10.2f}{row[4]:>8.2f}x{row[5]:>10.0f}"
+            f"{row[6]:>11.0f}{row[7]:>10.3f}  {row[8]:<24}{row[9]:<4}{row[10]:>9.1e}"
+        )
     return {"benchmark": "kernels_cuda", "device": torch.cuda.get_device_name(), "results": records}
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--device", choices=["auto", "cpu", "cuda"], default="auto",
-                        help="auto: cuda when available")
-    parser.add_argument("--quick", action="store_true",
-                        help="CPU: vocab 32000 and 1024 tokens; CUDA: vocab 32k and 8k tokens only")
+    parser.add_argument("--device", choices=["auto", "cpu", "cuda"], default="auto", help="auto: cuda when available")
+    parser.add_argument(
+        "--quick", action="store_true", help="CPU: vocab 32000 and 1024 tokens; CUDA: vocab 32k and 8k tokens only"
+    )
     parser.add_argument("--tokens", type=int, default=4096, help="CPU: tokens in the batch")
     parser.add_argument("--hidden", type=int, default=512, help="CPU: hidden size")
     parser.add_argument("--vocab", type=int, default=128256, help="CPU: vocabulary size (Llama-3)")

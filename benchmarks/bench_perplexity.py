@@ -55,10 +55,27 @@ def read_raw_texts(raw_dir: Path, limit: int = 20000) -> list[str]:
 def generated_texts(n: int, seed: int = 0) -> list[str]:
     """Fallback corpus: template sentences over a few hundred words (no data/raw present)."""
     rng = random.Random(seed)
-    nouns = [f"{a}{b}" for a in ("gar", "kit", "riv", "bak", "lib", "sch", "par", "win") for b in
-             ("den", "chen", "er", "ery", "rary", "ool", "k", "dow", "ton", "field")]
-    verbs = ["opened", "fixed", "painted", "cleaned", "visited", "cooked", "planted", "repaired",
-             "borrowed", "measured", "reviewed", "described", "reported", "compared"]
+    nouns = [
+        f"{a}{b}"
+        for a in ("gar", "kit", "riv", "bak", "lib", "sch", "par", "win")
+        for b in ("den", "chen", "er", "ery", "rary", "ool", "k", "dow", "ton", "field")
+    ]
+    verbs = [
+        "opened",
+        "fixed",
+        "painted",
+        "cleaned",
+        "visited",
+        "cooked",
+        "planted",
+        "repaired",
+        "borrowed",
+        "measured",
+        "reviewed",
+        "described",
+        "reported",
+        "compared",
+    ]
     adjectives = ["old", "new", "small", "quiet", "busy", "green", "bright", "narrow", "local", "early"]
     texts = []
     for _ in range(n):
@@ -77,9 +94,7 @@ def documents_of_realistic_length(corpus: list[str], tokenizer, n_docs: int, see
     rng = random.Random(seed)
     words = " ".join(corpus).split()
     sample = " ".join(words[:5000])
-    tokens_per_word = len(tokenizer(sample, add_special_tokens=False)["input_ids"]) / max(
-        1, len(sample.split())
-    )
+    tokens_per_word = len(tokenizer(sample, add_special_tokens=False)["input_ids"]) / max(1, len(sample.split()))
     docs = []
     for _ in range(n_docs):
         n_words = max(1, round(rng.randint(MIN_TOKENS, MAX_TOKENS) / tokens_per_word))
@@ -155,19 +170,29 @@ def peak_matmul_gflops(dtype=torch.float32, size: int = 2048, repeats: int = 10)
 
 def linear_flops(model, tokens: int) -> float:
     """Multiply-add FLOPs of every nn.Linear (lm_head included) over `tokens` positions."""
-    weights = sum(module.in_features * module.out_features for module in model.modules() if isinstance(module, torch.nn.Linear))
+    weights = sum(
+        module.in_features * module.out_features for module in model.modules() if isinstance(module, torch.nn.Linear)
+    )
     return 2.0 * weights * tokens
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--docs", type=int, default=400, help="documents to score")
-    parser.add_argument("--model", default=None, help="model name or path; `random` = random Llama h256 x 4 layers "
-                        "(default builtin:tiny-llama when data/raw/general exists, else random)")
+    parser.add_argument(
+        "--model",
+        default=None,
+        help="model name or path; `random` = random Llama h256 x 4 layers "
+        "(default builtin:tiny-llama when data/raw/general exists, else random)",
+    )
     parser.add_argument("--quick", action="store_true", help="80 documents, for a smoke run")
     parser.add_argument("--max-length", type=int, default=512, help="tokens per document")
-    parser.add_argument("--batch-tokens", type=int, default=None,
-                        help="token budget per batch (default: the stage's `auto`, 1024 on CPU)")
+    parser.add_argument(
+        "--batch-tokens",
+        type=int,
+        default=None,
+        help="token budget per batch (default: the stage's `auto`, 1024 on CPU)",
+    )
     parser.add_argument("--threads", type=int, default=None, help="torch threads (default all cores)")
     parser.add_argument("--raw-dir", type=Path, default=REPO / "data" / "raw")
     parser.add_argument("--seed", type=int, default=0)
@@ -193,9 +218,7 @@ def main() -> None:
     score_texts_naive(texts[:8], model, tokenizer, max_length=args.max_length)
 
     start = time.perf_counter()
-    batched = score_texts(
-        texts, model, tokenizer, max_length=args.max_length, batch_tokens=args.batch_tokens
-    )
+    batched = score_texts(texts, model, tokenizer, max_length=args.max_length, batch_tokens=args.batch_tokens)
     batched_s = time.perf_counter() - start
     start = time.perf_counter()
     naive = score_texts_naive(texts, model, tokenizer, max_length=args.max_length)
@@ -208,7 +231,9 @@ def main() -> None:
         start = time.perf_counter()
         bf16 = score_texts(texts, model_bf16, tokenizer, max_length=args.max_length, batch_tokens=args.batch_tokens)
         bf16_s = time.perf_counter() - start
-        bf16_rel_diff = max((abs(b.perplexity - n.perplexity) / n.perplexity for b, n in zip(bf16, naive) if n.tokens), default=0.0)
+        bf16_rel_diff = max(
+            (abs(b.perplexity - n.perplexity) / n.perplexity for b, n in zip(bf16, naive) if n.tokens), default=0.0
+        )
         del model_bf16
 
     # The float32 ceiling: only the matmuls, all at the machine's peak rate.
@@ -216,46 +241,57 @@ def main() -> None:
     matmul_floor_s = linear_flops(model, sum(lengths)) / (peak * 1e9)
     ceiling = naive_s / matmul_floor_s
 
-    rel_diffs = [
-        abs(b.perplexity - n.perplexity) / n.perplexity
-        for b, n in zip(batched, naive)
-        if n.tokens > 0
-    ]
+    rel_diffs = [abs(b.perplexity - n.perplexity) / n.perplexity for b, n in zip(batched, naive) if n.tokens > 0]
     max_rel_diff = max(rel_diffs, default=0.0)
     same_tokens = all(b.tokens == n.tokens for b, n in zip(batched, naive))
     total_tokens = sum(lengths)
     n_params = sum(p.numel() for p in model.parameters())
 
-    print(f"model {model_label} ({n_params / 1e6:.1f}M params, vocab {len(tokenizer)}), "
-          f"corpus {corpus_label}, torch threads {torch.get_num_threads()}")
-    print(f"{n_docs} docs, {total_tokens} tokens, length min/median/max "
-          f"{min(lengths)}/{int(statistics.median(lengths))}/{max(lengths)}, "
-          f"max_length {args.max_length}, batch_tokens {args.batch_tokens}")
+    print(
+        f"model {model_label} ({n_params / 1e6:.1f}M params, vocab {len(tokenizer)}), "
+        f"corpus {corpus_label}, torch threads {torch.get_num_threads()}"
+    )
+    print(
+        f"{n_docs} docs, {total_tokens} tokens, length min/median/max "
+        f"{min(lengths)}/{int(statistics.median(lengths))}/{max(lengths)}, "
+        f"max_length {args.max_length}, batch_tokens {args.batch_tokens}"
+    )
     print(f"{'method':<10}{'seconds':>10}{'docs/s':>10}{'tokens/s':>12}")
     rows = [("batched", batched_s), ("naive", naive_s)] + ([("bf16", bf16_s)] if bf16_s else [])
     for label, seconds in rows:
         print(f"{label:<10}{seconds:>10.2f}{n_docs / seconds:>10.1f}{total_tokens / seconds:>12.0f}")
-    print(f"speedup {naive_s / batched_s:.2f}x, max relative difference {max_rel_diff:.2e}, "
-          f"token counts equal: {same_tokens}")
-    print(f"float32 ceiling on this machine: matmuls alone take {matmul_floor_s:.2f} s at the measured peak "
-          f"{peak:.0f} GFLOP/s, so no float32 scorer can beat the naive loop by more than {ceiling:.2f}x")
+    print(
+        f"speedup {naive_s / batched_s:.2f}x, max relative difference {max_rel_diff:.2e}, "
+        f"token counts equal: {same_tokens}"
+    )
+    print(
+        f"float32 ceiling on this machine: matmuls alone take {matmul_floor_s:.2f} s at the measured peak "
+        f"{peak:.0f} GFLOP/s, so no float32 scorer can beat the naive loop by more than {ceiling:.2f}x"
+    )
     if bf16_s:
-        print(f"bf16 weights, batched: {naive_s / bf16_s:.2f}x the float32 naive loop, max relative difference {bf16_rel_diff:.1e}")
+        print(
+            f"bf16 weights, batched: {naive_s / bf16_s:.2f}x the float32 naive loop, "
+            f"max relative difference {bf16_rel_diff:.1e}"
+        )
     if not same_tokens or max_rel_diff > 1e-3:
         print("WARNING: batched and naive scores disagree", file=sys.stderr)
-    print(json.dumps({
-        "benchmark": "perplexity_scoring",
-        "docs": n_docs,
-        "batched_docs_per_s": round(n_docs / batched_s, 2),
-        "naive_docs_per_s": round(n_docs / naive_s, 2),
-        "speedup": round(naive_s / batched_s, 3),
-        "max_rel_diff": max_rel_diff,
-        "model": model_label,
-        "peak_fp32_matmul_gflops": round(peak, 1),
-        "matmul_floor_s": round(matmul_floor_s, 3),
-        "fp32_speedup_ceiling": round(ceiling, 2),
-        **({"bf16_speedup": round(naive_s / bf16_s, 3), "bf16_max_rel_diff": bf16_rel_diff} if bf16_s else {}),
-    }))
+    print(
+        json.dumps(
+            {
+                "benchmark": "perplexity_scoring",
+                "docs": n_docs,
+                "batched_docs_per_s": round(n_docs / batched_s, 2),
+                "naive_docs_per_s": round(n_docs / naive_s, 2),
+                "speedup": round(naive_s / batched_s, 3),
+                "max_rel_diff": max_rel_diff,
+                "model": model_label,
+                "peak_fp32_matmul_gflops": round(peak, 1),
+                "matmul_floor_s": round(matmul_floor_s, 3),
+                "fp32_speedup_ceiling": round(ceiling, 2),
+                **({"bf16_speedup": round(naive_s / bf16_s, 3), "bf16_max_rel_diff": bf16_rel_diff} if bf16_s else {}),
+            }
+        )
+    )
 
 
 if __name__ == "__main__":

@@ -34,11 +34,29 @@ TARGET = 1e8
 
 
 def write_shards(directory: Path, total_tokens: int, rows_per_shard: int, rows_per_batch: int) -> list[Path]:
-    metadata = {f"cptflow.{k}": str(v) for k, v in {
-        "schema_version": 1, "tokenizer_fingerprint": "bench", "vocab_size": 32000, "eos_id": 2, "bos_id": 1,
-        "pad_id": 3, "seq_len": SEQ_LEN, "seed": 0, "version": "bench"}.items()}
-    schema = pa.schema([("input_ids", pa.list_(pa.uint32(), SEQ_LEN)), ("valid_tokens", pa.int32()),
-                        ("doc_starts", pa.list_(pa.int32())), ("domain_tokens", pa.int32())], metadata=metadata)
+    metadata = {
+        f"cptflow.{k}": str(v)
+        for k, v in {
+            "schema_version": 1,
+            "tokenizer_fingerprint": "bench",
+            "vocab_size": 32000,
+            "eos_id": 2,
+            "bos_id": 1,
+            "pad_id": 3,
+            "seq_len": SEQ_LEN,
+            "seed": 0,
+            "version": "bench",
+        }.items()
+    }
+    schema = pa.schema(
+        [
+            ("input_ids", pa.list_(pa.uint32(), SEQ_LEN)),
+            ("valid_tokens", pa.int32()),
+            ("doc_starts", pa.list_(pa.int32())),
+            ("domain_tokens", pa.int32()),
+        ],
+        metadata=metadata,
+    )
     rng = np.random.default_rng(0)
     rows_left = -(-total_tokens // SEQ_LEN)
     paths = []
@@ -49,11 +67,17 @@ def write_shards(directory: Path, total_tokens: int, rows_per_shard: int, rows_p
             for lo in range(0, shard_rows, rows_per_batch):
                 n = min(rows_per_batch, shard_rows - lo)
                 ids = rng.integers(0, 32000, n * SEQ_LEN, dtype=np.uint32)
-                writer.write_batch(pa.record_batch([
-                    pa.FixedSizeListArray.from_arrays(pa.array(ids), SEQ_LEN),
-                    pa.array(np.full(n, SEQ_LEN, np.int32)),
-                    pa.array([[0, 700, 1500]] * n, pa.list_(pa.int32())),
-                    pa.array(np.zeros(n, np.int32))], schema=schema))
+                writer.write_batch(
+                    pa.record_batch(
+                        [
+                            pa.FixedSizeListArray.from_arrays(pa.array(ids), SEQ_LEN),
+                            pa.array(np.full(n, SEQ_LEN, np.int32)),
+                            pa.array([[0, 700, 1500]] * n, pa.list_(pa.int32())),
+                            pa.array(np.zeros(n, np.int32)),
+                        ],
+                        schema=schema,
+                    )
+                )
         paths.append(path)
         rows_left -= shard_rows
     return paths
@@ -151,30 +175,36 @@ def main() -> None:
         if len(checksums) != 1 or any(r[1] != tokens for r in results.values()):
             raise SystemExit(f"paths disagree: checksums {checksums}, tokens {[r[1] for r in results.values()]}")
 
-    print(f"{tokens / 1e6:.1f} M tokens in {len(paths)} shards ({size / 2**20:.0f} MiB, seq_len {SEQ_LEN}, "
-          f"{args.rows_per_batch} rows/record batch); written in {write_s:.1f} s; dataset open {open_ms:.1f} ms; "
-          f"median of {args.repeats}, page cache warm")
+    print(
+        f"{tokens / 1e6:.1f} M tokens in {len(paths)} shards ({size / 2**20:.0f} MiB, seq_len {SEQ_LEN}, "
+        f"{args.rows_per_batch} rows/record batch); written in {write_s:.1f} s; dataset open {open_ms:.1f} ms; "
+        f"median of {args.repeats}, page cache warm"
+    )
     print(f"{'path':<40} {'M tokens/s':>12} {'samples/s':>12}")
     for name, (rate, _, _) in results.items():
         print(f"{name:<40} {rate / 1e6:>12.1f} {rate / SEQ_LEN:>12.0f}")
     bulk_rate = results[f"bulk (iter_blocks {args.rows_per_batch})"][0]
-    print(json.dumps({
-        "benchmark": "shard_reader",
-        "tokens": tokens,
-        "seq_len": SEQ_LEN,
-        "shards": len(paths),
-        "rows_per_record_batch": args.rows_per_batch,
-        "repeats": args.repeats,
-        "bulk_tokens_per_s": round(bulk_rate),
-        "bulk_batch8_tokens_per_s": round(results["bulk (iter_blocks 8)"][0]),
-        "bulk_torch_tokens_per_s": round(results["bulk -> torch int64 (iter_blocks 8)"][0]),
-        "per_sample_tokens_per_s": round(results["per-sample torch dicts"][0]),
-        "dataloader_tokens_per_s": round(results["DataLoader batch 8, workers 0"][0]),
-        "pyarrow_scan_tokens_per_s": round(results["pyarrow_scan"][0]),
-        "open_ms": round(open_ms, 2),
-        "target": TARGET,
-        "meets_target": bulk_rate >= TARGET,
-    }))
+    print(
+        json.dumps(
+            {
+                "benchmark": "shard_reader",
+                "tokens": tokens,
+                "seq_len": SEQ_LEN,
+                "shards": len(paths),
+                "rows_per_record_batch": args.rows_per_batch,
+                "repeats": args.repeats,
+                "bulk_tokens_per_s": round(bulk_rate),
+                "bulk_batch8_tokens_per_s": round(results["bulk (iter_blocks 8)"][0]),
+                "bulk_torch_tokens_per_s": round(results["bulk -> torch int64 (iter_blocks 8)"][0]),
+                "per_sample_tokens_per_s": round(results["per-sample torch dicts"][0]),
+                "dataloader_tokens_per_s": round(results["DataLoader batch 8, workers 0"][0]),
+                "pyarrow_scan_tokens_per_s": round(results["pyarrow_scan"][0]),
+                "open_ms": round(open_ms, 2),
+                "target": TARGET,
+                "meets_target": bulk_rate >= TARGET,
+            }
+        )
+    )
 
 
 if __name__ == "__main__":

@@ -79,7 +79,9 @@ def write_stream(directory: Path, docs: list[dict], shards: int) -> Path:
 
 def run_ours(upstream: Path, out: Path, cfg, workers: int) -> dict:
     """The stage as the flow runs it: shards in a thread pool, then one commit."""
-    run = StageRun(stage="tokenize", fingerprint="bench", directory=str(out), upstream_directory=str(upstream), payload={})
+    run = StageRun(
+        stage="tokenize", fingerprint="bench", directory=str(out), upstream_directory=str(upstream), payload={}
+    )
     items = tokenize.plan(run, cfg)  # loads the tokenizer (not timed: every method gets it loaded)
     started = time.perf_counter()
     with ThreadPoolExecutor(workers) as pool:
@@ -101,7 +103,9 @@ def run_raw(texts: list[str], tokenizer, batch: int) -> dict:
     started = time.perf_counter()
     tokens = 0
     for first in range(0, len(texts), batch):
-        tokens += sum(map(len, tokenizer(texts[first : first + batch], return_attention_mask=False, verbose=False)["input_ids"]))
+        tokens += sum(
+            map(len, tokenizer(texts[first : first + batch], return_attention_mask=False, verbose=False)["input_ids"])
+        )
     return {"seconds": time.perf_counter() - started, "tokens": tokens}
 
 
@@ -126,7 +130,9 @@ def run_clm_recipe(texts: list[str], tokenizer, block_size: int, out: Path) -> d
         concatenated = {k: list(chain(*examples[k])) for k in examples.keys()}
         total_length = len(concatenated[list(examples.keys())[0]])
         total_length = (total_length // block_size) * block_size
-        result = {k: [t[i : i + block_size] for i in range(0, total_length, block_size)] for k, t in concatenated.items()}
+        result = {
+            k: [t[i : i + block_size] for i in range(0, total_length, block_size)] for k, t in concatenated.items()
+        }
         result["labels"] = result["input_ids"].copy()
         return result
 
@@ -199,16 +205,25 @@ def main() -> None:
         "backend": "(a') Rust backend encode_batch_fast alone",
         "run_clm": "(b) HF run_clm: from_dict+map+group_texts+save_to_disk",
     }
-    print(f"{len(texts)} documents, {megabytes:.1f} MB, seq_len {args.seq_len}, {os.cpu_count()} cores, "
-          f"model {args.model}, best of {args.repeats}")
+    print(
+        f"{len(texts)} documents, {megabytes:.1f} MB, seq_len {args.seq_len}, {os.cpu_count()} cores, "
+        f"model {args.model}, best of {args.repeats}"
+    )
     print(f"{'method':<60} {'seconds':>8} {'Mtok/s':>8} {'MB/s':>7} {'cpu s':>7}")
     for name, r in best.items():
-        print(f"{labels[name]:<60} {r['seconds']:>8.2f} {rate[name] / 1e6:>8.3f} {megabytes / r['seconds']:>7.2f} {cpu[name]:>7.2f}")
+        print(
+            f"{labels[name]:<60} {r['seconds']:>8.2f} {rate[name] / 1e6:>8.3f} "
+            f"{megabytes / r['seconds']:>7.2f} {cpu[name]:>7.2f}"
+        )
     ours = best["ours"]
-    print(f"encoder: {'tiktoken' if encoder is not None else 'huggingface'}"
-          + (f", documents whose ids differ from the tokenizer's: {mismatched_documents}" if encoder is not None else ""))
-    print(f"ours: tokenize {ours['tokenize_seconds']:.2f} s, pack+write {ours['pack_write_seconds']:.2f} s, "
-          f"{ours['blocks']} blocks in {ours['shards']} shards")
+    print(
+        f"encoder: {'tiktoken' if encoder is not None else 'huggingface'}"
+        + (f", documents whose ids differ from the tokenizer's: {mismatched_documents}" if encoder is not None else "")
+    )
+    print(
+        f"ours: tokenize {ours['tokenize_seconds']:.2f} s, pack+write {ours['pack_write_seconds']:.2f} s, "
+        f"{ours['blocks']} blocks in {ours['shards']} shards"
+    )
     summary = {
         "documents": len(texts),
         "megabytes": round(megabytes, 2),
@@ -225,8 +240,12 @@ def main() -> None:
         "ratio_vs_backend_encode": round(rate["ours"] / rate["backend"], 3),
         "ratio_vs_run_clm": round(rate["ours"] / rate["run_clm"], 3),
         # the same comparison in CPU seconds (tokens per CPU-second), less sensitive to a busy machine
-        "cpu_ratio_vs_raw_tokenizer": round(cpu["raw"] / cpu["ours"] * best["ours"]["tokens"] / best["raw"]["tokens"], 3),
-        "cpu_ratio_vs_run_clm": round(cpu["run_clm"] / cpu["ours"] * best["ours"]["tokens"] / best["run_clm"]["tokens"], 3),
+        "cpu_ratio_vs_raw_tokenizer": round(
+            cpu["raw"] / cpu["ours"] * best["ours"]["tokens"] / best["raw"]["tokens"], 3
+        ),
+        "cpu_ratio_vs_run_clm": round(
+            cpu["run_clm"] / cpu["ours"] * best["ours"]["tokens"] / best["run_clm"]["tokens"], 3
+        ),
         "targets": {"vs_raw_tokenizer": 0.8, "vs_run_clm": 2.0},
     }
     print(json.dumps(summary))

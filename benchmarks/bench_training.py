@@ -1,7 +1,9 @@
 """Benchmark the cpt training step against a plain Hugging Face Trainer + PEFT QLoRA step: tokens/s and peak memory.
 
-Same model, same seeded token batch, each side in a fresh process. Prints a table, then as the last line one JSON object:
-  python benchmarks/bench_training.py [--model auto|tiny|1b] [--vocab 32000] [--batch 8] [--seq-len 256] [--json out.json]
+Same model, same seeded token batch, each side in a fresh process.
+Prints a table, then as the last line one JSON object:
+  python benchmarks/bench_training.py [--model auto|tiny|1b] [--vocab 32000] [--batch 8] [--seq-len 256]
+      [--json out.json]
 """
 
 from __future__ import annotations
@@ -295,27 +297,51 @@ def child(args) -> None:
             "pre_model_rss_mib": pre_model_rss,
             "peak_over_pre_model_mib": peak - pre_model_rss,
         }
-    print(json.dumps({
-        "side": args.child,
-        "tokens_per_s": tokens / sum(seconds),
-        # Process CPU time: what a busy shared machine inflates least (with --threads 1 it is the work done).
-        "tokens_per_cpu_s": tokens / sum(result["step_cpu_seconds"][args.warmup :]),
-        "measured_steps": len(seconds),
-        "first_step_loss": result["losses"][0],
-        **memory,
-        **{k: v for k, v in result.items() if k != "losses"},
-        "losses": result["losses"],
-    }))
+    print(
+        json.dumps(
+            {
+                "side": args.child,
+                "tokens_per_s": tokens / sum(seconds),
+                # Process CPU time: what a busy shared machine inflates least (with --threads 1 it is the work done).
+                "tokens_per_cpu_s": tokens / sum(result["step_cpu_seconds"][args.warmup :]),
+                "measured_steps": len(seconds),
+                "first_step_loss": result["losses"][0],
+                **memory,
+                **{k: v for k, v in result.items() if k != "losses"},
+                "losses": result["losses"],
+            }
+        )
+    )
 
 
 # --- parent: build the model, run both sides, print the table ------------------------------------
 
 
 def run_side(side: str, args, model_path: str) -> dict:
-    cmd = [sys.executable, __file__, "--child", side, "--model-path", model_path, "--device", args.device,
-           "--batch", str(args.batch), "--seq-len", str(args.seq_len), "--warmup", str(args.warmup),
-           "--steps", str(args.steps), "--seed", str(args.seed), "--threads", str(args.threads),
-           "--hf-optim", args.hf_optim]
+    cmd = [
+        sys.executable,
+        __file__,
+        "--child",
+        side,
+        "--model-path",
+        model_path,
+        "--device",
+        args.device,
+        "--batch",
+        str(args.batch),
+        "--seq-len",
+        str(args.seq_len),
+        "--warmup",
+        str(args.warmup),
+        "--steps",
+        str(args.steps),
+        "--seed",
+        str(args.seed),
+        "--threads",
+        str(args.threads),
+        "--hf-optim",
+        args.hf_optim,
+    ]
     start = time.perf_counter()
     proc = subprocess.run(cmd, capture_output=True, text=True)
     if proc.returncode != 0:
@@ -334,21 +360,32 @@ def verdict(ratio: float, target: float, at_least: bool) -> str:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--device", default="auto", help="auto | cpu | cuda")
-    parser.add_argument("--model", default="auto", choices=("auto", "tiny", "1b"),
-                        help="tiny = builtin:tiny-llama; 1b = random TinyLlama-1.1B-shaped Llama (auto: tiny on CPU, 1b on CUDA)")
+    parser.add_argument(
+        "--model",
+        default="auto",
+        choices=("auto", "tiny", "1b"),
+        help="tiny = builtin:tiny-llama; 1b = random TinyLlama-1.1B-shaped Llama (auto: tiny on CPU, 1b on CUDA)",
+    )
     parser.add_argument("--vocab", type=int, default=32000, help="vocabulary of the 1b model (128256: Llama-3's)")
     parser.add_argument("--layers", type=int, default=None, help="override the 1b model's 22 layers (smoke runs)")
     parser.add_argument("--batch", type=int, default=None, help="sequences per step (default 8)")
     parser.add_argument("--seq-len", type=int, default=None, help="tokens per sequence (default CPU 256, CUDA 2048)")
     parser.add_argument("--warmup", type=int, default=None, help="unmeasured steps first (default CPU 2, CUDA 3)")
     parser.add_argument("--steps", type=int, default=10, help="measured steps")
-    parser.add_argument("--repeats", type=int, default=None,
-                        help="interleaved runs per side, the fastest counts (default CPU 2, CUDA 1)")
+    parser.add_argument(
+        "--repeats",
+        type=int,
+        default=None,
+        help="interleaved runs per side, the fastest counts (default CPU 2, CUDA 1)",
+    )
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--threads", type=int, default=None, help="torch threads (default all cores)")
-    parser.add_argument("--hf-optim", default="adamw_bnb_8bit",
-                        help="the baseline's TrainingArguments.optim; paged_adamw_8bit keeps its state in CUDA "
-                             "managed memory, which max_memory_reserved does not count")
+    parser.add_argument(
+        "--hf-optim",
+        default="adamw_bnb_8bit",
+        help="the baseline's TrainingArguments.optim; paged_adamw_8bit keeps its state in CUDA "
+        "managed memory, which max_memory_reserved does not count",
+    )
     parser.add_argument("--json", type=Path, default=None, help="also write the result here")
     parser.add_argument("--child", choices=tuple(SIDES), help=argparse.SUPPRESS)
     parser.add_argument("--model-path", help=argparse.SUPPRESS)
@@ -402,28 +439,41 @@ def main() -> None:
     device_label = torch.cuda.get_device_name() if cuda else f"CPU, {args.threads} torch threads"
     memory_label = "max_memory_reserved MiB" if cuda else "peak RSS MiB"
 
-    print(f"{model_label} (hidden {config.hidden_size}, {config.num_hidden_layers} layers, vocab {config.vocab_size}), "
-          f"{device_label}; batch {args.batch} x seq_len {args.seq_len}, {args.steps} steps measured after {args.warmup}, "
-          f"fastest of {args.repeats} interleaved runs per side")
-    print(f"ours: {json.dumps(ours['kernels'])}, fused linear+CE: {ours['fused_linear_cross_entropy']}; "
-          f"HF optim: {args.hf_optim}. Each side in a fresh process.")
+    print(
+        f"{model_label} (hidden {config.hidden_size}, {config.num_hidden_layers} layers, vocab {config.vocab_size}), "
+        f"{device_label}; batch {args.batch} x seq_len {args.seq_len}, "
+        f"{args.steps} steps measured after {args.warmup}, "
+        f"fastest of {args.repeats} interleaved runs per side"
+    )
+    print(
+        f"ours: {json.dumps(ours['kernels'])}, fused linear+CE: {ours['fused_linear_cross_entropy']}; "
+        f"HF optim: {args.hf_optim}. Each side in a fresh process."
+    )
     if not cuda:
-        print("memory: process peak RSS (ru_maxrss) and its rise over the RSS once all libraries are imported "
-              f"(before the model; {ours['pre_model_rss_mib']:.0f} / {hf['pre_model_rss_mib']:.0f} MiB)")
+        print(
+            "memory: process peak RSS (ru_maxrss) and its rise over the RSS once all libraries are imported "
+            f"(before the model; {ours['pre_model_rss_mib']:.0f} / {hf['pre_model_rss_mib']:.0f} MiB)"
+        )
     over_label = "above pre-model MiB"
     print(f"{'side':<26}{'tokens/s':>10}{memory_label:>26}{over_label:>22}{'first-step loss':>18}")
     for side, r in results.items():
-        print(f"{SIDES[side]:<26}{r['tokens_per_s']:>10.0f}{r['peak_mib']:>26.0f}"
-              f"{r['peak_over_pre_model_mib']:>22.0f}{r['first_step_loss']:>18.6f}")
+        print(
+            f"{SIDES[side]:<26}{r['tokens_per_s']:>10.0f}{r['peak_mib']:>26.0f}"
+            f"{r['peak_over_pre_model_mib']:>22.0f}{r['first_step_loss']:>18.6f}"
+        )
     print(f"{'ratio ours/HF':<26}{speed_ratio:>9.2f}x{peak_ratio:>25.2f}x{extra_ratio:>21.2f}x{loss_diff:>18.2e}")
-    print(f"tokens/s {speed_ratio:.2f}x ({verdict(speed_ratio, SPEED_TARGET, True)}); "
-          f"peak memory {peak_ratio:.2f}x ({verdict(peak_ratio, MEMORY_TARGET, False)}), "
-          f"above pre-model {extra_ratio:.2f}x ({verdict(extra_ratio, MEMORY_TARGET, False)}); "
-          f"first-step loss |difference| {loss_diff:.2e}")
+    print(
+        f"tokens/s {speed_ratio:.2f}x ({verdict(speed_ratio, SPEED_TARGET, True)}); "
+        f"peak memory {peak_ratio:.2f}x ({verdict(peak_ratio, MEMORY_TARGET, False)}), "
+        f"above pre-model {extra_ratio:.2f}x ({verdict(extra_ratio, MEMORY_TARGET, False)}); "
+        f"first-step loss |difference| {loss_diff:.2e}"
+    )
     for side, r in results.items():
-        print(f"{SIDES[side]}: tokens/s of each run {r['tokens_per_s_all_repeats']}, "
-              f"median step {statistics.median(r['step_seconds'][args.warmup:]):.3f} s, "
-              f"tokens per CPU-second {r['tokens_per_cpu_s']:.0f}")
+        print(
+            f"{SIDES[side]}: tokens/s of each run {r['tokens_per_s_all_repeats']}, "
+            f"median step {statistics.median(r['step_seconds'][args.warmup :]):.3f} s, "
+            f"tokens per CPU-second {r['tokens_per_cpu_s']:.0f}"
+        )
     print(f"tokens per CPU-second ours/HF {cpu_time_ratio:.2f}x")
     if loss_diff > 1e-3 * abs(hf["first_step_loss"]):
         print("WARNING: the two sides' first-step losses disagree", file=sys.stderr)
@@ -433,8 +483,12 @@ def main() -> None:
         "device": device_label,
         "model": model_label,
         "vocab": config.vocab_size,
-        "batch": args.batch, "seq_len": args.seq_len, "warmup": args.warmup, "steps": args.steps,
-        "repeats": args.repeats, "threads": args.threads,
+        "batch": args.batch,
+        "seq_len": args.seq_len,
+        "warmup": args.warmup,
+        "steps": args.steps,
+        "repeats": args.repeats,
+        "threads": args.threads,
         "ours_tokens_per_s": round(ours["tokens_per_s"], 1),
         "hf_tokens_per_s": round(hf["tokens_per_s"], 1),
         "speedup": round(speed_ratio, 3),

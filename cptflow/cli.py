@@ -69,15 +69,22 @@ def _preflight(cfg, stages: list[str] | None = None) -> None:
         from transformers import AutoConfig
 
         try:  # a local directory or a hub model already in the cache; never a download here
-            model_config = AutoConfig.from_pretrained(cfg.base_model, local_files_only=True, trust_remote_code=cfg.trust_remote_code)
+            model_config = AutoConfig.from_pretrained(
+                cfg.base_model, local_files_only=True, trust_remote_code=cfg.trust_remote_code
+            )
         except Exception:  # not available locally: the tokenize stage checks it once the model is there
             model_config = None
-        for name in ("max_position_embeddings", "n_positions", "max_sequence_length"):  # as tokenize.model_context_length
+        for name in (
+            "max_position_embeddings",
+            "n_positions",
+            "max_sequence_length",
+        ):  # as tokenize.model_context_length
             if context is None and isinstance(getattr(model_config, name, None), int):
                 context = getattr(model_config, name)
     if context is not None and cfg.tokenize.seq_len > context:
         _fail(
-            f"tokenize.seq_len = {cfg.tokenize.seq_len} tokens exceeds the context of the base model {cfg.base_model!r} "
+            f"tokenize.seq_len = {cfg.tokenize.seq_len} tokens exceeds "
+            f"the context of the base model {cfg.base_model!r} "
             f"(max_position_embeddings = {context}); set tokenize.seq_len <= {context}"
         )
     if stages is not None and "sft" not in stages:
@@ -125,7 +132,11 @@ def run(
         check_upstreams_available(plan_pipeline(cfg), selected)  # before a Prefect server is started
         with result_storage(cfg):
             reports = cptflow_pipeline(
-                config_path=str(config), only=only, from_stage=from_stage, force=force, work_dir=str(work_dir) if work_dir else None
+                config_path=str(config),
+                only=only,
+                from_stage=from_stage,
+                force=force,
+                work_dir=str(work_dir) if work_dir else None,
             )
     except StageSelectionError as err:
         _fail(str(err))
@@ -135,7 +146,9 @@ def run(
 def _print_reports(reports: list[dict]) -> None:
     table = Table(title="cptflow: stage summary")
     for column in ("stage", "state", "in", "kept", "excluded", "rejected", "seconds", "fingerprint"):
-        table.add_column(column, justify="right" if column in ("in", "kept", "excluded", "rejected", "seconds") else "left")
+        table.add_column(
+            column, justify="right" if column in ("in", "kept", "excluded", "rejected", "seconds") else "left"
+        )
     for report in reports:
         counts = report.get("counts") or {}
         table.add_row(
@@ -162,12 +175,17 @@ def _print_reports(reports: list[dict]) -> None:
     if evaluate:
         manifest = read_manifest(Path(evaluate["directory"]))
         if manifest:
-            console.print("\nForgetting: perplexity on held-out text (lower is better)\n" + manifest["forgetting_table"], highlight=False)
+            console.print(
+                "\nForgetting: perplexity on held-out text (lower is better)\n" + manifest["forgetting_table"],
+                highlight=False,
+            )
             console.print(f"Exported model: {Path(evaluate['directory']) / 'export'}", highlight=False)
 
 
 @app.command()
-def status(config: Path = CONFIG_ARG, work_dir: Optional[Path] = WORK_DIR_OPT, as_json: bool = typer.Option(False, "--json")) -> None:
+def status(
+    config: Path = CONFIG_ARG, work_dir: Optional[Path] = WORK_DIR_OPT, as_json: bool = typer.Option(False, "--json")
+) -> None:
     """Per stage: fingerprint, done/stale/missing, counts and duration."""
     from cptflow.plan import stage_status
 
@@ -201,7 +219,9 @@ def status(config: Path = CONFIG_ARG, work_dir: Optional[Path] = WORK_DIR_OPT, a
 @app.command()
 def serve(
     config: Path = CONFIG_ARG,
-    cron: Optional[str] = typer.Option(None, "--cron", help="Run the whole pipeline on this cron schedule, e.g. '0 2 * * *' (02:00 daily)"),
+    cron: Optional[str] = typer.Option(
+        None, "--cron", help="Run the whole pipeline on this cron schedule, e.g. '0 2 * * *' (02:00 daily)"
+    ),
     interval: Optional[float] = typer.Option(None, "--interval", help="...or every this many seconds"),
     work_dir: Optional[Path] = WORK_DIR_OPT,
 ) -> None:
@@ -213,7 +233,9 @@ def serve(
     cptflow-pipeline/NAME        the whole pipeline, on --cron/--interval
     cptflow-pipeline/NAME-STAGE  one stage (only=[STAGE]); its upstream must be done
 
-    NAME is the config's `name`. Run one from the UI (a form for only, from_stage, force, work_dir) or with `prefect deployment run 'cptflow-pipeline/NAME-quality'`. Two runs of one deployment never overlap: a run due while the previous one still works waits for it.
+    NAME is the config's `name`. Run one from the UI (a form for only, from_stage, force, work_dir) or with \
+`prefect deployment run 'cptflow-pipeline/NAME-quality'`. Two runs of one deployment never overlap: a run due \
+while the previous one still works waits for it.
     """
     from cptflow.config import ConfigError
     from cptflow.flows.deployments import build_deployments, prefect_api_url, serve_deployments
@@ -293,13 +315,18 @@ def ui_command(host: str, port: int) -> tuple[list[str], dict[str, str]]:
 @app.command()
 def ui(
     host: Optional[str] = typer.Option(
-        None, "--host", show_default="127.0.0.1", help="Interface to listen on; 0.0.0.0 exposes the server to the network"
+        None,
+        "--host",
+        show_default="127.0.0.1",
+        help="Interface to listen on; 0.0.0.0 exposes the server to the network",
     ),
     port: int = typer.Option(4200, "--port", help="Port of the UI and the API"),
 ) -> None:
     """Start a local Prefect server and its UI; Ctrl-C stops it.
 
-    Its database is SQLite in ./.prefect unless PREFECT_HOME is set. The server has no login, so it listens on 127.0.0.1 unless --host says otherwise. It prints the `export PREFECT_API_URL=...` line that sends `cptflow run` and `cptflow serve` to it.
+    Its database is SQLite in ./.prefect unless PREFECT_HOME is set. The server has no login, so it listens on \
+127.0.0.1 unless --host says otherwise. It prints the `export PREFECT_API_URL=...` line that sends `cptflow run` \
+and `cptflow serve` to it.
     """
     if host is None:
         configured = os.environ.get("PREFECT_SERVER_API_HOST")
@@ -320,9 +347,12 @@ def ui(
     local = _browser_host(host)
     if local != host:
         err_console.print(
-            f"[yellow]note:[/] browsers on other machines need PREFECT_UI_API_URL=http://<this machine>:{port}/api", highlight=False
+            f"[yellow]note:[/] browsers on other machines need PREFECT_UI_API_URL=http://<this machine>:{port}/api",
+            highlight=False,
         )
-    console.print(f"Prefect UI: http://{local}:{port}  (ready in 15-30 s; Ctrl-C stops it)", highlight=False, soft_wrap=True)
+    console.print(
+        f"Prefect UI: http://{local}:{port}  (ready in 15-30 s; Ctrl-C stops it)", highlight=False, soft_wrap=True
+    )
     console.print(f"Database: {env['PREFECT_HOME']}", highlight=False, soft_wrap=True)
     console.print("Point cptflow at it, in another shell:", highlight=False)
     console.print(f"  export PREFECT_API_URL=http://{local}:{port}/api", highlight=False, soft_wrap=True)

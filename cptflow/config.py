@@ -32,7 +32,9 @@ class RunnerConfig(BaseModel):
     model_config = ConfigDict(extra="forbid")
     kind: Literal["threads", "processes", "dask", "ray"] = "threads"
     max_workers: int | None = Field(None, gt=0, description="threads/processes; default: number of cores")
-    dask_address: str | None = Field(None, description="Address of an existing Dask scheduler; None starts a local cluster")
+    dask_address: str | None = Field(
+        None, description="Address of an existing Dask scheduler; None starts a local cluster"
+    )
     dask_workers: int = Field(2, gt=0, description="Workers of the local Dask cluster")
     ray_address: str | None = Field(
         None, description="Address of an existing Ray cluster ('ray://head:10001' or 'auto'); None starts a local one"
@@ -67,8 +69,12 @@ class LaunchConfig(BaseModel):
 
     model_config = ConfigDict(extra="forbid")
     launcher: Literal["torchrun", "accelerate", "inline"] = "torchrun"
-    num_processes: int = Field(1, gt=0, description="Data-parallel processes (one per GPU) for cpt and sft; evaluate uses one")
-    timeout_minutes: float | None = Field(None, gt=0, description="Kill a training stage's process tree after this long")
+    num_processes: int = Field(
+        1, gt=0, description="Data-parallel processes (one per GPU) for cpt and sft; evaluate uses one"
+    )
+    timeout_minutes: float | None = Field(
+        None, gt=0, description="Kill a training stage's process tree after this long"
+    )
     accelerate_config: str | None = Field(None, description="A config file for `accelerate launch --config_file`")
 
     @model_validator(mode="after")
@@ -193,7 +199,10 @@ class _UniqueKeyLoader(yaml.SafeLoader):
             key = self.construct_object(key_node, deep=deep)
             if key in seen:
                 raise yaml.constructor.ConstructorError(
-                    None, None, f"key '{key}' appears twice in one mapping (first on line {seen[key] + 1})", key_node.start_mark
+                    None,
+                    None,
+                    f"key '{key}' appears twice in one mapping (first on line {seen[key] + 1})",
+                    key_node.start_mark,
                 )
             seen[key] = key_node.start_mark.line
         return super().construct_mapping(node, deep=deep)

@@ -150,9 +150,10 @@ def finalize_shard(stage_directory: Path, counts: ShardCounts, drops: dict[int, 
     """
     directory = Path(stage_directory)
     counts = ShardCounts.from_dict(counts.as_dict())
-    with JsonlWriter(directory / "shards" / f"{counts.shard}.jsonl") as kept, JsonlWriter(
-        directory / "excluded" / f"{counts.shard}.jsonl"
-    ) as excluded:
+    with (
+        JsonlWriter(directory / "shards" / f"{counts.shard}.jsonl") as kept,
+        JsonlWriter(directory / "excluded" / f"{counts.shard}.jsonl") as excluded,
+    ):
         with open(shard_work_file(directory, counts.shard, "excluded.jsonl"), encoding="utf-8") as handle:
             for line in handle:
                 excluded.handle.write(line)
@@ -166,7 +167,10 @@ def finalize_shard(stage_directory: Path, counts: ShardCounts, drops: dict[int, 
                 counts.excluded[reason] += 1
     rejected_work = shard_work_file(directory, counts.shard, "rejected.jsonl")
     if rejected_work.is_file():
-        with JsonlWriter(directory / "rejected" / f"{counts.shard}.jsonl") as rejected, open(rejected_work, encoding="utf-8") as handle:
+        with (
+            JsonlWriter(directory / "rejected" / f"{counts.shard}.jsonl") as rejected,
+            open(rejected_work, encoding="utf-8") as handle,
+        ):
             for line in handle:
                 rejected.handle.write(line)
     if not counts.balanced():

@@ -26,9 +26,11 @@ REDACTED = "<redacted>"
 SECRET_NAME_PARTS = ("token", "password", "secret", "key", "webhook", "credential")
 # Values that are credentials whatever their key: Hugging Face / OpenAI / GitHub / Slack / AWS tokens, URLs
 # with a password in them (https://user:pass@host), and webhook URLs (Slack, Discord, Teams: the path is the key).
-SECRET_VALUE = re.compile(r"\bhf_[A-Za-z0-9]{20,}|\bsk-[A-Za-z0-9_-]{20,}|\bgh[pousr]_[A-Za-z0-9]{20,}|\bxox[abposr]-[A-Za-z0-9-]{10,}|"
-                          r"\bAKIA[0-9A-Z]{16}\b|://[^/\s:@]+:[^/\s@]+@|://(?:hooks\.|[^/\s]*webhook)|://[^\s]*/(?:hooks?|webhooks?)/",
-                          re.IGNORECASE)
+SECRET_VALUE = re.compile(
+    r"\bhf_[A-Za-z0-9]{20,}|\bsk-[A-Za-z0-9_-]{20,}|\bgh[pousr]_[A-Za-z0-9]{20,}|\bxox[abposr]-[A-Za-z0-9-]{10,}|"
+    r"\bAKIA[0-9A-Z]{16}\b|://[^/\s:@]+:[^/\s@]+@|://(?:hooks\.|[^/\s]*webhook)|://[^\s]*/(?:hooks?|webhooks?)/",
+    re.IGNORECASE,
+)
 # Environment variables whose values must never be written, wherever they turn up in a value.
 SECRET_ENV_NAME = re.compile(r"TOKEN|SECRET|PASSWORD|API_KEY|ACCESS_KEY|WEBHOOK|CREDENTIAL", re.IGNORECASE)
 MODEL_CARD_TAGS = ("cptflow", "continued-pretraining")
@@ -83,9 +85,7 @@ def merge_adapter(
         raise ValueError(f"dtype must be one of {MERGE_DTYPES}, got {dtype!r}")
     adapter_dir, out_dir = Path(adapter_dir), Path(out_dir)
 
-    model = load_adapted_model(
-        base_model_path, adapter_dir, dtype=torch.float32, trust_remote_code=trust_remote_code
-    )
+    model = load_adapted_model(base_model_path, adapter_dir, dtype=torch.float32, trust_remote_code=trust_remote_code)
     adapter_name = model.active_adapter
     trained_copies = {
         name: module.modules_to_save[adapter_name].weight
@@ -171,9 +171,7 @@ def write_model_card(
     Values of keys that look like credentials (see `redact`) never reach the file.
     """
     path = Path(path)
-    next_to_merged = (path.parent / "config.json").is_file() and not (
-        path.parent / "adapter_config.json"
-    ).is_file()
+    next_to_merged = (path.parent / "config.json").is_file() and not (path.parent / "adapter_config.json").is_file()
     sections = [
         _front_matter(library_name="transformers" if next_to_merged else "peft", base_model=base_model),
         f"# {model_name}\n\n{_summary(base_model, perplexity)}",

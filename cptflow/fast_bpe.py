@@ -32,9 +32,19 @@ PROBE_TEXTS = [
     "Hello world! It's 2026; we'll see: they've, I'm, you'd, she's -- fine.",
     "  leading spaces\n\n\ttabs and   runs of    spaces   \r\nwindows line\u00a0nbsp end  ",
     "1234567890 3.14159 1,000,000 0x1F 2026-12-01 12:30:45 +49 (0)30 1234",
-    "Caf\u00e9 na\u00efve r\u00e9sum\u00e9 Cafe\u0301 \u00dcbergr\u00f6\u00dfe \u0141\u00f3d\u017a \u0391\u03b8\u03ae\u03bd\u03b1 \u041c\u043e\u0441\u043a\u0432\u0430",
-    "\u4eca\u65e5\u306f\u3044\u3044\u5929\u6c17\u3067\u3059\u3002\u6e05\u534e\u5927\u5b66 \ud55c\uad6d\uc5b4 \u0e20\u0e32\u0e29\u0e32\u0e44\u0e17\u0e22 \u0627\u0644\u0639\u0631\u0628\u064a\u0629 \u05e2\u05d1\u05e8\u05d9\u05ea",
-    "emoji \U0001f600\U0001f44d\U0001f3fd zwj \U0001f468\u200d\U0001f469\u200d\U0001f467 math \u2211\u221e\u2248 <s></s><pad><|endoftext|>",
+    (
+        "Caf\u00e9 na\u00efve r\u00e9sum\u00e9 Cafe\u0301 \u00dcbergr\u00f6\u00dfe "
+        "\u0141\u00f3d\u017a \u0391\u03b8\u03ae\u03bd\u03b1 \u041c\u043e\u0441\u043a\u0432\u0430"
+    ),
+    (
+        "\u4eca\u65e5\u306f\u3044\u3044\u5929\u6c17\u3067\u3059\u3002\u6e05\u534e\u5927\u5b66 \ud55c\uad6d\uc5b4 "
+        "\u0e20\u0e32\u0e29\u0e32\u0e44\u0e17\u0e22 \u0627\u0644\u0639\u0631\u0628\u064a\u0629 "
+        "\u05e2\u05d1\u05e8\u05d9\u05ea"
+    ),
+    (
+        "emoji \U0001f600\U0001f44d\U0001f3fd zwj \U0001f468\u200d\U0001f469\u200d\U0001f467 "
+        "math \u2211\u221e\u2248 <s></s><pad><|endoftext|>"
+    ),
     "def f(x):\n    return {'a': [1, 2], \"b\": x ** 2}  # comment\n\n\n",
     "",
     " ",
@@ -208,7 +218,7 @@ def _special_frame(tokenizer) -> tuple[list[int] | None, list[int]]:
 
 
 def verify(encoder: FastEncoder, tokenizer, texts: list[str] | None = None) -> str:
-    """"" when the encoder and the tokenizer agree on every text (PROBE_TEXTS by default), else
+    """ "" when the encoder and the tokenizer agree on every text (PROBE_TEXTS by default), else
     the first text where they differ."""
     texts = PROBE_TEXTS if texts is None else texts
     tokens, lengths = encoder.encode_documents(texts, tokenizer.eos_token_id)
@@ -223,6 +233,7 @@ def differing_documents(tokens: np.ndarray, lengths: np.ndarray, expected: list[
     row of ids per index, in the same order)."""
     starts = np.cumsum(lengths) - lengths
     return [
-        index for index, ids in zip(indices, expected)
+        index
+        for index, ids in zip(indices, expected)
         if tokens[starts[index] : starts[index] + lengths[index]].tolist() != ids
     ]

@@ -57,11 +57,16 @@ def quiet_library_warnings() -> None:
     if os.environ.get("CPTFLOW_LIBRARY_WARNINGS") == "1":
         return
     for category in (FutureWarning, DeprecationWarning):
-        warnings.filterwarnings("ignore", category=category, module=r"(transformers|peft|torch|accelerate|bitsandbytes)(\..*)?$")
+        warnings.filterwarnings(
+            "ignore", category=category, module=r"(transformers|peft|torch|accelerate|bitsandbytes)(\..*)?$"
+        )
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m cptflow.launch", description="One rank of a cptflow training stage (started by torchrun or accelerate launch).")
+    parser = argparse.ArgumentParser(
+        prog="python -m cptflow.launch",
+        description="One rank of a cptflow training stage (started by torchrun or accelerate launch).",
+    )
     parser.add_argument("--spec", required=True, help="launch.json written by the flow")
     args = parser.parse_args(argv)
     quiet_library_warnings()
@@ -69,7 +74,9 @@ def main(argv: list[str] | None = None) -> int:
     distributed.init_from_environment()
     rank = distributed.rank()
     prefix = f"[rank {rank}] " if distributed.world_size() > 1 else ""
-    logging.basicConfig(level=logging.INFO, format=f"{prefix}%(levelname)s %(name)s: %(message)s", stream=sys.stdout, force=True)
+    logging.basicConfig(
+        level=logging.INFO, format=f"{prefix}%(levelname)s %(name)s: %(message)s", stream=sys.stdout, force=True
+    )
     cfg = PipelineConfig.model_validate({**spec["config"], "base_dir": spec["base_dir"]})
     run = StageRun(**spec["run"])
     reporter = EventReporter() if distributed.is_main() else QuietReporter()

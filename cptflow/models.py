@@ -62,9 +62,7 @@ def resolve_model_path(name: str, *, cache_dir: Path | None = None) -> str:
         return name
     _builtin_name(name)  # only tiny-llama so far
     cache_dir = Path(cache_dir or default_cache_dir())
-    return str(
-        build_tiny_llama(_builtin_corpus(), cache_dir, seed=TINY_LLAMA_SEED, spec=TINY_LLAMA_SPEC)
-    )
+    return str(build_tiny_llama(_builtin_corpus(), cache_dir, seed=TINY_LLAMA_SEED, spec=TINY_LLAMA_SPEC))
 
 
 def model_fingerprint(name: str, *, revision: str | None = None) -> str:

@@ -101,4 +101,3 @@ def run_data_stage_plain(run: StageRun, cfg: PipelineConfig, force: bool = False
         counts = [module.process(run, cfg, item) for item in module.plan(run, cfg)]
         module.commit(run, cfg, counts, started)
         return "ran"
-

@@ -33,7 +33,9 @@ class StageRun:
         return read_manifest(self.path) is not None
 
 
-def commit_data_stage(run: StageRun, shard_counts: list[ShardCounts], started: float, extra: dict | None = None) -> dict:
+def commit_data_stage(
+    run: StageRun, shard_counts: list[ShardCounts], started: float, extra: dict | None = None
+) -> dict:
     """Write the manifest of a data stage: config, inputs, counts (total, per source, per shard), timings."""
     for counts in shard_counts:
         if not counts.balanced():
@@ -74,7 +76,9 @@ def upstream_shards(run: StageRun) -> list[dict]:
     """The shards the upstream stage committed (name and source), in order."""
     manifest = read_manifest(Path(run.upstream_directory))
     if manifest is None:
-        raise RuntimeError(f"{run.stage}: upstream output {run.upstream_directory} is not committed (run the upstream stage first)")
+        raise RuntimeError(
+            f"{run.stage}: upstream output {run.upstream_directory} is not committed (run the upstream stage first)"
+        )
     return [{"shard": s["shard"], "source": s["source"]} for s in manifest["shards"]]
 
 

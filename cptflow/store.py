@@ -101,7 +101,9 @@ def commit_manifest(directory: Path, manifest: dict) -> dict:
         elif stale.exists() or stale.is_symlink():  # not already gone with a stale parent directory
             stale.unlink()
     outputs = sorted(
-        p for p in directory.rglob("*") if p.is_file() and WORK not in p.relative_to(directory).parts and p.name != MANIFEST
+        p
+        for p in directory.rglob("*")
+        if p.is_file() and WORK not in p.relative_to(directory).parts and p.name != MANIFEST
     )
     manifest = dict(manifest, outputs=[file_entry(p, directory) for p in outputs])
     atomic_write_json(directory / MANIFEST, manifest)

@@ -182,9 +182,7 @@ def build_tiny_llama(
     return out_dir
 
 
-def _build_into(
-    out_dir: Path, corpus_files: list[Path], spec: TinyLlamaSpec, seed: int, fingerprint: str
-) -> None:
+def _build_into(out_dir: Path, corpus_files: list[Path], spec: TinyLlamaSpec, seed: int, fingerprint: str) -> None:
     import torch
 
     started = time.perf_counter()

@@ -93,9 +93,7 @@ def _open_batches(path: Path) -> tuple[pa.MemoryMappedFile, pa.Schema, list[pa.R
             batches = list(reader)
             schema = reader.schema
         else:
-            raise TokenShardError(
-                f"token shard {path}: not an Arrow IPC file or stream (starts with {bytes(head)!r})"
-            )
+            raise TokenShardError(f"token shard {path}: not an Arrow IPC file or stream (starts with {bytes(head)!r})")
     except TokenShardError:
         mmap.close()
         raise
@@ -121,8 +119,9 @@ def _check_schema(path: Path, schema: pa.Schema, seq_len: int) -> None:
     if valid != pa.int32():
         raise TokenShardError(f"token shard {path}: column valid_tokens must be int32, found {valid}")
     docs = schema.field("doc_starts").type if "doc_starts" in schema.names else None
-    if not (docs is not None and (pa.types.is_list(docs) or pa.types.is_large_list(docs))
-            and docs.value_type == pa.int32()):
+    if not (
+        docs is not None and (pa.types.is_list(docs) or pa.types.is_large_list(docs)) and docs.value_type == pa.int32()
+    ):
         raise TokenShardError(f"token shard {path}: column doc_starts must be list<int32>, found {docs}")
 
 
@@ -226,8 +225,11 @@ class TokenShardDataset(IterableDataset):
                 if meta[key] != want:
                     raise TokenShardError(
                         f"token shard {path}: {METADATA_PREFIX}{key} is {meta[key]!r}, expected {want!r}"
-                        + (" (tokenized with a different tokenizer: rerun the tokenize stage for this model)"
-                           if key == "tokenizer_fingerprint" else "")
+                        + (
+                            " (tokenized with a different tokenizer: rerun the tokenize stage for this model)"
+                            if key == "tokenizer_fingerprint"
+                            else ""
+                        )
                     )
             if reference is None:
                 reference, self.metadata = path, meta
@@ -252,7 +254,10 @@ class TokenShardDataset(IterableDataset):
         if dropped:
             logger.info(
                 "token reader: %d samples, world_size %d: the last %d positions of each epoch are dropped "
-                "so that every rank gets %d samples", self.total_samples, self.world_size, dropped,
+                "so that every rank gets %d samples",
+                self.total_samples,
+                self.world_size,
+                dropped,
                 self.samples_per_rank,
             )
         self._window_cache: tuple[tuple[int, int], np.ndarray] | None = None
@@ -376,7 +381,7 @@ class TokenShardDataset(IterableDataset):
         labels[valid:] = IGNORE_INDEX
         sample = {"input_ids": torch.from_numpy(input_ids), "labels": torch.from_numpy(labels)}
         if self.document_mask:
-            starts = block.doc_values[block.doc_offsets[row]:block.doc_offsets[row + 1]]
+            starts = block.doc_values[block.doc_offsets[row] : block.doc_offsets[row + 1]]
             positions = np.arange(self.seq_len, dtype=np.int64)
             if len(starts):
                 starts = np.union1d(starts, [0])  # a block may begin inside a document
@@ -433,7 +438,7 @@ class TokenShardDataset(IterableDataset):
             block = self._blocks[int(blocks[lo])]
             selected = rows[lo:hi]
             if selected[-1] - selected[0] == hi - lo - 1 and (np.diff(selected) == 1).all():
-                ids[lo:hi] = block.input_ids[selected[0]:selected[-1] + 1]
+                ids[lo:hi] = block.input_ids[selected[0] : selected[-1] + 1]
             else:
                 np.take(block.input_ids, selected, axis=0, out=ids[lo:hi])
             valid[lo:hi] = block.valid_tokens[selected]

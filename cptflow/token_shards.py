@@ -136,14 +136,24 @@ def write_token_shard(
     schema = token_schema(seq_len, metadata)
     ids_column = pa.FixedSizeListArray.from_arrays(pa.array(input_ids.reshape(-1), pa.uint32()), seq_len)
     table = pa.Table.from_arrays(
-        [ids_column, pa.array(valid_tokens, pa.int32()), _doc_starts_array(doc_starts), pa.array(domain_tokens, pa.int32())],
+        [
+            ids_column,
+            pa.array(valid_tokens, pa.int32()),
+            _doc_starts_array(doc_starts),
+            pa.array(domain_tokens, pa.int32()),
+        ],
         schema=schema,
     )
     with atomic_path(path) as tmp:
         with pa.OSFile(str(tmp), "wb") as sink, pa.ipc.new_stream(sink, schema) as writer:
             for batch in table.to_batches(max_chunksize=rows_per_batch):
                 writer.write_batch(batch)
-    return {"path": str(path), "rows": rows, "tokens": int(valid_tokens.sum(dtype=np.int64)), "sha256": sha256_file(path)}
+    return {
+        "path": str(path),
+        "rows": rows,
+        "tokens": int(valid_tokens.sum(dtype=np.int64)),
+        "sha256": sha256_file(path),
+    }
 
 
 def open_token_shard(path: Path) -> pa.RecordBatchStreamReader:
@@ -166,7 +176,9 @@ def decode_shard_metadata(path: Path, raw: dict[bytes, bytes] | None) -> dict:
         try:
             result[key] = kind(text)
         except ValueError:
-            raise TokenShardError(f"token shard {path}: {METADATA_PREFIX}{key} is {text!r}, not a {kind.__name__}") from None
+            raise TokenShardError(
+                f"token shard {path}: {METADATA_PREFIX}{key} is {text!r}, not a {kind.__name__}"
+            ) from None
     if result["bos_id"] == NO_TOKEN:
         result["bos_id"] = None
     return result
@@ -206,18 +218,27 @@ def check_shard(path: Path, expected: dict) -> None:
         if key not in METADATA_KEYS:
             raise ValueError(f"check_shard: unknown expected key {key!r}; known: {sorted(METADATA_KEYS)}, rows, sha256")
         if metadata[key] != want:
-            hint = " (tokenized with a different tokenizer: rerun the tokenize stage for this model)" if key == "tokenizer_fingerprint" else ""
+            hint = (
+                " (tokenized with a different tokenizer: rerun the tokenize stage for this model)"
+                if key == "tokenizer_fingerprint"
+                else ""
+            )
             raise TokenShardError(f"{path}: {key} is {metadata[key]!r}, expected {want!r}{hint}")
     with open(path, "rb") as handle:
         handle.seek(0, 2)
         size = handle.tell()
         handle.seek(max(size - len(END_OF_STREAM), 0))
         if handle.read() != END_OF_STREAM:
-            raise TokenShardError(f"{path}: truncated (no end-of-stream marker; {size} bytes): rerun the tokenize stage")
+            raise TokenShardError(
+                f"{path}: truncated (no end-of-stream marker; {size} bytes): rerun the tokenize stage"
+            )
     reader = open_token_shard(path)
     want_schema = token_schema(metadata["seq_len"], {k: v for k, v in metadata.items() if k != "schema_version"})
     if not reader.schema.equals(want_schema, check_metadata=False):
-        raise TokenShardError(f"{path}: columns are {reader.schema.to_string(show_schema_metadata=False)!r}, expected {want_schema.to_string(show_schema_metadata=False)!r}")
+        raise TokenShardError(
+            f"{path}: columns are {reader.schema.to_string(show_schema_metadata=False)!r}, "
+            f"expected {want_schema.to_string(show_schema_metadata=False)!r}"
+        )
     rows = 0
     try:
         for batch in reader:

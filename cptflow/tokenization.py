@@ -14,7 +14,9 @@ def document_token_ids(texts: list[str], tokenizer) -> list[list[int]]:
     """
     eos = tokenizer.eos_token_id
     if eos is None:
-        raise ValueError(f"tokenizer {getattr(tokenizer, 'name_or_path', '')!r} has no EOS token; documents need one to be packed")
+        raise ValueError(
+            f"tokenizer {getattr(tokenizer, 'name_or_path', '')!r} has no EOS token; documents need one to be packed"
+        )
     # verbose=False: documents longer than model_max_length are expected here (they get packed).
     # split_special_tokens: a literal "</s>" in web text is text, never an injected EOS.
     ids = tokenizer(

@@ -50,7 +50,9 @@ class LoraSettings(BaseModel):
     model_config = ConfigDict(extra="forbid")
     r: int = Field(128, gt=0, description="LoRA rank (Unsloth's CPT recipe: 128)")
     alpha: float = Field(32, gt=0, description="LoRA alpha; with rslora the scale is alpha / sqrt(r)")
-    dropout: float = Field(0.0, ge=0, lt=1, description="LoRA dropout (0 keeps resumes bit-exact and is the CPT default)")
+    dropout: float = Field(
+        0.0, ge=0, lt=1, description="LoRA dropout (0 keeps resumes bit-exact and is the CPT default)"
+    )
     rslora: bool = Field(True, description="Rank-stabilised scaling alpha / sqrt(r) (Kalajdzievski 2023)")
     target_modules: list[str] = Field(list(LORA_TARGETS), min_length=1, description="Linear layers that get LoRA")
 
@@ -77,9 +79,13 @@ class TrainingConfig(BaseModel):
     lora: LoraSettings = LoraSettings()
     train_embeddings: bool = Field(True, description="Train embed_tokens and lm_head in full (fp32 copies)")
     learning_rate: float = Field(5e-5, gt=0, description="LR of the LoRA weights")
-    embedding_learning_rate: float = Field(5e-6, gt=0, description="LR of embed_tokens / lm_head; 2-10x below learning_rate")
+    embedding_learning_rate: float = Field(
+        5e-6, gt=0, description="LR of embed_tokens / lm_head; 2-10x below learning_rate"
+    )
     weight_decay: float = Field(0.01, ge=0, description="On LoRA matrices only; embeddings, norms and biases get 0")
-    optimizer: Literal["adamw_8bit", "adamw"] = Field("adamw_8bit", description="adamw_8bit: bitsandbytes, 32-bit state for embeddings")
+    optimizer: Literal["adamw_8bit", "adamw"] = Field(
+        "adamw_8bit", description="adamw_8bit: bitsandbytes, 32-bit state for embeddings"
+    )
     adam_betas: tuple[float, float] = (0.9, 0.999)
     lr_scheduler: Literal["cosine", "linear", "constant"] = "cosine"
     warmup_ratio: float = Field(0.05, ge=0, lt=1, description="Fraction of steps with linear warm-up")
@@ -115,9 +121,7 @@ class TrainingConfig(BaseModel):
         if self.train_embeddings:
             ratio = self.learning_rate / self.embedding_learning_rate
             if not 2 <= ratio <= 10:
-                out.append(
-                    f"embedding_learning_rate is {ratio:.3g}x below learning_rate; the CPT recipes use 2-10x"
-                )
+                out.append(f"embedding_learning_rate is {ratio:.3g}x below learning_rate; the CPT recipes use 2-10x")
         return out
 
 
@@ -136,7 +140,6 @@ def load_base_model(name: str, tcfg: TrainingConfig, *, trust_remote_code: bool 
     """The base causal LM, NF4-quantised (QLoRA) or in the compute dtype, prepared for k-bit training."""
     from transformers import AutoModelForCausalLM, BitsAndBytesConfig
 
-
     device = pick_device(tcfg.device)
     if device == "cuda" and distributed.initialized():  # one GPU per process: the launcher's LOCAL_RANK
         device = f"cuda:{torch.cuda.current_device()}"
@@ -151,7 +154,11 @@ def load_base_model(name: str, tcfg: TrainingConfig, *, trust_remote_code: bool 
         )
         kwargs["device_map"] = {"": device}
     model = AutoModelForCausalLM.from_pretrained(
-        resolve_model_path(name), dtype=compute_dtype, use_safetensors=True, trust_remote_code=trust_remote_code, **kwargs
+        resolve_model_path(name),
+        dtype=compute_dtype,
+        use_safetensors=True,
+        trust_remote_code=trust_remote_code,
+        **kwargs,
     )
     if not tcfg.load_in_4bit:
         model.to(device)
@@ -246,9 +253,27 @@ def build_param_groups(model, tcfg: TrainingConfig) -> list[dict]:
     nothing is the most reported CPT bug (unsloth#9326, unsloth-zoo PR#932).
     """
     groups = {
-        "lora": {"name": "lora", "params": [], "param_names": [], "lr": tcfg.learning_rate, "weight_decay": tcfg.weight_decay},
-        "embeddings": {"name": "embeddings", "params": [], "param_names": [], "lr": tcfg.embedding_learning_rate, "weight_decay": 0.0},
-        "no_decay": {"name": "no_decay", "params": [], "param_names": [], "lr": tcfg.learning_rate, "weight_decay": 0.0},
+        "lora": {
+            "name": "lora",
+            "params": [],
+            "param_names": [],
+            "lr": tcfg.learning_rate,
+            "weight_decay": tcfg.weight_decay,
+        },
+        "embeddings": {
+            "name": "embeddings",
+            "params": [],
+            "param_names": [],
+            "lr": tcfg.embedding_learning_rate,
+            "weight_decay": 0.0,
+        },
+        "no_decay": {
+            "name": "no_decay",
+            "params": [],
+            "param_names": [],
+            "lr": tcfg.learning_rate,
+            "weight_decay": 0.0,
+        },
     }
     for name, parameter in model.named_parameters():  # tied parameters are listed once
         if not parameter.requires_grad:
@@ -271,7 +296,14 @@ def build_param_groups(model, tcfg: TrainingConfig) -> list[dict]:
     result = [g for g in groups.values() if g["params"]]
     for group in result:
         count = sum(p.numel() for p in group["params"])
-        logger.info("param group %-10s %3d tensors %12d params lr %.3g wd %g", group["name"], len(group["params"]), count, group["lr"], group["weight_decay"])
+        logger.info(
+            "param group %-10s %3d tensors %12d params lr %.3g wd %g",
+            group["name"],
+            len(group["params"]),
+            count,
+            group["lr"],
+            group["weight_decay"],
+        )
     return result
 
 
@@ -327,7 +359,9 @@ def build_scheduler(optimizer, tcfg: TrainingConfig, total_steps: int):
     warmup = math.ceil(tcfg.warmup_ratio * total_steps)
 
     def factor(step: int) -> float:
-        return lr_factor(step, total_steps=total_steps, warmup_steps=warmup, kind=tcfg.lr_scheduler, min_lr_ratio=tcfg.min_lr_ratio)
+        return lr_factor(
+            step, total_steps=total_steps, warmup_steps=warmup, kind=tcfg.lr_scheduler, min_lr_ratio=tcfg.min_lr_ratio
+        )
 
     return torch.optim.lr_scheduler.LambdaLR(optimizer, factor)
 
@@ -397,7 +431,9 @@ def token_loss_sum(model, batch: dict, *, kl_weight: float = 0.0, fused_loss: Ca
     return LossParts(ce + kl_weight * kl, float(ce.detach()), float(kl.detach()), tokens)
 
 
-def train_step(model, optimizer, scheduler, micro_batches: Sequence[dict], tcfg: TrainingConfig, *, fused_loss=None) -> dict:
+def train_step(
+    model, optimizer, scheduler, micro_batches: Sequence[dict], tcfg: TrainingConfig, *, fused_loss=None
+) -> dict:
     """One optimizer step over `micro_batches` (the gradient-accumulation window).
 
     Every micro-batch's summed loss is divided by the non-ignored tokens of the whole window, so the
@@ -476,7 +512,9 @@ EVAL_SETS = ("domain_eval", "general_eval")
 def eval_blocks(stage_directories: dict, tokenizer, seq_len: int) -> dict[str, list[dict]]:
     """mix's held-out sets, tokenized and packed as for training."""
     mix_dir = Path(stage_directories["mix"])
-    return {name: pack_eval_blocks(read_texts(mix_dir / "eval" / f"{name}.jsonl"), tokenizer, seq_len) for name in EVAL_SETS}
+    return {
+        name: pack_eval_blocks(read_texts(mix_dir / "eval" / f"{name}.jsonl"), tokenizer, seq_len) for name in EVAL_SETS
+    }
 
 
 def collate(samples: Sequence[dict], device: str | torch.device = "cpu") -> dict:
@@ -489,8 +527,14 @@ def collate(samples: Sequence[dict], device: str | torch.device = "cpu") -> dict
             values = torch.as_tensor(np.asarray(sample[key]), dtype=torch.long)
             rows[i, : len(values)] = values
         batch[key] = rows
-    if "attention_mask" not in batch and "position_ids" not in batch and any(len(s["input_ids"]) < length for s in samples):
-        batch["attention_mask"] = torch.tensor([[1] * len(s["input_ids"]) + [0] * (length - len(s["input_ids"])) for s in samples])
+    if (
+        "attention_mask" not in batch
+        and "position_ids" not in batch
+        and any(len(s["input_ids"]) < length for s in samples)
+    ):
+        batch["attention_mask"] = torch.tensor(
+            [[1] * len(s["input_ids"]) + [0] * (length - len(s["input_ids"])) for s in samples]
+        )
     return {k: v.to(device) for k, v in batch.items()}
 
 
@@ -576,7 +620,10 @@ def save_checkpoint(directory: Path, model, optimizer, scheduler, trainer_state:
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir(parents=True)
     save_adapter_files(model, tmp)
-    torch.save({"optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(), "rng": rng_state()}, tmp / "training_state.pt")
+    torch.save(
+        {"optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(), "rng": rng_state()},
+        tmp / "training_state.pt",
+    )
     atomic_write_json(tmp / "trainer_state.json", trainer_state)
     for path in tmp.iterdir():  # durable before the rename makes it visible
         with open(path, "rb") as handle:
@@ -592,7 +639,11 @@ def list_checkpoints(root: Path) -> list[Path]:
     root = Path(root)
     if not root.is_dir():
         return []
-    found = [p for p in root.iterdir() if p.is_dir() and p.name.startswith(CHECKPOINT_PREFIX) and (p / "trainer_state.json").is_file()]
+    found = [
+        p
+        for p in root.iterdir()
+        if p.is_dir() and p.name.startswith(CHECKPOINT_PREFIX) and (p / "trainer_state.json").is_file()
+    ]
     return sorted(found, key=lambda p: p.name)
 
 
@@ -664,7 +715,9 @@ class PreparedModel:
     memory: dict
 
 
-def prepare_model(base_model: str, tcfg: TrainingConfig, *, adapter_dir=None, seed: int = 0, trust_remote_code: bool = False) -> PreparedModel:
+def prepare_model(
+    base_model: str, tcfg: TrainingConfig, *, adapter_dir=None, seed: int = 0, trust_remote_code: bool = False
+) -> PreparedModel:
     """Base (4-bit) -> adapters (fresh, or continued from `adapter_dir`) -> kernels, with memory per phase."""
     if tcfg.torch_threads:
         torch.set_num_threads(tcfg.torch_threads)
@@ -740,7 +793,14 @@ class TrainingReporter:
         logger.info("training: %s", info)
 
     def on_log(self, record: dict) -> None:
-        logger.info("step %d/%d loss %.4f lr %s tokens/s %.0f", record["step"], record["total_steps"], record["loss"], record["lr"], record["tokens_per_s"])
+        logger.info(
+            "step %d/%d loss %.4f lr %s tokens/s %.0f",
+            record["step"],
+            record["total_steps"],
+            record["loss"],
+            record["lr"],
+            record["tokens_per_s"],
+        )
 
     def on_eval(self, step: int, results: dict) -> None:
         logger.info("eval at step %d: %s", step, results)
@@ -753,7 +813,10 @@ def training_artifacts(manifest: dict, directory: Path) -> list[Artifact]:
     """What cpt and sft show once committed: held-out perplexity per eval, peak memory per phase and a
     link to the best checkpoint (published once per stage, not at every eval)."""
     stage = manifest["stage"]
-    rows = [{"step": e["step"], **{f"{n} ppl": v["perplexity"] for n, v in e.items() if isinstance(v, dict)}} for e in manifest["evals"]]
+    rows = [
+        {"step": e["step"], **{f"{n} ppl": v["perplexity"] for n, v in e.items() if isinstance(v, dict)}}
+        for e in manifest["evals"]
+    ]
     found = [
         Artifact(key=f"{stage}-eval", description=f"{stage}: held-out perplexity per step", table=rows),
         Artifact(
@@ -863,7 +926,9 @@ def fit(
                 result.evals.append(evaluation)
                 reporter.on_eval(result.step, evaluation)
             if result.step % tcfg.save_steps == 0 or at_end:
-                metric = {name: values["perplexity"] for name, values in result.evals[-1].items() if isinstance(values, dict)}
+                metric = {
+                    name: values["perplexity"] for name, values in result.evals[-1].items() if isinstance(values, dict)
+                }
                 trainer_state = {
                     "step": result.step,
                     "total_steps": total_steps,
@@ -876,7 +941,9 @@ def fit(
                 # Ranks hold the same weights and optimizer state, and move through the data in step
                 # (every rank may load rank 0's data position): rank 0 writes for all.
                 if distributed.is_main():
-                    path = save_checkpoint(Path(checkpoint_root) / checkpoint_name(result.step), model, optimizer, scheduler, trainer_state)
+                    path = save_checkpoint(
+                        Path(checkpoint_root) / checkpoint_name(result.step), model, optimizer, scheduler, trainer_state
+                    )
                     prune_checkpoints(checkpoint_root, tcfg.keep_best, metric_key)
                     reporter.on_checkpoint(path, best_checkpoint(checkpoint_root, metric_key))
                 distributed.barrier()

@@ -75,9 +75,23 @@ def launch_command(cfg, spec: Path, processes: int) -> list[str]:
     child = ["-m", "cptflow.launch", "--spec", str(spec)]
     if launch.launcher == "torchrun":
         # --standalone: a private rendezvous on a free port, so two runs on one machine never collide.
-        return [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={processes}", "--max-restarts=0", *child]
+        return [
+            sys.executable,
+            "-m",
+            "torch.distributed.run",
+            "--standalone",
+            f"--nproc-per-node={processes}",
+            "--max-restarts=0",
+            *child,
+        ]
     if launch.launcher == "accelerate":
-        command = [sys.executable, "-m", "accelerate.commands.launch", f"--num_processes={processes}", "--num_machines=1"]
+        command = [
+            sys.executable,
+            "-m",
+            "accelerate.commands.launch",
+            f"--num_processes={processes}",
+            "--num_machines=1",
+        ]
         if launch.accelerate_config:
             command += ["--config_file", str(cfg.resolve(launch.accelerate_config))]
         if processes > 1:
@@ -100,7 +114,10 @@ def _sigterm_raises():
     Inside a Prefect flow run the engine has installed its own handler (it raises TerminationSignal);
     that one is kept. Signal handlers can only be set from the main thread.
     """
-    if threading.current_thread() is not threading.main_thread() or signal.getsignal(signal.SIGTERM) is not signal.SIG_DFL:
+    if (
+        threading.current_thread() is not threading.main_thread()
+        or signal.getsignal(signal.SIGTERM) is not signal.SIG_DFL
+    ):
         yield
         return
 
@@ -125,6 +142,7 @@ def kill_process_tree(process: subprocess.Popen, grace_seconds: float = KILL_GRA
     """SIGTERM to the child's process group and to every descendant, SIGKILL to what is left after
     `grace_seconds`. Descendants are looked up, not just signalled through the group: torchrun starts
     each worker in a session of its own, where a group signal does not reach."""
+
     def signal_all(sig: int, members: list) -> None:
         with contextlib.suppress(ProcessLookupError, PermissionError):
             os.killpg(process.pid, sig)  # start_new_session: the child leads its own group
@@ -196,7 +214,10 @@ def run_process_tree(
         with _sigterm_raises():
             while True:
                 if deadline is not None and time.monotonic() > deadline:
-                    raise TrainingTimeout(f"{command_name(command)} ran past its timeout of {timeout_seconds:.0f} s; its process tree was killed")
+                    raise TrainingTimeout(
+                        f"{command_name(command)} ran past its timeout of {timeout_seconds:.0f} s; "
+                        "its process tree was killed"
+                    )
                 try:
                     line = lines.get(timeout=0.5)
                 except queue.Empty:
@@ -214,7 +235,13 @@ def run_process_tree(
 
 
 def command_name(command: list[str]) -> str:
-    return "torchrun" if "torch.distributed.run" in command else "accelerate launch" if "accelerate.commands.launch" in command else command[0]
+    return (
+        "torchrun"
+        if "torch.distributed.run" in command
+        else "accelerate launch"
+        if "accelerate.commands.launch" in command
+        else command[0]
+    )
 
 
 def launch_stage(stage: str, run, cfg, reporter, log: Callable[[str], None]) -> dict:
@@ -242,7 +269,9 @@ def launch_stage(stage: str, run, cfg, reporter, log: Callable[[str], None]) -> 
     run_process_tree(command, on_line=on_line, timeout_seconds=timeout, env=env, cwd=cfg.base_dir)
     manifest = read_manifest(run.path)
     if manifest is None:
-        raise TrainingProcessError(f"{stage}: the training process exited cleanly but committed no manifest in {run.path}")
+        raise TrainingProcessError(
+            f"{stage}: the training process exited cleanly but committed no manifest in {run.path}"
+        )
     return manifest
 
 

@@ -42,7 +42,9 @@ def fill(rng: random.Random, template: str, vocab: dict, fixed: dict | None = No
     return template.format_map(_Slots(rng, vocab, fixed or {}))
 
 
-_AN = re.compile(r"\b([Aa]) (?=(?:[aeiAEI]|o(?!ne)|u(?!ni|s|r)|hour|honest|8|11|18|MRI|FDA|NSAID|SSRI|SNRI|ACE|AUC|HR|ECG|EGFR)\w*)")
+_AN = re.compile(
+    r"\b([Aa]) (?=(?:[aeiAEI]|o(?!ne)|u(?!ni|s|r)|hour|honest|8|11|18|MRI|FDA|NSAID|SSRI|SNRI|ACE|AUC|HR|ECG|EGFR)\w*)"
+)
 
 
 def tidy(sentence: str) -> str:
@@ -60,104 +62,366 @@ def words(text: str) -> int:
 # ---------------------------------------------------------------------------
 
 DRUGS = [
-    ("atorvastatin", "HMG-CoA reductase inhibitor"), ("rosuvastatin", "statin"), ("simvastatin", "statin"),
-    ("metformin", "biguanide"), ("sitagliptin", "DPP-4 inhibitor"), ("empagliflozin", "SGLT2 inhibitor"),
-    ("dapagliflozin", "SGLT2 inhibitor"), ("semaglutide", "GLP-1 receptor agonist"), ("liraglutide", "GLP-1 receptor agonist"),
-    ("warfarin", "vitamin K antagonist"), ("apixaban", "direct factor Xa inhibitor"), ("rivaroxaban", "direct factor Xa inhibitor"),
-    ("dabigatran etexilate", "direct thrombin inhibitor"), ("clopidogrel", "P2Y12 receptor antagonist"), ("ticagrelor", "P2Y12 receptor antagonist"),
-    ("amlodipine", "dihydropyridine calcium channel blocker"), ("lisinopril", "ACE inhibitor"), ("losartan", "angiotensin II receptor blocker"),
-    ("valsartan", "angiotensin II receptor blocker"), ("metoprolol", "beta-adrenergic blocker"), ("carvedilol", "beta-adrenergic blocker"),
-    ("digoxin", "cardiac glycoside"), ("amiodarone", "class III antiarrhythmic"), ("furosemide", "loop diuretic"),
-    ("spironolactone", "mineralocorticoid receptor antagonist"), ("midazolam", "benzodiazepine"), ("alprazolam", "benzodiazepine"),
-    ("sertraline", "selective serotonin reuptake inhibitor"), ("escitalopram", "selective serotonin reuptake inhibitor"),
-    ("venlafaxine", "serotonin-norepinephrine reuptake inhibitor"), ("quetiapine", "atypical antipsychotic"),
-    ("olanzapine", "atypical antipsychotic"), ("aripiprazole", "atypical antipsychotic"), ("lithium carbonate", "mood stabilizer"),
-    ("valproic acid", "antiepileptic drug"), ("levetiracetam", "antiepileptic drug"), ("carbamazepine", "antiepileptic drug"),
-    ("lamotrigine", "antiepileptic drug"), ("phenytoin", "antiepileptic drug"), ("morphine", "opioid analgesic"),
-    ("oxycodone", "opioid analgesic"), ("fentanyl", "opioid analgesic"), ("tramadol", "opioid analgesic"),
-    ("ibuprofen", "nonsteroidal anti-inflammatory drug"), ("celecoxib", "COX-2 selective inhibitor"),
-    ("vancomycin", "glycopeptide antibiotic"), ("gentamicin", "aminoglycoside antibiotic"), ("amikacin", "aminoglycoside antibiotic"),
-    ("ceftriaxone", "third-generation cephalosporin"), ("meropenem", "carbapenem antibiotic"), ("piperacillin-tazobactam", "beta-lactam/beta-lactamase inhibitor"),
-    ("ciprofloxacin", "fluoroquinolone"), ("levofloxacin", "fluoroquinolone"), ("linezolid", "oxazolidinone antibiotic"),
-    ("fluconazole", "triazole antifungal"), ("voriconazole", "triazole antifungal"), ("posaconazole", "triazole antifungal"),
-    ("tacrolimus", "calcineurin inhibitor"), ("cyclosporine", "calcineurin inhibitor"), ("mycophenolate mofetil", "antiproliferative immunosuppressant"),
-    ("sirolimus", "mTOR inhibitor"), ("everolimus", "mTOR inhibitor"), ("methotrexate", "antifolate"),
-    ("imatinib", "tyrosine kinase inhibitor"), ("ibrutinib", "Bruton tyrosine kinase inhibitor"), ("osimertinib", "EGFR tyrosine kinase inhibitor"),
-    ("pembrolizumab", "anti-PD-1 monoclonal antibody"), ("nivolumab", "anti-PD-1 monoclonal antibody"), ("trastuzumab", "anti-HER2 monoclonal antibody"),
-    ("adalimumab", "TNF-alpha inhibitor"), ("infliximab", "TNF-alpha inhibitor"), ("omeprazole", "proton pump inhibitor"),
-    ("pantoprazole", "proton pump inhibitor"), ("ondansetron", "5-HT3 receptor antagonist"), ("dolutegravir", "integrase strand transfer inhibitor"),
-    ("tenofovir alafenamide", "nucleotide reverse transcriptase inhibitor"), ("nirmatrelvir", "SARS-CoV-2 main protease inhibitor"),
-    ("levothyroxine", "thyroid hormone replacement"), ("prednisolone", "glucocorticoid"), ("dexamethasone", "glucocorticoid"),
-    ("insulin glargine", "long-acting insulin analogue"), ("allopurinol", "xanthine oxidase inhibitor"), ("colchicine", "anti-inflammatory alkaloid"),
+    ("atorvastatin", "HMG-CoA reductase inhibitor"),
+    ("rosuvastatin", "statin"),
+    ("simvastatin", "statin"),
+    ("metformin", "biguanide"),
+    ("sitagliptin", "DPP-4 inhibitor"),
+    ("empagliflozin", "SGLT2 inhibitor"),
+    ("dapagliflozin", "SGLT2 inhibitor"),
+    ("semaglutide", "GLP-1 receptor agonist"),
+    ("liraglutide", "GLP-1 receptor agonist"),
+    ("warfarin", "vitamin K antagonist"),
+    ("apixaban", "direct factor Xa inhibitor"),
+    ("rivaroxaban", "direct factor Xa inhibitor"),
+    ("dabigatran etexilate", "direct thrombin inhibitor"),
+    ("clopidogrel", "P2Y12 receptor antagonist"),
+    ("ticagrelor", "P2Y12 receptor antagonist"),
+    ("amlodipine", "dihydropyridine calcium channel blocker"),
+    ("lisinopril", "ACE inhibitor"),
+    ("losartan", "angiotensin II receptor blocker"),
+    ("valsartan", "angiotensin II receptor blocker"),
+    ("metoprolol", "beta-adrenergic blocker"),
+    ("carvedilol", "beta-adrenergic blocker"),
+    ("digoxin", "cardiac glycoside"),
+    ("amiodarone", "class III antiarrhythmic"),
+    ("furosemide", "loop diuretic"),
+    ("spironolactone", "mineralocorticoid receptor antagonist"),
+    ("midazolam", "benzodiazepine"),
+    ("alprazolam", "benzodiazepine"),
+    ("sertraline", "selective serotonin reuptake inhibitor"),
+    ("escitalopram", "selective serotonin reuptake inhibitor"),
+    ("venlafaxine", "serotonin-norepinephrine reuptake inhibitor"),
+    ("quetiapine", "atypical antipsychotic"),
+    ("olanzapine", "atypical antipsychotic"),
+    ("aripiprazole", "atypical antipsychotic"),
+    ("lithium carbonate", "mood stabilizer"),
+    ("valproic acid", "antiepileptic drug"),
+    ("levetiracetam", "antiepileptic drug"),
+    ("carbamazepine", "antiepileptic drug"),
+    ("lamotrigine", "antiepileptic drug"),
+    ("phenytoin", "antiepileptic drug"),
+    ("morphine", "opioid analgesic"),
+    ("oxycodone", "opioid analgesic"),
+    ("fentanyl", "opioid analgesic"),
+    ("tramadol", "opioid analgesic"),
+    ("ibuprofen", "nonsteroidal anti-inflammatory drug"),
+    ("celecoxib", "COX-2 selective inhibitor"),
+    ("vancomycin", "glycopeptide antibiotic"),
+    ("gentamicin", "aminoglycoside antibiotic"),
+    ("amikacin", "aminoglycoside antibiotic"),
+    ("ceftriaxone", "third-generation cephalosporin"),
+    ("meropenem", "carbapenem antibiotic"),
+    ("piperacillin-tazobactam", "beta-lactam/beta-lactamase inhibitor"),
+    ("ciprofloxacin", "fluoroquinolone"),
+    ("levofloxacin", "fluoroquinolone"),
+    ("linezolid", "oxazolidinone antibiotic"),
+    ("fluconazole", "triazole antifungal"),
+    ("voriconazole", "triazole antifungal"),
+    ("posaconazole", "triazole antifungal"),
+    ("tacrolimus", "calcineurin inhibitor"),
+    ("cyclosporine", "calcineurin inhibitor"),
+    ("mycophenolate mofetil", "antiproliferative immunosuppressant"),
+    ("sirolimus", "mTOR inhibitor"),
+    ("everolimus", "mTOR inhibitor"),
+    ("methotrexate", "antifolate"),
+    ("imatinib", "tyrosine kinase inhibitor"),
+    ("ibrutinib", "Bruton tyrosine kinase inhibitor"),
+    ("osimertinib", "EGFR tyrosine kinase inhibitor"),
+    ("pembrolizumab", "anti-PD-1 monoclonal antibody"),
+    ("nivolumab", "anti-PD-1 monoclonal antibody"),
+    ("trastuzumab", "anti-HER2 monoclonal antibody"),
+    ("adalimumab", "TNF-alpha inhibitor"),
+    ("infliximab", "TNF-alpha inhibitor"),
+    ("omeprazole", "proton pump inhibitor"),
+    ("pantoprazole", "proton pump inhibitor"),
+    ("ondansetron", "5-HT3 receptor antagonist"),
+    ("dolutegravir", "integrase strand transfer inhibitor"),
+    ("tenofovir alafenamide", "nucleotide reverse transcriptase inhibitor"),
+    ("nirmatrelvir", "SARS-CoV-2 main protease inhibitor"),
+    ("levothyroxine", "thyroid hormone replacement"),
+    ("prednisolone", "glucocorticoid"),
+    ("dexamethasone", "glucocorticoid"),
+    ("insulin glargine", "long-acting insulin analogue"),
+    ("allopurinol", "xanthine oxidase inhibitor"),
+    ("colchicine", "anti-inflammatory alkaloid"),
 ]
 
 CONDITIONS = [
-    "type 2 diabetes mellitus", "essential hypertension", "heart failure with reduced ejection fraction", "atrial fibrillation",
-    "hypercholesterolaemia", "major depressive disorder", "generalized anxiety disorder", "schizophrenia", "bipolar I disorder",
-    "focal epilepsy", "chronic low back pain", "postoperative pain", "rheumatoid arthritis", "Crohn's disease", "ulcerative colitis",
-    "plaque psoriasis", "community-acquired pneumonia", "complicated urinary tract infection", "sepsis", "invasive aspergillosis",
-    "HIV-1 infection", "chronic hepatitis B", "COVID-19", "non-small cell lung cancer", "chronic myeloid leukaemia",
-    "HER2-positive breast cancer", "chronic lymphocytic leukaemia", "metastatic melanoma", "chronic kidney disease",
-    "gout", "hypothyroidism", "venous thromboembolism", "acute coronary syndrome", "gastro-oesophageal reflux disease",
-    "chemotherapy-induced nausea", "asthma", "chronic obstructive pulmonary disease", "obesity", "osteoarthritis of the knee",
+    "type 2 diabetes mellitus",
+    "essential hypertension",
+    "heart failure with reduced ejection fraction",
+    "atrial fibrillation",
+    "hypercholesterolaemia",
+    "major depressive disorder",
+    "generalized anxiety disorder",
+    "schizophrenia",
+    "bipolar I disorder",
+    "focal epilepsy",
+    "chronic low back pain",
+    "postoperative pain",
+    "rheumatoid arthritis",
+    "Crohn's disease",
+    "ulcerative colitis",
+    "plaque psoriasis",
+    "community-acquired pneumonia",
+    "complicated urinary tract infection",
+    "sepsis",
+    "invasive aspergillosis",
+    "HIV-1 infection",
+    "chronic hepatitis B",
+    "COVID-19",
+    "non-small cell lung cancer",
+    "chronic myeloid leukaemia",
+    "HER2-positive breast cancer",
+    "chronic lymphocytic leukaemia",
+    "metastatic melanoma",
+    "chronic kidney disease",
+    "gout",
+    "hypothyroidism",
+    "venous thromboembolism",
+    "acute coronary syndrome",
+    "gastro-oesophageal reflux disease",
+    "chemotherapy-induced nausea",
+    "asthma",
+    "chronic obstructive pulmonary disease",
+    "obesity",
+    "osteoarthritis of the knee",
 ]
 
 POPULATIONS = [
-    "healthy adult volunteers", "healthy Japanese and Caucasian volunteers", "adults with {condition}", "older adults aged 65 years or more",
-    "children aged 2 to 11 years with {condition}", "adolescents with {condition}", "patients with moderate hepatic impairment (Child-Pugh B)",
-    "patients with end-stage renal disease receiving haemodialysis", "critically ill adults in the intensive care unit",
-    "pregnant women in the second and third trimester", "adults with obesity (BMI ≥ 30 kg/m²)", "CYP2C19 poor metabolizers",
-    "kidney transplant recipients", "liver transplant recipients", "patients receiving continuous renal replacement therapy",
-    "neonates born before 32 weeks of gestation", "outpatients with {condition}", "treatment-naive adults with {condition}",
+    "healthy adult volunteers",
+    "healthy Japanese and Caucasian volunteers",
+    "adults with {condition}",
+    "older adults aged 65 years or more",
+    "children aged 2 to 11 years with {condition}",
+    "adolescents with {condition}",
+    "patients with moderate hepatic impairment (Child-Pugh B)",
+    "patients with end-stage renal disease receiving haemodialysis",
+    "critically ill adults in the intensive care unit",
+    "pregnant women in the second and third trimester",
+    "adults with obesity (BMI ≥ 30 kg/m²)",
+    "CYP2C19 poor metabolizers",
+    "kidney transplant recipients",
+    "liver transplant recipients",
+    "patients receiving continuous renal replacement therapy",
+    "neonates born before 32 weeks of gestation",
+    "outpatients with {condition}",
+    "treatment-naive adults with {condition}",
 ]
 
 DESIGNS = [
-    "a randomized, double-blind, placebo-controlled trial", "an open-label, two-period, fixed-sequence study",
-    "a randomized, open-label, three-way crossover study", "a phase I single ascending dose study",
-    "a phase I multiple ascending dose study", "a retrospective cohort study", "a prospective observational study",
-    "a population pharmacokinetic analysis", "a physiologically based pharmacokinetic (PBPK) modelling study",
-    "a nested case-control study", "a systematic review and meta-analysis of {n_trials} randomized trials",
-    "a multicentre phase II trial", "a phase III, non-inferiority trial", "a pragmatic, cluster-randomized trial",
-    "a single-centre pharmacokinetic substudy", "a real-world registry analysis",
+    "a randomized, double-blind, placebo-controlled trial",
+    "an open-label, two-period, fixed-sequence study",
+    "a randomized, open-label, three-way crossover study",
+    "a phase I single ascending dose study",
+    "a phase I multiple ascending dose study",
+    "a retrospective cohort study",
+    "a prospective observational study",
+    "a population pharmacokinetic analysis",
+    "a physiologically based pharmacokinetic (PBPK) modelling study",
+    "a nested case-control study",
+    "a systematic review and meta-analysis of {n_trials} randomized trials",
+    "a multicentre phase II trial",
+    "a phase III, non-inferiority trial",
+    "a pragmatic, cluster-randomized trial",
+    "a single-centre pharmacokinetic substudy",
+    "a real-world registry analysis",
 ]
 
 CYPS = ["CYP2D6", "CYP2C9", "CYP2C19", "CYP2B6", "UGT1A1"]  # polymorphic: poor metabolizers exist
-ENZYMES = ["CYP3A4", "CYP3A4/5", "CYP2D6", "CYP2C9", "CYP2C19", "CYP1A2", "CYP2B6", "UGT1A1", "UGT2B7", "P-glycoprotein", "OATP1B1", "BCRP", "OCT2", "MATE1"]
+ENZYMES = [
+    "CYP3A4",
+    "CYP3A4/5",
+    "CYP2D6",
+    "CYP2C9",
+    "CYP2C19",
+    "CYP1A2",
+    "CYP2B6",
+    "UGT1A1",
+    "UGT2B7",
+    "P-glycoprotein",
+    "OATP1B1",
+    "BCRP",
+    "OCT2",
+    "MATE1",
+]
 INHIBITOR_TARGETS = {
-    "ketoconazole": "CYP3A4", "itraconazole": "CYP3A4", "clarithromycin": "CYP3A4", "ritonavir": "CYP3A4", "cobicistat": "CYP3A4",
-    "verapamil": "P-glycoprotein", "fluconazole": "CYP2C9", "fluvoxamine": "CYP1A2", "paroxetine": "CYP2D6", "quinidine": "CYP2D6",
-    "gemfibrozil": "OATP1B1", "cyclosporine": "OATP1B1", "cimetidine": "OCT2", "trimethoprim": "MATE1", "atazanavir": "UGT1A1",
+    "ketoconazole": "CYP3A4",
+    "itraconazole": "CYP3A4",
+    "clarithromycin": "CYP3A4",
+    "ritonavir": "CYP3A4",
+    "cobicistat": "CYP3A4",
+    "verapamil": "P-glycoprotein",
+    "fluconazole": "CYP2C9",
+    "fluvoxamine": "CYP1A2",
+    "paroxetine": "CYP2D6",
+    "quinidine": "CYP2D6",
+    "gemfibrozil": "OATP1B1",
+    "cyclosporine": "OATP1B1",
+    "cimetidine": "OCT2",
+    "trimethoprim": "MATE1",
+    "atazanavir": "UGT1A1",
 }
 INHIBITORS = list(INHIBITOR_TARGETS)
 INDUCERS = ["rifampicin", "carbamazepine", "phenytoin", "efavirenz", "St John's wort", "enzalutamide", "apalutamide"]
-PK_PARAMS = ["AUC0–∞", "AUC0–24", "AUCτ", "Cmax", "Cmin", "trough concentration", "apparent oral clearance (CL/F)", "terminal half-life (t1/2)", "apparent volume of distribution (Vz/F)", "Tmax", "unbound fraction"]
+PK_PARAMS = [
+    "AUC0–∞",
+    "AUC0–24",
+    "AUCτ",
+    "Cmax",
+    "Cmin",
+    "trough concentration",
+    "apparent oral clearance (CL/F)",
+    "terminal half-life (t1/2)",
+    "apparent volume of distribution (Vz/F)",
+    "Tmax",
+    "unbound fraction",
+]
 PK_SHORT = ["AUC", "Cmax", "t1/2", "CL/F", "Vd", "Ctrough", "Tmax"]
 OUTCOMES = [
-    "all-cause mortality", "major adverse cardiovascular events", "hospitalization for heart failure", "clinical remission at week 12",
-    "change from baseline in HbA1c", "major bleeding", "clinically relevant non-major bleeding", "symptomatic venous thromboembolism",
-    "progression-free survival", "overall survival", "treatment failure", "seizure freedom", "response on the MADRS scale",
-    "pain intensity on a 0–10 numeric rating scale", "acute kidney injury", "QTc prolongation", "sustained virological response",
-    "time to clinical recovery", "30-day readmission", "target attainment (fT>MIC of 100%)",
+    "all-cause mortality",
+    "major adverse cardiovascular events",
+    "hospitalization for heart failure",
+    "clinical remission at week 12",
+    "change from baseline in HbA1c",
+    "major bleeding",
+    "clinically relevant non-major bleeding",
+    "symptomatic venous thromboembolism",
+    "progression-free survival",
+    "overall survival",
+    "treatment failure",
+    "seizure freedom",
+    "response on the MADRS scale",
+    "pain intensity on a 0–10 numeric rating scale",
+    "acute kidney injury",
+    "QTc prolongation",
+    "sustained virological response",
+    "time to clinical recovery",
+    "30-day readmission",
+    "target attainment (fT>MIC of 100%)",
 ]
 ADVERSE = [
-    "nausea", "headache", "dizziness", "diarrhoea", "fatigue", "peripheral oedema", "hypoglycaemia", "hyperkalaemia", "rash",
-    "elevated hepatic transaminases", "QTc prolongation", "neutropenia", "thrombocytopenia", "nephrotoxicity", "somnolence",
-    "constipation", "insomnia", "minor bleeding", "infusion-related reactions", "myalgia",
+    "nausea",
+    "headache",
+    "dizziness",
+    "diarrhoea",
+    "fatigue",
+    "peripheral oedema",
+    "hypoglycaemia",
+    "hyperkalaemia",
+    "rash",
+    "elevated hepatic transaminases",
+    "QTc prolongation",
+    "neutropenia",
+    "thrombocytopenia",
+    "nephrotoxicity",
+    "somnolence",
+    "constipation",
+    "insomnia",
+    "minor bleeding",
+    "infusion-related reactions",
+    "myalgia",
 ]
-COVARIATES = ["body weight", "creatinine clearance", "estimated glomerular filtration rate", "body surface area", "serum albumin", "CYP2C19 genotype", "CYP2D6 phenotype", "concomitant proton pump inhibitor use", "smoking status", "fat-free mass", "total bilirubin", "postmenstrual age"]
+COVARIATES = [
+    "body weight",
+    "creatinine clearance",
+    "estimated glomerular filtration rate",
+    "body surface area",
+    "serum albumin",
+    "CYP2C19 genotype",
+    "CYP2D6 phenotype",
+    "concomitant proton pump inhibitor use",
+    "smoking status",
+    "fat-free mass",
+    "total bilirubin",
+    "postmenstrual age",
+]
 JOURNALS = [
-    "Clinical Pharmacology & Therapeutics", "British Journal of Clinical Pharmacology", "Journal of Clinical Pharmacology",
-    "European Journal of Clinical Pharmacology", "Clinical Pharmacokinetics", "Drug Metabolism and Disposition",
-    "Antimicrobial Agents and Chemotherapy", "Journal of Antimicrobial Chemotherapy", "Therapeutic Drug Monitoring",
-    "Pharmacotherapy", "CPT: Pharmacometrics & Systems Pharmacology", "Annals of Pharmacotherapy",
-    "Journal of Pharmacokinetics and Pharmacodynamics", "Drugs", "Diabetes, Obesity and Metabolism",
-    "Epilepsia", "Thrombosis and Haemostasis", "Transplantation", "Pediatric Drugs", "Clinical Infectious Diseases",
+    "Clinical Pharmacology & Therapeutics",
+    "British Journal of Clinical Pharmacology",
+    "Journal of Clinical Pharmacology",
+    "European Journal of Clinical Pharmacology",
+    "Clinical Pharmacokinetics",
+    "Drug Metabolism and Disposition",
+    "Antimicrobial Agents and Chemotherapy",
+    "Journal of Antimicrobial Chemotherapy",
+    "Therapeutic Drug Monitoring",
+    "Pharmacotherapy",
+    "CPT: Pharmacometrics & Systems Pharmacology",
+    "Annals of Pharmacotherapy",
+    "Journal of Pharmacokinetics and Pharmacodynamics",
+    "Drugs",
+    "Diabetes, Obesity and Metabolism",
+    "Epilepsia",
+    "Thrombosis and Haemostasis",
+    "Transplantation",
+    "Pediatric Drugs",
+    "Clinical Infectious Diseases",
 ]
-LAST_NAMES = ["Smith", "Nguyen", "Müller", "García", "Okafor", "Tanaka", "Rossi", "Kowalski", "Andersson", "Patel", "O'Brien", "Haddad", "Jensen", "Dubois", "Silva", "Kim", "Cohen", "Novak", "Fischer", "Moreau"]
+LAST_NAMES = [
+    "Smith",
+    "Nguyen",
+    "Müller",
+    "García",
+    "Okafor",
+    "Tanaka",
+    "Rossi",
+    "Kowalski",
+    "Andersson",
+    "Patel",
+    "O'Brien",
+    "Haddad",
+    "Jensen",
+    "Dubois",
+    "Silva",
+    "Kim",
+    "Cohen",
+    "Novak",
+    "Fischer",
+    "Moreau",
+]
 FIRST_NAMES = [
-    "Anna", "James", "Maria", "David", "Sarah", "Michael", "Laura", "Daniel", "Emma", "Chris", "Olivia", "Ben", "Priya", "Tom",
-    "Hannah", "Luis", "Grace", "Sam", "Chloe", "Jake", "Nina", "Marcus", "Ellie", "Ryan", "Sofia", "Aaron", "Megan", "Leo",
-    "Rachel", "Omar", "Julia", "Ethan", "Zoe", "Noah", "Kate", "Isaac", "Lily", "Adam", "Ruth", "Felix",
+    "Anna",
+    "James",
+    "Maria",
+    "David",
+    "Sarah",
+    "Michael",
+    "Laura",
+    "Daniel",
+    "Emma",
+    "Chris",
+    "Olivia",
+    "Ben",
+    "Priya",
+    "Tom",
+    "Hannah",
+    "Luis",
+    "Grace",
+    "Sam",
+    "Chloe",
+    "Jake",
+    "Nina",
+    "Marcus",
+    "Ellie",
+    "Ryan",
+    "Sofia",
+    "Aaron",
+    "Megan",
+    "Leo",
+    "Rachel",
+    "Omar",
+    "Julia",
+    "Ethan",
+    "Zoe",
+    "Noah",
+    "Kate",
+    "Isaac",
+    "Lily",
+    "Adam",
+    "Ruth",
+    "Felix",
 ]
 
 
@@ -178,7 +442,17 @@ def _ratio_ci(rng: random.Random, label: str, lo: float = 0.45, hi: float = 1.35
 
 
 def _p_value(rng: random.Random) -> str:
-    return rng.choice(["p < 0.001", "p < 0.001", "p < 0.01", "p < 0.05", f"p = 0.0{rng.randint(1, 4)}", f"p = 0.{rng.randint(10, 89)}", "p = 0.002"])
+    return rng.choice(
+        [
+            "p < 0.001",
+            "p < 0.001",
+            "p < 0.01",
+            "p < 0.05",
+            f"p = 0.0{rng.randint(1, 4)}",
+            f"p = 0.{rng.randint(10, 89)}",
+            "p = 0.002",
+        ]
+    )
 
 
 def _fold(rng: random.Random) -> str:
@@ -191,26 +465,100 @@ def _gmr(rng: random.Random) -> str:
     return f"{point:.1f}% (90% CI {point - rng.uniform(4, 11):.1f}–{point + rng.uniform(4, 11):.1f})"
 
 
-DOSES = ["0.5 mg", "1 mg", "2.5 mg", "5 mg", "10 mg", "20 mg", "25 mg", "40 mg", "50 mg", "75 mg", "100 mg", "150 mg", "200 mg", "250 mg", "300 mg", "400 mg", "500 mg", "600 mg", "750 mg", "1000 mg"]
-REGIMENS = ["once daily", "twice daily", "three times daily", "every 8 hours", "every 12 hours", "once weekly", "as a single oral dose", "as a 30-minute intravenous infusion", "every 3 weeks", "at bedtime"]
+DOSES = [
+    "0.5 mg",
+    "1 mg",
+    "2.5 mg",
+    "5 mg",
+    "10 mg",
+    "20 mg",
+    "25 mg",
+    "40 mg",
+    "50 mg",
+    "75 mg",
+    "100 mg",
+    "150 mg",
+    "200 mg",
+    "250 mg",
+    "300 mg",
+    "400 mg",
+    "500 mg",
+    "600 mg",
+    "750 mg",
+    "1000 mg",
+]
+REGIMENS = [
+    "once daily",
+    "twice daily",
+    "three times daily",
+    "every 8 hours",
+    "every 12 hours",
+    "once weekly",
+    "as a single oral dose",
+    "as a 30-minute intravenous infusion",
+    "every 3 weeks",
+    "at bedtime",
+]
 
 DOMAIN_VOCAB = {
-    "condition": CONDITIONS, "population": POPULATIONS, "design": DESIGNS, "enzyme": ENZYMES, "cyp": CYPS, "inhibitor": INHIBITORS,
-    "inducer": INDUCERS, "pk": PK_PARAMS, "pks": PK_SHORT, "outcome": OUTCOMES, "adverse": ADVERSE, "covariate": COVARIATES,
-    "dose": DOSES, "regimen": REGIMENS, "n_trials": _int(6, 38), "n": _int(14, 2400), "n_small": _int(12, 48),
-    "weeks": lambda rng: rng.choice(["12 weeks", "24 weeks", "52 weeks", "14 days", "28 days", "6 months", "18 months", "2 years"]),
+    "condition": CONDITIONS,
+    "population": POPULATIONS,
+    "design": DESIGNS,
+    "enzyme": ENZYMES,
+    "cyp": CYPS,
+    "inhibitor": INHIBITORS,
+    "inducer": INDUCERS,
+    "pk": PK_PARAMS,
+    "pks": PK_SHORT,
+    "outcome": OUTCOMES,
+    "adverse": ADVERSE,
+    "covariate": COVARIATES,
+    "dose": DOSES,
+    "regimen": REGIMENS,
+    "n_trials": _int(6, 38),
+    "n": _int(14, 2400),
+    "n_small": _int(12, 48),
+    "weeks": lambda rng: rng.choice(
+        ["12 weeks", "24 weeks", "52 weeks", "14 days", "28 days", "6 months", "18 months", "2 years"]
+    ),
     "mgkg": lambda rng: f"{rng.choice(['0.1', '0.3', '0.5', '1', '2', '5', '7.5', '10', '15', '20'])} mg/kg",
-    "hr": lambda rng: _ratio_ci(rng, "HR"), "or": lambda rng: _ratio_ci(rng, "OR", 0.4, 2.8), "rr": lambda rng: _ratio_ci(rng, "RR", 0.5, 1.6),
-    "p": _p_value, "fold": _fold, "gmr": _gmr, "pct": _int(8, 74), "pct_small": _int(2, 19),
+    "hr": lambda rng: _ratio_ci(rng, "HR"),
+    "or": lambda rng: _ratio_ci(rng, "OR", 0.4, 2.8),
+    "rr": lambda rng: _ratio_ci(rng, "RR", 0.5, 1.6),
+    "p": _p_value,
+    "fold": _fold,
+    "gmr": _gmr,
+    "pct": _int(8, 74),
+    "pct_small": _int(2, 19),
     "half_life": lambda rng: f"{rng.uniform(1.5, 60):.1f} ± {rng.uniform(0.4, 9):.1f} h",
-    "clearance": lambda rng: f"{rng.uniform(0.8, 42):.1f} L/h", "vd": lambda rng: f"{rng.uniform(12, 620):.0f} L",
+    "clearance": lambda rng: f"{rng.uniform(0.8, 42):.1f} L/h",
+    "vd": lambda rng: f"{rng.uniform(12, 620):.0f} L",
     "cmax_val": lambda rng: f"{rng.uniform(0.05, 48):.2f} {rng.choice(['mg/L', 'µg/mL', 'ng/mL'])}",
     "auc_val": lambda rng: f"{rng.uniform(4, 980):.0f} {rng.choice(['mg·h/L', 'ng·h/mL', 'µg·h/mL'])}",
     "tmax_val": lambda rng: f"{rng.choice(['0.5', '1.0', '1.5', '2.0', '3.0', '4.0', '6.0'])} h",
-    "iiv": _int(18, 64), "auc_target": lambda rng: rng.choice(["400–600 mg·h/L", "AUC/MIC ≥ 400", "5–15 ng/mL", "fT>MIC ≥ 40%"]),
-    "md": lambda rng: f"{rng.uniform(-1.8, -0.2):.2f} (95% CI {rng.uniform(-2.6, -1.9):.2f} to {rng.uniform(-0.19, -0.02):.2f})",
+    "iiv": _int(18, 64),
+    "auc_target": lambda rng: rng.choice(["400–600 mg·h/L", "AUC/MIC ≥ 400", "5–15 ng/mL", "fT>MIC ≥ 40%"]),
+    "md": lambda rng: (
+        f"{rng.uniform(-1.8, -0.2):.2f} (95% CI {rng.uniform(-2.6, -1.9):.2f} to {rng.uniform(-0.19, -0.02):.2f})"
+    ),
     "software": ["NONMEM 7.5", "Monolix 2023R1", "nlmixr2", "Simcyp Simulator v22", "PK-Sim", "Phoenix WinNonlin 8.3"],
-    "year": _int(2008, 2023), "country": ["the United States", "Canada", "Germany", "Japan", "the Netherlands", "Australia", "Spain", "South Korea", "Brazil", "Denmark", "the United Kingdom", "France", "Italy", "China"],
+    "year": _int(2008, 2023),
+    "country": [
+        "the United States",
+        "Canada",
+        "Germany",
+        "Japan",
+        "the Netherlands",
+        "Australia",
+        "Spain",
+        "South Korea",
+        "Brazil",
+        "Denmark",
+        "the United Kingdom",
+        "France",
+        "Italy",
+        "China",
+    ],
     "surname": LAST_NAMES,
 }
 
@@ -302,24 +650,132 @@ SECTION_NAMES = {
 
 # Which conditions each drug is plausibly studied in, so an abstract does not pair an antibiotic with depression.
 THERAPEUTIC_AREAS = [
-    ("atorvastatin rosuvastatin simvastatin amlodipine lisinopril losartan valsartan metoprolol carvedilol digoxin amiodarone furosemide spironolactone",
-     ["essential hypertension", "heart failure with reduced ejection fraction", "atrial fibrillation", "hypercholesterolaemia", "acute coronary syndrome", "chronic kidney disease"], ["major adverse cardiovascular events", "hospitalization for heart failure", "all-cause mortality", "change from baseline in systolic blood pressure", "LDL cholesterol at week 12"]),
-    ("metformin sitagliptin empagliflozin dapagliflozin semaglutide liraglutide insulin-glargine levothyroxine allopurinol colchicine",
-     ["type 2 diabetes mellitus", "obesity", "chronic kidney disease", "hypothyroidism", "gout", "heart failure with reduced ejection fraction"], ["change from baseline in HbA1c", "body weight at week 52", "serum urate below 6 mg/dL", "hypoglycaemia", "TSH within the reference range"]),
-    ("warfarin apixaban rivaroxaban dabigatran-etexilate clopidogrel ticagrelor", ["atrial fibrillation", "venous thromboembolism", "acute coronary syndrome"], ["major bleeding", "clinically relevant non-major bleeding", "symptomatic venous thromboembolism", "stroke or systemic embolism"]),
-    ("midazolam alprazolam sertraline escitalopram venlafaxine quetiapine olanzapine aripiprazole lithium-carbonate valproic-acid levetiracetam carbamazepine lamotrigine phenytoin",
-     ["major depressive disorder", "generalized anxiety disorder", "schizophrenia", "bipolar I disorder", "focal epilepsy"], ["response on the MADRS scale", "seizure freedom", "relapse within 12 months", "sedation depth"]),
-    ("morphine oxycodone fentanyl tramadol ibuprofen celecoxib", ["chronic low back pain", "postoperative pain", "osteoarthritis of the knee", "rheumatoid arthritis"], ["pain intensity on a 0–10 numeric rating scale", "rescue analgesic use", "opioid-induced respiratory depression"]),
-    ("vancomycin gentamicin amikacin ceftriaxone meropenem piperacillin-tazobactam ciprofloxacin levofloxacin linezolid fluconazole voriconazole posaconazole dolutegravir tenofovir-alafenamide nirmatrelvir",
-     ["community-acquired pneumonia", "complicated urinary tract infection", "sepsis", "invasive aspergillosis", "HIV-1 infection", "chronic hepatitis B", "COVID-19"], ["clinical cure", "target attainment (fT>MIC of 100%)", "sustained virological response", "time to clinical recovery", "acute kidney injury", "30-day mortality"]),
-    ("tacrolimus cyclosporine mycophenolate-mofetil sirolimus methotrexate adalimumab infliximab prednisolone dexamethasone",
-     ["rheumatoid arthritis", "Crohn's disease", "ulcerative colitis", "plaque psoriasis", "asthma", "chronic obstructive pulmonary disease", "kidney transplant rejection"], ["clinical remission at week 12", "biopsy-proven acute rejection", "disease activity (DAS28)", "exacerbation rate"]),
-    ("imatinib ibrutinib osimertinib pembrolizumab nivolumab trastuzumab everolimus",
-     ["non-small cell lung cancer", "chronic myeloid leukaemia", "HER2-positive breast cancer", "chronic lymphocytic leukaemia", "metastatic melanoma"], ["progression-free survival", "overall survival", "objective response rate", "grade 3 or higher neutropenia"]),
-    ("omeprazole pantoprazole ondansetron", ["gastro-oesophageal reflux disease", "chemotherapy-induced nausea"], ["symptom resolution at week 4", "complete response (no emesis) in the first 24 h"]),
+    (
+        "atorvastatin rosuvastatin simvastatin amlodipine lisinopril losartan valsartan metoprolol carvedilol digoxin amiodarone furosemide spironolactone",
+        [
+            "essential hypertension",
+            "heart failure with reduced ejection fraction",
+            "atrial fibrillation",
+            "hypercholesterolaemia",
+            "acute coronary syndrome",
+            "chronic kidney disease",
+        ],
+        [
+            "major adverse cardiovascular events",
+            "hospitalization for heart failure",
+            "all-cause mortality",
+            "change from baseline in systolic blood pressure",
+            "LDL cholesterol at week 12",
+        ],
+    ),
+    (
+        "metformin sitagliptin empagliflozin dapagliflozin semaglutide liraglutide insulin-glargine levothyroxine allopurinol colchicine",
+        [
+            "type 2 diabetes mellitus",
+            "obesity",
+            "chronic kidney disease",
+            "hypothyroidism",
+            "gout",
+            "heart failure with reduced ejection fraction",
+        ],
+        [
+            "change from baseline in HbA1c",
+            "body weight at week 52",
+            "serum urate below 6 mg/dL",
+            "hypoglycaemia",
+            "TSH within the reference range",
+        ],
+    ),
+    (
+        "warfarin apixaban rivaroxaban dabigatran-etexilate clopidogrel ticagrelor",
+        ["atrial fibrillation", "venous thromboembolism", "acute coronary syndrome"],
+        [
+            "major bleeding",
+            "clinically relevant non-major bleeding",
+            "symptomatic venous thromboembolism",
+            "stroke or systemic embolism",
+        ],
+    ),
+    (
+        "midazolam alprazolam sertraline escitalopram venlafaxine quetiapine olanzapine aripiprazole lithium-carbonate valproic-acid levetiracetam carbamazepine lamotrigine phenytoin",
+        [
+            "major depressive disorder",
+            "generalized anxiety disorder",
+            "schizophrenia",
+            "bipolar I disorder",
+            "focal epilepsy",
+        ],
+        ["response on the MADRS scale", "seizure freedom", "relapse within 12 months", "sedation depth"],
+    ),
+    (
+        "morphine oxycodone fentanyl tramadol ibuprofen celecoxib",
+        ["chronic low back pain", "postoperative pain", "osteoarthritis of the knee", "rheumatoid arthritis"],
+        [
+            "pain intensity on a 0–10 numeric rating scale",
+            "rescue analgesic use",
+            "opioid-induced respiratory depression",
+        ],
+    ),
+    (
+        "vancomycin gentamicin amikacin ceftriaxone meropenem piperacillin-tazobactam ciprofloxacin levofloxacin linezolid fluconazole voriconazole posaconazole dolutegravir tenofovir-alafenamide nirmatrelvir",
+        [
+            "community-acquired pneumonia",
+            "complicated urinary tract infection",
+            "sepsis",
+            "invasive aspergillosis",
+            "HIV-1 infection",
+            "chronic hepatitis B",
+            "COVID-19",
+        ],
+        [
+            "clinical cure",
+            "target attainment (fT>MIC of 100%)",
+            "sustained virological response",
+            "time to clinical recovery",
+            "acute kidney injury",
+            "30-day mortality",
+        ],
+    ),
+    (
+        "tacrolimus cyclosporine mycophenolate-mofetil sirolimus methotrexate adalimumab infliximab prednisolone dexamethasone",
+        [
+            "rheumatoid arthritis",
+            "Crohn's disease",
+            "ulcerative colitis",
+            "plaque psoriasis",
+            "asthma",
+            "chronic obstructive pulmonary disease",
+            "kidney transplant rejection",
+        ],
+        [
+            "clinical remission at week 12",
+            "biopsy-proven acute rejection",
+            "disease activity (DAS28)",
+            "exacerbation rate",
+        ],
+    ),
+    (
+        "imatinib ibrutinib osimertinib pembrolizumab nivolumab trastuzumab everolimus",
+        [
+            "non-small cell lung cancer",
+            "chronic myeloid leukaemia",
+            "HER2-positive breast cancer",
+            "chronic lymphocytic leukaemia",
+            "metastatic melanoma",
+        ],
+        ["progression-free survival", "overall survival", "objective response rate", "grade 3 or higher neutropenia"],
+    ),
+    (
+        "omeprazole pantoprazole ondansetron",
+        ["gastro-oesophageal reflux disease", "chemotherapy-induced nausea"],
+        ["symptom resolution at week 4", "complete response (no emesis) in the first 24 h"],
+    ),
 ]
-DRUG_AREAS = {drug.replace("-", " ") if drug != "piperacillin-tazobactam" else drug: (conditions, outcomes)
-              for drugs, conditions, outcomes in THERAPEUTIC_AREAS for drug in drugs.split()}
+DRUG_AREAS = {
+    drug.replace("-", " ") if drug != "piperacillin-tazobactam" else drug: (conditions, outcomes)
+    for drugs, conditions, outcomes in THERAPEUTIC_AREAS
+    for drug in drugs.split()
+}
 
 
 def domain_context(rng: random.Random) -> dict:
@@ -329,11 +785,16 @@ def domain_context(rng: random.Random) -> dict:
     other = rng.choice([d for d in DRUG_AREAS if DRUG_AREAS[d][0] is conditions and d != drug])
     inhibitor = rng.choice(INHIBITORS)
     return {
-        "drug": drug, "drug_class": drug_class,
+        "drug": drug,
+        "drug_class": drug_class,
         "comparator": rng.choice(["placebo", "placebo", f"standard-dose {other}", other, "usual care"]),
-        "condition": condition, "outcome": rng.choice(outcomes), "inhibitor": inhibitor,
-        "inducer": rng.choice(INDUCERS), "enzyme": INHIBITOR_TARGETS[inhibitor],
-        "covariate": rng.choice(COVARIATES), "population": fill(rng, rng.choice(POPULATIONS), DOMAIN_VOCAB, {"condition": condition}),
+        "condition": condition,
+        "outcome": rng.choice(outcomes),
+        "inhibitor": inhibitor,
+        "inducer": rng.choice(INDUCERS),
+        "enzyme": INHIBITOR_TARGETS[inhibitor],
+        "covariate": rng.choice(COVARIATES),
+        "population": fill(rng, rng.choice(POPULATIONS), DOMAIN_VOCAB, {"condition": condition}),
     }
 
 
@@ -345,7 +806,9 @@ def make_abstract(rng: random.Random) -> str:
     while True:
         ctx = domain_context(rng)
         extra = 2 if rng.random() < 0.15 else 0  # a long tail of fuller abstracts, up to ~400 words
-        background = _section(rng, BACKGROUND, rng.randint(1, 2 + extra // 2), ctx) + " " + _section(rng, OBJECTIVE, 1, ctx)
+        background = (
+            _section(rng, BACKGROUND, rng.randint(1, 2 + extra // 2), ctx) + " " + _section(rng, OBJECTIVE, 1, ctx)
+        )
         parts = [
             ("background", background),
             ("methods", _section(rng, METHODS, rng.randint(2, 4 + extra), ctx)),
@@ -362,75 +825,112 @@ def make_abstract(rng: random.Random) -> str:
 # ---------------------------------------------------------------------------
 
 GUIDELINE_SECTIONS = [
-    ("Scope", [
-        "This guideline applies to adults and children treated with {drug} for {condition} in hospital and community settings.",
-        "It covers initial dosing, dose adjustment in organ impairment, interacting medicines and monitoring.",
-        "It does not replace clinical judgement, and prescribers should consider the individual circumstances of each patient.",
-        "The recommendations were reviewed by the Drug and Therapeutics Committee in {year} and are due for review in three years.",
-        "Specialist advice should be sought for {population}, for whom evidence is limited.",
-    ]),
-    ("Indications", [
-        "{drug} is indicated for the treatment of {condition} when first-line therapy is unsuitable or has failed.",
-        "Off-label use for {condition} requires approval from the responsible consultant.",
-        "{drug} is a {drug_class}; the therapeutic effect is related to sustained exposure rather than peak concentration.",
-        "Contraindications include known hypersensitivity and concomitant use of strong {enzyme} inhibitors such as {inhibitor}.",
-    ]),
-    ("Initial dosing", [
-        "The usual adult starting dose is {dose} {regimen}.",
-        "In children, give {mgkg} {regimen}, not exceeding the adult dose of {dose}.",
-        "A loading dose of {mgkg} may be given when a rapid effect is required, followed by maintenance dosing {regimen}.",
-        "Doses should be based on actual body weight unless the BMI exceeds 30 kg/m², in which case adjusted body weight is used.",
-        "Tablets may be taken with or without food; a high-fat meal increases Cmax by about {pct_small}% but does not change AUC.",
-        "Round the calculated dose to the nearest practical strength and document the weight used for the calculation.",
-    ]),
-    ("Renal impairment", [
-        "No adjustment is required when creatinine clearance is 50 mL/min or higher.",
-        "If creatinine clearance is 30–49 mL/min, reduce the dose to {dose} {regimen}.",
-        "Avoid use when creatinine clearance is < 15 mL/min or in patients receiving dialysis unless advised by a nephrologist.",
-        "In patients receiving haemodialysis, give the dose after the dialysis session.",
-        "Renal function should be estimated with the Cockcroft-Gault equation, because published dosing studies used this method.",
-    ]),
-    ("Hepatic impairment", [
-        "No adjustment is needed in mild hepatic impairment (Child-Pugh A).",
-        "In moderate hepatic impairment (Child-Pugh B), reduce the maintenance dose by 50% and monitor closely.",
-        "Use in severe hepatic impairment (Child-Pugh C) is not recommended because exposure increased {fold} in a dedicated study.",
-        "Hepatic function tests should be checked at baseline and after four weeks of treatment.",
-    ]),
-    ("Drug interactions", [
-        "{drug} is a substrate of {enzyme}; strong inhibitors such as {inhibitor} increase exposure and should be avoided.",
-        "Strong inducers such as {inducer} reduce {drug} exposure by up to {pct}%; choose an alternative where possible.",
-        "If co-administration with {inhibitor} cannot be avoided, reduce the dose of {drug} to {dose} {regimen} and monitor for {adverse}.",
-        "After stopping an inducer, enzyme activity returns to baseline over about two weeks, so the dose should be reviewed at that time.",
-        "Check every new prescription against the interaction table in the local formulary.",
-    ]),
-    ("Monitoring", [
-        "Measure trough concentrations at steady state, usually after five half-lives, and before the next dose.",
-        "The exposure target is {auc_target} for most indications.",
-        "Monitor full blood count, renal function and electrolytes at baseline and every {weeks} thereafter.",
-        "Patients should be advised to report {adverse} or {adverse2} promptly.",
-        "Document each concentration result with the time of the last dose and the time of sampling.",
-        "If the concentration is above the target range, withhold one dose and reduce the daily dose by 25%.",
-    ]),
-    ("Switching and stopping", [
-        "When switching from intravenous to oral therapy, give the first oral dose when the next intravenous dose would have been due.",
-        "Do not stop {drug} abruptly after long-term use; reduce the dose gradually over {weeks}.",
-        "If a dose is missed, take it as soon as remembered unless the next dose is due within six hours.",
-    ]),
+    (
+        "Scope",
+        [
+            "This guideline applies to adults and children treated with {drug} for {condition} in hospital and community settings.",
+            "It covers initial dosing, dose adjustment in organ impairment, interacting medicines and monitoring.",
+            "It does not replace clinical judgement, and prescribers should consider the individual circumstances of each patient.",
+            "The recommendations were reviewed by the Drug and Therapeutics Committee in {year} and are due for review in three years.",
+            "Specialist advice should be sought for {population}, for whom evidence is limited.",
+        ],
+    ),
+    (
+        "Indications",
+        [
+            "{drug} is indicated for the treatment of {condition} when first-line therapy is unsuitable or has failed.",
+            "Off-label use for {condition} requires approval from the responsible consultant.",
+            "{drug} is a {drug_class}; the therapeutic effect is related to sustained exposure rather than peak concentration.",
+            "Contraindications include known hypersensitivity and concomitant use of strong {enzyme} inhibitors such as {inhibitor}.",
+        ],
+    ),
+    (
+        "Initial dosing",
+        [
+            "The usual adult starting dose is {dose} {regimen}.",
+            "In children, give {mgkg} {regimen}, not exceeding the adult dose of {dose}.",
+            "A loading dose of {mgkg} may be given when a rapid effect is required, followed by maintenance dosing {regimen}.",
+            "Doses should be based on actual body weight unless the BMI exceeds 30 kg/m², in which case adjusted body weight is used.",
+            "Tablets may be taken with or without food; a high-fat meal increases Cmax by about {pct_small}% but does not change AUC.",
+            "Round the calculated dose to the nearest practical strength and document the weight used for the calculation.",
+        ],
+    ),
+    (
+        "Renal impairment",
+        [
+            "No adjustment is required when creatinine clearance is 50 mL/min or higher.",
+            "If creatinine clearance is 30–49 mL/min, reduce the dose to {dose} {regimen}.",
+            "Avoid use when creatinine clearance is < 15 mL/min or in patients receiving dialysis unless advised by a nephrologist.",
+            "In patients receiving haemodialysis, give the dose after the dialysis session.",
+            "Renal function should be estimated with the Cockcroft-Gault equation, because published dosing studies used this method.",
+        ],
+    ),
+    (
+        "Hepatic impairment",
+        [
+            "No adjustment is needed in mild hepatic impairment (Child-Pugh A).",
+            "In moderate hepatic impairment (Child-Pugh B), reduce the maintenance dose by 50% and monitor closely.",
+            "Use in severe hepatic impairment (Child-Pugh C) is not recommended because exposure increased {fold} in a dedicated study.",
+            "Hepatic function tests should be checked at baseline and after four weeks of treatment.",
+        ],
+    ),
+    (
+        "Drug interactions",
+        [
+            "{drug} is a substrate of {enzyme}; strong inhibitors such as {inhibitor} increase exposure and should be avoided.",
+            "Strong inducers such as {inducer} reduce {drug} exposure by up to {pct}%; choose an alternative where possible.",
+            "If co-administration with {inhibitor} cannot be avoided, reduce the dose of {drug} to {dose} {regimen} and monitor for {adverse}.",
+            "After stopping an inducer, enzyme activity returns to baseline over about two weeks, so the dose should be reviewed at that time.",
+            "Check every new prescription against the interaction table in the local formulary.",
+        ],
+    ),
+    (
+        "Monitoring",
+        [
+            "Measure trough concentrations at steady state, usually after five half-lives, and before the next dose.",
+            "The exposure target is {auc_target} for most indications.",
+            "Monitor full blood count, renal function and electrolytes at baseline and every {weeks} thereafter.",
+            "Patients should be advised to report {adverse} or {adverse2} promptly.",
+            "Document each concentration result with the time of the last dose and the time of sampling.",
+            "If the concentration is above the target range, withhold one dose and reduce the daily dose by 25%.",
+        ],
+    ),
+    (
+        "Switching and stopping",
+        [
+            "When switching from intravenous to oral therapy, give the first oral dose when the next intravenous dose would have been due.",
+            "Do not stop {drug} abruptly after long-term use; reduce the dose gradually over {weeks}.",
+            "If a dose is missed, take it as soon as remembered unless the next dose is due within six hours.",
+        ],
+    ),
 ]
 
 
 def make_guideline(rng: random.Random, number: int) -> tuple[str, str]:
     ctx = domain_context(rng)
     title = f"{ctx['drug'].capitalize()} dosing guideline: {ctx['condition']}"
-    lines = [title, "=" * len(title), "", f"Document number: CPG-{number:03d}    Version {rng.randint(1, 6)}.{rng.randint(0, 9)}    Approved {fill(rng, '{year}', DOMAIN_VOCAB)}", ""]
+    lines = [
+        title,
+        "=" * len(title),
+        "",
+        f"Document number: CPG-{number:03d}    Version {rng.randint(1, 6)}.{rng.randint(0, 9)}    Approved {fill(rng, '{year}', DOMAIN_VOCAB)}",
+        "",
+    ]
     for index, (heading, templates) in enumerate(GUIDELINE_SECTIONS, start=1):
         if heading == "Switching and stopping" and rng.random() < 0.5:
             continue
         k = min(len(templates), rng.randint(2, 4))
-        lines += [f"{index}. {heading}", "", " ".join(tidy(fill(rng, t, DOMAIN_VOCAB, ctx)) for t in rng.sample(templates, k)), ""]
+        lines += [
+            f"{index}. {heading}",
+            "",
+            " ".join(tidy(fill(rng, t, DOMAIN_VOCAB, ctx)) for t in rng.sample(templates, k)),
+            "",
+        ]
     lines += ["References", ""]
     for ref in range(rng.randint(2, 4)):
-        lines.append(f"{ref + 1}. {rng.choice(LAST_NAMES)} {rng.choice('ABCDEFGHJKLMNPRS')}, et al. {rng.choice(JOURNALS)}. {rng.randint(2009, 2024)};{rng.randint(12, 118)}:{rng.randint(101, 2999)}.")
+        lines.append(
+            f"{ref + 1}. {rng.choice(LAST_NAMES)} {rng.choice('ABCDEFGHJKLMNPRS')}, et al. {rng.choice(JOURNALS)}. {rng.randint(2009, 2024)};{rng.randint(12, 118)}:{rng.randint(101, 2999)}."
+        )
     slug = re.sub(r"[^a-z0-9]+", "-", ctx["drug"].lower()).strip("-")
     return f"guideline-{number:02d}-{slug}.txt", "\n".join(lines) + "\n"
 
@@ -441,18 +941,92 @@ def make_guideline(rng: random.Random, number: int) -> tuple[str, str]:
 
 SHARED_VOCAB = {
     "name": FIRST_NAMES,
-    "friend": ["my neighbor", "my sister", "a coworker", "my brother-in-law", "an old friend from college", "my partner", "my dad", "a reader named {name}", "my aunt", "a friend of mine", "my roommate", "a guy at the local shop"],
-    "city": ["Portland", "Denver", "Austin", "Chicago", "Boston", "Seattle", "Atlanta", "Minneapolis", "Nashville", "San Diego", "Pittsburgh", "Toronto", "Manchester", "Dublin", "Melbourne", "Edinburgh", "Vancouver", "Phoenix", "Raleigh", "Cleveland"],
-    "time_ago": ["last spring", "a few weeks ago", "two summers ago", "back in March", "last weekend", "a couple of years ago", "earlier this month", "over the holidays", "when I was in my twenties", "last fall", "this past winter"],
+    "friend": [
+        "my neighbor",
+        "my sister",
+        "a coworker",
+        "my brother-in-law",
+        "an old friend from college",
+        "my partner",
+        "my dad",
+        "a reader named {name}",
+        "my aunt",
+        "a friend of mine",
+        "my roommate",
+        "a guy at the local shop",
+    ],
+    "city": [
+        "Portland",
+        "Denver",
+        "Austin",
+        "Chicago",
+        "Boston",
+        "Seattle",
+        "Atlanta",
+        "Minneapolis",
+        "Nashville",
+        "San Diego",
+        "Pittsburgh",
+        "Toronto",
+        "Manchester",
+        "Dublin",
+        "Melbourne",
+        "Edinburgh",
+        "Vancouver",
+        "Phoenix",
+        "Raleigh",
+        "Cleveland",
+    ],
+    "time_ago": [
+        "last spring",
+        "a few weeks ago",
+        "two summers ago",
+        "back in March",
+        "last weekend",
+        "a couple of years ago",
+        "earlier this month",
+        "over the holidays",
+        "when I was in my twenties",
+        "last fall",
+        "this past winter",
+    ],
     "season": ["spring", "summer", "fall", "winter", "early spring", "late summer", "the holiday season"],
     "weekday": ["Monday", "Tuesday", "Wednesday", "Thursday", "Friday", "Saturday", "Sunday"],
-    "adj": ["surprisingly simple", "a little frustrating", "more rewarding than I expected", "completely worth it", "harder than it looks", "oddly relaxing", "cheaper than I thought", "a bit overwhelming at first", "genuinely fun", "easy to get wrong"],
+    "adj": [
+        "surprisingly simple",
+        "a little frustrating",
+        "more rewarding than I expected",
+        "completely worth it",
+        "harder than it looks",
+        "oddly relaxing",
+        "cheaper than I thought",
+        "a bit overwhelming at first",
+        "genuinely fun",
+        "easy to get wrong",
+    ],
     "good": ["great", "solid", "reliable", "excellent", "decent", "fantastic", "sturdy", "clever", "handy", "lovely"],
-    "feeling": ["proud", "relieved", "a bit nervous", "excited", "exhausted but happy", "skeptical", "pleasantly surprised", "hooked"],
+    "feeling": [
+        "proud",
+        "relieved",
+        "a bit nervous",
+        "excited",
+        "exhausted but happy",
+        "skeptical",
+        "pleasantly surprised",
+        "hooked",
+    ],
     "num_word": ["two", "three", "four", "five", "six", "seven", "ten", "a dozen"],
     "minutes": ["five", "ten", "fifteen", "twenty", "thirty", "forty-five"],
     "money": ["$15", "$20", "$35", "$50", "$80", "$120", "$200", "$300", "about forty bucks", "less than ten dollars"],
-    "opinion": ["honestly", "to be fair", "in my experience", "for what it's worth", "if you ask me", "looking back", "all things considered"],
+    "opinion": [
+        "honestly",
+        "to be fair",
+        "in my experience",
+        "for what it's worth",
+        "if you ask me",
+        "looking back",
+        "all things considered",
+    ],
 }
 
 SHARED_TEMPLATES = [
@@ -497,15 +1071,112 @@ TOPICS = {
     "cooking": {
         "site": ["www.weeknightkitchen.com", "homecookingnotes.net", "www.thesimmeringpot.com"],
         "path": ["recipes", "blog", "kitchen-tips"],
-        "thing": ["sauce", "dough", "marinade", "broth", "spice mix", "batter", "pan sauce", "pie crust", "roux", "salad dressing", "risotto", "braise", "stir-fry", "sourdough starter", "pot of chili"],
-        "dish": ["lemon garlic chicken", "roasted vegetable soup", "banana bread", "vegetable curry", "mushroom risotto", "black bean tacos", "beef stew", "sheet-pan salmon", "homemade pizza", "chocolate chip cookies", "shakshuka", "apple crumble", "pad thai", "tomato basil pasta", "chicken noodle soup", "cornbread", "lentil salad"],
-        "ingredient": ["garlic", "fresh ginger", "smoked paprika", "brown butter", "lemon zest", "fresh thyme", "cumin", "parmesan", "shallots", "olive oil", "soy sauce", "maple syrup", "fresh cilantro", "chili flakes", "a splash of vinegar", "coconut milk"],
-        "activity": ["cooking at home", "baking bread", "meal prepping", "cooking for a crowd", "learning to cook without recipes", "making soup from scratch"],
-        "tool": ["cast-iron skillet", "chef's knife", "Dutch oven", "digital scale", "wooden spoon", "sheet pan", "instant-read thermometer", "stand mixer", "microplane", "food processor"],
-        "tip": ["salt your pasta water more than you think you should", "let the meat rest before you slice it", "taste as you go and adjust the seasoning at the end", "toast your spices in a dry pan before using them", "read the whole recipe before you turn on the stove", "pat the chicken dry so it browns instead of steaming", "keep a bowl for scraps next to your cutting board", "add a little acid, like lemon juice or vinegar, when a dish tastes flat"],
-        "fact": ["most home ovens run hotter or cooler than the dial says", "a sharp knife is actually safer than a dull one", "onions take much longer to caramelize than most recipes admit", "bread dough rises faster in a warm kitchen", "fresh herbs lose their flavor if you add them too early", "a heavy pan holds heat far better than a thin one"],
-        "problem": ["the sauce breaks and turns greasy", "the bottom of the pan starts to burn", "the dough stays sticky no matter how much you knead it", "the vegetables come out soggy", "the cake sinks in the middle"],
-        "title": ["The Easiest {dish} You Will Ever Make", "How I Make {dish} on a Busy Weeknight", "{num_word} Mistakes to Avoid When {activity}", "Why {ingredient} Belongs in Your {dish}", "A Beginner's Guide to {activity}"],
+        "thing": [
+            "sauce",
+            "dough",
+            "marinade",
+            "broth",
+            "spice mix",
+            "batter",
+            "pan sauce",
+            "pie crust",
+            "roux",
+            "salad dressing",
+            "risotto",
+            "braise",
+            "stir-fry",
+            "sourdough starter",
+            "pot of chili",
+        ],
+        "dish": [
+            "lemon garlic chicken",
+            "roasted vegetable soup",
+            "banana bread",
+            "vegetable curry",
+            "mushroom risotto",
+            "black bean tacos",
+            "beef stew",
+            "sheet-pan salmon",
+            "homemade pizza",
+            "chocolate chip cookies",
+            "shakshuka",
+            "apple crumble",
+            "pad thai",
+            "tomato basil pasta",
+            "chicken noodle soup",
+            "cornbread",
+            "lentil salad",
+        ],
+        "ingredient": [
+            "garlic",
+            "fresh ginger",
+            "smoked paprika",
+            "brown butter",
+            "lemon zest",
+            "fresh thyme",
+            "cumin",
+            "parmesan",
+            "shallots",
+            "olive oil",
+            "soy sauce",
+            "maple syrup",
+            "fresh cilantro",
+            "chili flakes",
+            "a splash of vinegar",
+            "coconut milk",
+        ],
+        "activity": [
+            "cooking at home",
+            "baking bread",
+            "meal prepping",
+            "cooking for a crowd",
+            "learning to cook without recipes",
+            "making soup from scratch",
+        ],
+        "tool": [
+            "cast-iron skillet",
+            "chef's knife",
+            "Dutch oven",
+            "digital scale",
+            "wooden spoon",
+            "sheet pan",
+            "instant-read thermometer",
+            "stand mixer",
+            "microplane",
+            "food processor",
+        ],
+        "tip": [
+            "salt your pasta water more than you think you should",
+            "let the meat rest before you slice it",
+            "taste as you go and adjust the seasoning at the end",
+            "toast your spices in a dry pan before using them",
+            "read the whole recipe before you turn on the stove",
+            "pat the chicken dry so it browns instead of steaming",
+            "keep a bowl for scraps next to your cutting board",
+            "add a little acid, like lemon juice or vinegar, when a dish tastes flat",
+        ],
+        "fact": [
+            "most home ovens run hotter or cooler than the dial says",
+            "a sharp knife is actually safer than a dull one",
+            "onions take much longer to caramelize than most recipes admit",
+            "bread dough rises faster in a warm kitchen",
+            "fresh herbs lose their flavor if you add them too early",
+            "a heavy pan holds heat far better than a thin one",
+        ],
+        "problem": [
+            "the sauce breaks and turns greasy",
+            "the bottom of the pan starts to burn",
+            "the dough stays sticky no matter how much you knead it",
+            "the vegetables come out soggy",
+            "the cake sinks in the middle",
+        ],
+        "title": [
+            "The Easiest {dish} You Will Ever Make",
+            "How I Make {dish} on a Busy Weeknight",
+            "{num_word} Mistakes to Avoid When {activity}",
+            "Why {ingredient} Belongs in Your {dish}",
+            "A Beginner's Guide to {activity}",
+        ],
         "sents": [
             "This {dish} comes together in about {minutes} minutes, which makes it perfect for a weeknight.",
             "Start by warming the olive oil over medium heat, then add the {ingredient} and stir for a minute until fragrant.",
@@ -525,14 +1196,81 @@ TOPICS = {
     "travel": {
         "site": ["www.slowtraveljournal.com", "carryonandgo.net", "www.weekendwanderers.org"],
         "path": ["destinations", "travel-tips", "itineraries"],
-        "thing": ["itinerary", "packing list", "travel budget", "day trip", "train journey", "road trip", "layover", "walking tour"],
-        "destination": ["Lisbon", "Kyoto", "the Scottish Highlands", "Mexico City", "Vancouver Island", "the Amalfi Coast", "Prague", "Seoul", "Iceland's Ring Road", "New Orleans", "Patagonia", "the Lake District", "Marrakech", "Copenhagen", "Vietnam", "Yellowstone"],
-        "activity": ["traveling on a budget", "traveling with only a carry-on", "planning a road trip", "solo travel", "traveling with kids", "booking trips off-season"],
-        "tool": ["packing cube", "carry-on backpack", "portable charger", "travel pillow", "reusable water bottle", "rain jacket", "pair of walking shoes", "universal adapter"],
-        "tip": ["book train tickets a few weeks in advance", "always keep a photocopy of your passport somewhere separate", "eat where the locals eat, usually a street or two away from the main square", "pack half the clothes you think you need", "learn a few words of the local language before you go", "check whether your bank charges foreign transaction fees"],
-        "fact": ["flights on Tuesdays and Wednesdays are often cheaper", "many museums are free on the first Sunday of the month", "the shoulder season has better prices and fewer crowds", "public transport is usually faster than taxis in big cities", "most hostels now have private rooms as well as dorms"],
-        "problem": ["your luggage doesn't show up at the carousel", "your connecting flight is delayed", "the hotel loses your reservation", "you arrive somewhere and everything is closed for a holiday", "the rental car has a flat tire"],
-        "title": ["{num_word} Days in {destination}: A Complete Itinerary", "What I Wish I Knew Before Visiting {destination}", "How to Spend a Weekend in {destination} Without Breaking the Bank", "My Honest Review of {destination}", "A Slow Traveler's Guide to {destination}"],
+        "thing": [
+            "itinerary",
+            "packing list",
+            "travel budget",
+            "day trip",
+            "train journey",
+            "road trip",
+            "layover",
+            "walking tour",
+        ],
+        "destination": [
+            "Lisbon",
+            "Kyoto",
+            "the Scottish Highlands",
+            "Mexico City",
+            "Vancouver Island",
+            "the Amalfi Coast",
+            "Prague",
+            "Seoul",
+            "Iceland's Ring Road",
+            "New Orleans",
+            "Patagonia",
+            "the Lake District",
+            "Marrakech",
+            "Copenhagen",
+            "Vietnam",
+            "Yellowstone",
+        ],
+        "activity": [
+            "traveling on a budget",
+            "traveling with only a carry-on",
+            "planning a road trip",
+            "solo travel",
+            "traveling with kids",
+            "booking trips off-season",
+        ],
+        "tool": [
+            "packing cube",
+            "carry-on backpack",
+            "portable charger",
+            "travel pillow",
+            "reusable water bottle",
+            "rain jacket",
+            "pair of walking shoes",
+            "universal adapter",
+        ],
+        "tip": [
+            "book train tickets a few weeks in advance",
+            "always keep a photocopy of your passport somewhere separate",
+            "eat where the locals eat, usually a street or two away from the main square",
+            "pack half the clothes you think you need",
+            "learn a few words of the local language before you go",
+            "check whether your bank charges foreign transaction fees",
+        ],
+        "fact": [
+            "flights on Tuesdays and Wednesdays are often cheaper",
+            "many museums are free on the first Sunday of the month",
+            "the shoulder season has better prices and fewer crowds",
+            "public transport is usually faster than taxis in big cities",
+            "most hostels now have private rooms as well as dorms",
+        ],
+        "problem": [
+            "your luggage doesn't show up at the carousel",
+            "your connecting flight is delayed",
+            "the hotel loses your reservation",
+            "you arrive somewhere and everything is closed for a holiday",
+            "the rental car has a flat tire",
+        ],
+        "title": [
+            "{num_word} Days in {destination}: A Complete Itinerary",
+            "What I Wish I Knew Before Visiting {destination}",
+            "How to Spend a Weekend in {destination} Without Breaking the Bank",
+            "My Honest Review of {destination}",
+            "A Slow Traveler's Guide to {destination}",
+        ],
         "sents": [
             "We spent {num_word} days in {destination} {time_ago}, and it was not nearly enough.",
             "The best meal of the whole trip was a tiny family-run place near the train station in {destination}.",
@@ -551,14 +1289,85 @@ TOPICS = {
     "gardening": {
         "site": ["www.greenthumbdiary.net", "backyardharvest.org", "www.smallspacegardener.com"],
         "path": ["garden", "how-to", "vegetables"],
-        "thing": ["soil", "compost", "seedling", "raised bed", "mulch", "potting mix", "vegetable patch", "herb garden", "flower border", "watering schedule"],
-        "plant": ["tomatoes", "zucchini", "basil", "lavender", "sunflowers", "garlic", "strawberries", "peppers", "lettuce", "hydrangeas", "roses", "potatoes", "runner beans", "rosemary", "dahlias", "blueberries", "cucumbers", "kale"],
-        "activity": ["gardening", "growing vegetables in containers", "composting", "starting seeds indoors", "growing herbs on a balcony", "keeping a small orchard"],
-        "tool": ["hand trowel", "pair of pruning shears", "watering can", "soil thermometer", "garden fork", "hose with a soaker attachment", "wheelbarrow", "kneeling pad"],
-        "tip": ["water deeply and less often instead of a little every day", "add a thick layer of mulch to keep the soil moist", "rotate your crops so the same family isn't in the same bed two years in a row", "harden off seedlings for a week before planting them out", "pick herbs often, because it encourages new growth", "test your soil before adding fertilizer"],
-        "fact": ["most vegetables need at least six hours of direct sun", "coffee grounds are fine in compost but not a miracle fertilizer", "clay soil holds nutrients well but drains slowly", "marigolds help attract pollinators to a vegetable bed", "overwatering kills more houseplants than underwatering"],
-        "problem": ["the leaves start turning yellow from the bottom up", "aphids take over the new growth", "slugs eat the seedlings overnight", "the plants get tall and leggy", "the fruit cracks after heavy rain"],
-        "title": ["How to Grow {plant} in Small Spaces", "{num_word} Easy Plants for a First Vegetable Garden", "What I Learned From My First Year Growing {plant}", "A Simple Guide to {activity}", "Why Your {plant} Aren't Thriving (and How to Fix It)"],
+        "thing": [
+            "soil",
+            "compost",
+            "seedling",
+            "raised bed",
+            "mulch",
+            "potting mix",
+            "vegetable patch",
+            "herb garden",
+            "flower border",
+            "watering schedule",
+        ],
+        "plant": [
+            "tomatoes",
+            "zucchini",
+            "basil",
+            "lavender",
+            "sunflowers",
+            "garlic",
+            "strawberries",
+            "peppers",
+            "lettuce",
+            "hydrangeas",
+            "roses",
+            "potatoes",
+            "runner beans",
+            "rosemary",
+            "dahlias",
+            "blueberries",
+            "cucumbers",
+            "kale",
+        ],
+        "activity": [
+            "gardening",
+            "growing vegetables in containers",
+            "composting",
+            "starting seeds indoors",
+            "growing herbs on a balcony",
+            "keeping a small orchard",
+        ],
+        "tool": [
+            "hand trowel",
+            "pair of pruning shears",
+            "watering can",
+            "soil thermometer",
+            "garden fork",
+            "hose with a soaker attachment",
+            "wheelbarrow",
+            "kneeling pad",
+        ],
+        "tip": [
+            "water deeply and less often instead of a little every day",
+            "add a thick layer of mulch to keep the soil moist",
+            "rotate your crops so the same family isn't in the same bed two years in a row",
+            "harden off seedlings for a week before planting them out",
+            "pick herbs often, because it encourages new growth",
+            "test your soil before adding fertilizer",
+        ],
+        "fact": [
+            "most vegetables need at least six hours of direct sun",
+            "coffee grounds are fine in compost but not a miracle fertilizer",
+            "clay soil holds nutrients well but drains slowly",
+            "marigolds help attract pollinators to a vegetable bed",
+            "overwatering kills more houseplants than underwatering",
+        ],
+        "problem": [
+            "the leaves start turning yellow from the bottom up",
+            "aphids take over the new growth",
+            "slugs eat the seedlings overnight",
+            "the plants get tall and leggy",
+            "the fruit cracks after heavy rain",
+        ],
+        "title": [
+            "How to Grow {plant} in Small Spaces",
+            "{num_word} Easy Plants for a First Vegetable Garden",
+            "What I Learned From My First Year Growing {plant}",
+            "A Simple Guide to {activity}",
+            "Why Your {plant} Aren't Thriving (and How to Fix It)",
+        ],
         "sents": [
             "This year I finally had a decent crop of {plant}, after {num_word} seasons of trial and error.",
             "I sow {plant} indoors in late winter and move them outside once the nights stay above 50 degrees.",
@@ -576,14 +1385,77 @@ TOPICS = {
     "fitness": {
         "site": ["www.everydayathlete.com", "runstrongblog.net", "www.homeworkoutlab.com"],
         "path": ["training", "running", "workouts"],
-        "thing": ["warm-up", "training plan", "long run", "recovery day", "stretching routine", "interval session", "strength workout", "cool-down"],
-        "sport": ["running", "cycling", "swimming", "rock climbing", "yoga", "tennis", "basketball", "soccer", "rowing", "hiking", "weightlifting", "pickleball"],
-        "activity": ["training for a half marathon", "working out at home", "getting back into running", "lifting weights", "playing in a weekend league", "stretching every day"],
-        "tool": ["foam roller", "pair of running shoes", "jump rope", "set of adjustable dumbbells", "heart rate monitor", "yoga mat", "resistance band", "kettlebell"],
-        "tip": ["increase your weekly mileage by no more than ten percent", "sleep is the most underrated part of any training plan", "warm up for at least ten minutes before hard efforts", "eat something with protein within an hour of a hard workout", "run most of your miles at an easy, conversational pace", "focus on form before adding weight"],
-        "fact": ["muscles actually grow during rest, not during the workout", "consistency beats intensity over the long run", "strength training helps prevent running injuries", "staying hydrated makes a bigger difference in summer than most people expect", "a short walk after meals helps with recovery"],
-        "problem": ["your knees start aching after long runs", "you hit a plateau and stop making progress", "you feel tired all the time", "motivation drops off after a few weeks", "you get shin splints"],
-        "title": ["How I Trained for My First Half Marathon", "{num_word} Simple Exercises You Can Do at Home", "A Beginner's Guide to {sport}", "What {num_word} Months of {activity} Taught Me", "Why Rest Days Matter More Than You Think"],
+        "thing": [
+            "warm-up",
+            "training plan",
+            "long run",
+            "recovery day",
+            "stretching routine",
+            "interval session",
+            "strength workout",
+            "cool-down",
+        ],
+        "sport": [
+            "running",
+            "cycling",
+            "swimming",
+            "rock climbing",
+            "yoga",
+            "tennis",
+            "basketball",
+            "soccer",
+            "rowing",
+            "hiking",
+            "weightlifting",
+            "pickleball",
+        ],
+        "activity": [
+            "training for a half marathon",
+            "working out at home",
+            "getting back into running",
+            "lifting weights",
+            "playing in a weekend league",
+            "stretching every day",
+        ],
+        "tool": [
+            "foam roller",
+            "pair of running shoes",
+            "jump rope",
+            "set of adjustable dumbbells",
+            "heart rate monitor",
+            "yoga mat",
+            "resistance band",
+            "kettlebell",
+        ],
+        "tip": [
+            "increase your weekly mileage by no more than ten percent",
+            "sleep is the most underrated part of any training plan",
+            "warm up for at least ten minutes before hard efforts",
+            "eat something with protein within an hour of a hard workout",
+            "run most of your miles at an easy, conversational pace",
+            "focus on form before adding weight",
+        ],
+        "fact": [
+            "muscles actually grow during rest, not during the workout",
+            "consistency beats intensity over the long run",
+            "strength training helps prevent running injuries",
+            "staying hydrated makes a bigger difference in summer than most people expect",
+            "a short walk after meals helps with recovery",
+        ],
+        "problem": [
+            "your knees start aching after long runs",
+            "you hit a plateau and stop making progress",
+            "you feel tired all the time",
+            "motivation drops off after a few weeks",
+            "you get shin splints",
+        ],
+        "title": [
+            "How I Trained for My First Half Marathon",
+            "{num_word} Simple Exercises You Can Do at Home",
+            "A Beginner's Guide to {sport}",
+            "What {num_word} Months of {activity} Taught Me",
+            "Why Rest Days Matter More Than You Think",
+        ],
         "sents": [
             "I started {sport} at the age of forty, and it is the best decision I have made for my health.",
             "Our local {sport} club meets every {weekday} evening, and beginners are always welcome.",
@@ -601,14 +1473,73 @@ TOPICS = {
     "history": {
         "site": ["www.pastandpresentblog.com", "historyforcurious.org", "www.oldmapsandstories.net"],
         "path": ["articles", "history", "essays"],
-        "thing": ["archive", "primary source", "old newspaper", "diary", "map", "census record", "letter", "photograph"],
-        "era": ["the Roman Empire", "medieval England", "the Renaissance", "the Industrial Revolution", "the American Civil War", "the Victorian era", "the Great Depression", "the Second World War", "ancient Egypt", "the Ming dynasty", "the age of exploration", "the Cold War", "the Ottoman Empire", "the Gold Rush"],
-        "activity": ["researching local history", "tracing family history", "visiting historic sites", "reading old letters", "collecting old maps"],
-        "tool": ["library card", "magnifying glass", "subscription to a newspaper archive", "pair of cotton gloves", "notebook"],
-        "tip": ["always check when and by whom a source was written", "start with what your own family already knows", "visit your local historical society, because the volunteers know everything", "compare at least two accounts of the same event", "write down where you found each fact"],
-        "fact": ["most people in the past never traveled more than twenty miles from home", "spelling was not standardized until fairly recently", "many famous quotes were never actually said by the people they are credited to", "ordinary people's letters often tell us more than official records", "the calendar itself has changed more than once"],
-        "problem": ["two sources give completely different dates for the same event", "the records you need were lost in a fire", "the handwriting is almost impossible to read", "a family story turns out to be a myth"],
-        "title": ["What Daily Life Was Really Like in {era}", "{num_word} Myths About {era} That Just Won't Die", "A Short History of {thing}s", "The Forgotten Story of Our Town's Railway", "How {era} Shaped the World We Live In"],
+        "thing": [
+            "archive",
+            "primary source",
+            "old newspaper",
+            "diary",
+            "map",
+            "census record",
+            "letter",
+            "photograph",
+        ],
+        "era": [
+            "the Roman Empire",
+            "medieval England",
+            "the Renaissance",
+            "the Industrial Revolution",
+            "the American Civil War",
+            "the Victorian era",
+            "the Great Depression",
+            "the Second World War",
+            "ancient Egypt",
+            "the Ming dynasty",
+            "the age of exploration",
+            "the Cold War",
+            "the Ottoman Empire",
+            "the Gold Rush",
+        ],
+        "activity": [
+            "researching local history",
+            "tracing family history",
+            "visiting historic sites",
+            "reading old letters",
+            "collecting old maps",
+        ],
+        "tool": [
+            "library card",
+            "magnifying glass",
+            "subscription to a newspaper archive",
+            "pair of cotton gloves",
+            "notebook",
+        ],
+        "tip": [
+            "always check when and by whom a source was written",
+            "start with what your own family already knows",
+            "visit your local historical society, because the volunteers know everything",
+            "compare at least two accounts of the same event",
+            "write down where you found each fact",
+        ],
+        "fact": [
+            "most people in the past never traveled more than twenty miles from home",
+            "spelling was not standardized until fairly recently",
+            "many famous quotes were never actually said by the people they are credited to",
+            "ordinary people's letters often tell us more than official records",
+            "the calendar itself has changed more than once",
+        ],
+        "problem": [
+            "two sources give completely different dates for the same event",
+            "the records you need were lost in a fire",
+            "the handwriting is almost impossible to read",
+            "a family story turns out to be a myth",
+        ],
+        "title": [
+            "What Daily Life Was Really Like in {era}",
+            "{num_word} Myths About {era} That Just Won't Die",
+            "A Short History of {thing}s",
+            "The Forgotten Story of Our Town's Railway",
+            "How {era} Shaped the World We Live In",
+        ],
         "sents": [
             "During {era}, ordinary families spent a large share of their income on bread.",
             "Historians still argue about why {era} ended the way it did.",
@@ -626,13 +1557,60 @@ TOPICS = {
     "finance": {
         "site": ["www.plainmoneyblog.com", "budgetwithbeth.net", "www.frugalfamilyfinance.com"],
         "path": ["money", "budgeting", "investing"],
-        "thing": ["budget", "emergency fund", "retirement account", "credit score", "savings goal", "grocery budget", "spending plan", "index fund"],
-        "activity": ["budgeting", "paying off debt", "saving for a house", "investing for retirement", "cutting monthly expenses", "tracking spending"],
-        "tool": ["budgeting app", "simple spreadsheet", "high-yield savings account", "envelope system", "price comparison site"],
-        "tip": ["pay yourself first by moving money to savings on payday", "cancel the subscriptions you forgot you had", "keep three to six months of expenses in an emergency fund", "pay off the highest-interest debt first", "automate your bills so you never miss a payment", "wait forty-eight hours before any purchase over {money}"],
-        "fact": ["small recurring expenses add up faster than big one-time purchases", "low-cost index funds beat most actively managed funds over time", "credit card interest can double a debt in a few years", "most people underestimate how much they spend on food", "your credit score depends heavily on paying on time"],
-        "problem": ["an unexpected car repair wipes out your savings", "you go over budget every single month", "a subscription quietly renews at a higher price", "your paycheck is irregular", "you lose track of where the money goes"],
-        "title": ["How We Paid Off $30,000 in Debt in Three Years", "{num_word} Easy Ways to Cut Your Grocery Bill", "A No-Nonsense Guide to {activity}", "Why Every Family Needs an Emergency Fund", "What I Learned From Tracking Every Dollar for a Year"],
+        "thing": [
+            "budget",
+            "emergency fund",
+            "retirement account",
+            "credit score",
+            "savings goal",
+            "grocery budget",
+            "spending plan",
+            "index fund",
+        ],
+        "activity": [
+            "budgeting",
+            "paying off debt",
+            "saving for a house",
+            "investing for retirement",
+            "cutting monthly expenses",
+            "tracking spending",
+        ],
+        "tool": [
+            "budgeting app",
+            "simple spreadsheet",
+            "high-yield savings account",
+            "envelope system",
+            "price comparison site",
+        ],
+        "tip": [
+            "pay yourself first by moving money to savings on payday",
+            "cancel the subscriptions you forgot you had",
+            "keep three to six months of expenses in an emergency fund",
+            "pay off the highest-interest debt first",
+            "automate your bills so you never miss a payment",
+            "wait forty-eight hours before any purchase over {money}",
+        ],
+        "fact": [
+            "small recurring expenses add up faster than big one-time purchases",
+            "low-cost index funds beat most actively managed funds over time",
+            "credit card interest can double a debt in a few years",
+            "most people underestimate how much they spend on food",
+            "your credit score depends heavily on paying on time",
+        ],
+        "problem": [
+            "an unexpected car repair wipes out your savings",
+            "you go over budget every single month",
+            "a subscription quietly renews at a higher price",
+            "your paycheck is irregular",
+            "you lose track of where the money goes",
+        ],
+        "title": [
+            "How We Paid Off $30,000 in Debt in Three Years",
+            "{num_word} Easy Ways to Cut Your Grocery Bill",
+            "A No-Nonsense Guide to {activity}",
+            "Why Every Family Needs an Emergency Fund",
+            "What I Learned From Tracking Every Dollar for a Year",
+        ],
         "sents": [
             "We sat down {time_ago} and went through every bank statement line by line.",
             "The first month of budgeting was humbling, because we were spending almost {money} a week on takeout.",
@@ -650,14 +1628,76 @@ TOPICS = {
     "technology": {
         "site": ["www.everydaytechhelp.com", "gadgetsimplified.net", "www.homelabnotes.dev"],
         "path": ["guides", "reviews", "how-to"],
-        "thing": ["password manager", "backup", "home network", "laptop battery", "browser", "router", "phone", "smart speaker", "spreadsheet", "operating system update"],
-        "device": ["laptop", "phone", "tablet", "Wi-Fi router", "smartwatch", "desktop computer", "e-reader", "printer", "external hard drive", "mechanical keyboard"],
-        "activity": ["setting up a home network", "learning to code", "backing up family photos", "building a PC", "going paperless", "cleaning up an old laptop"],
-        "tool": ["USB stick", "screwdriver set", "password manager", "cloud storage plan", "label maker", "surge protector", "external SSD"],
-        "tip": ["turn on two-factor authentication for your email first", "keep at least one backup that is not connected to your computer", "restart your router before calling support", "use a different password for every account", "update your apps regularly, because most updates fix security holes", "unplug devices you don't use instead of leaving them on standby"],
-        "fact": ["most slow laptops just need more memory or fewer startup programs", "the cloud is simply someone else's computer", "a strong passphrase is easier to remember than a complicated password", "old phones make good baby monitors or music players", "batteries last longer if you avoid charging them to one hundred percent every night"],
-        "problem": ["the Wi-Fi keeps dropping in one room", "the laptop fan runs constantly", "an update fails halfway through", "your phone storage is full again", "the printer refuses to connect"],
-        "title": ["How to Speed Up an Old {device}", "{num_word} Simple Steps to Protect Your Accounts", "A Plain-English Guide to {activity}", "Is It Worth Upgrading Your {device}?", "What I Learned From {activity}"],
+        "thing": [
+            "password manager",
+            "backup",
+            "home network",
+            "laptop battery",
+            "browser",
+            "router",
+            "phone",
+            "smart speaker",
+            "spreadsheet",
+            "operating system update",
+        ],
+        "device": [
+            "laptop",
+            "phone",
+            "tablet",
+            "Wi-Fi router",
+            "smartwatch",
+            "desktop computer",
+            "e-reader",
+            "printer",
+            "external hard drive",
+            "mechanical keyboard",
+        ],
+        "activity": [
+            "setting up a home network",
+            "learning to code",
+            "backing up family photos",
+            "building a PC",
+            "going paperless",
+            "cleaning up an old laptop",
+        ],
+        "tool": [
+            "USB stick",
+            "screwdriver set",
+            "password manager",
+            "cloud storage plan",
+            "label maker",
+            "surge protector",
+            "external SSD",
+        ],
+        "tip": [
+            "turn on two-factor authentication for your email first",
+            "keep at least one backup that is not connected to your computer",
+            "restart your router before calling support",
+            "use a different password for every account",
+            "update your apps regularly, because most updates fix security holes",
+            "unplug devices you don't use instead of leaving them on standby",
+        ],
+        "fact": [
+            "most slow laptops just need more memory or fewer startup programs",
+            "the cloud is simply someone else's computer",
+            "a strong passphrase is easier to remember than a complicated password",
+            "old phones make good baby monitors or music players",
+            "batteries last longer if you avoid charging them to one hundred percent every night",
+        ],
+        "problem": [
+            "the Wi-Fi keeps dropping in one room",
+            "the laptop fan runs constantly",
+            "an update fails halfway through",
+            "your phone storage is full again",
+            "the printer refuses to connect",
+        ],
+        "title": [
+            "How to Speed Up an Old {device}",
+            "{num_word} Simple Steps to Protect Your Accounts",
+            "A Plain-English Guide to {activity}",
+            "Is It Worth Upgrading Your {device}?",
+            "What I Learned From {activity}",
+        ],
         "sents": [
             "My {device} was five years old and painfully slow, so I tried a few fixes before buying a new one.",
             "Open the settings menu, tap on storage, and see which apps are taking up the most space.",
@@ -675,15 +1715,88 @@ TOPICS = {
     "pets": {
         "site": ["www.happypawsjournal.com", "catsdogsandchaos.net", "www.rescuepetdiaries.org"],
         "path": ["pet-care", "dogs", "cats"],
-        "thing": ["feeding routine", "litter box", "leash training", "grooming routine", "crate", "vet visit", "daily walk", "chew toy"],
-        "pet": ["rescue dog", "senior cat", "golden retriever", "border collie", "tabby cat", "rabbit", "beagle", "pair of guinea pigs", "parakeet", "German shepherd", "kitten", "greyhound"],
-        "pet_name": ["Biscuit", "Luna", "Max", "Pepper", "Milo", "Daisy", "Oscar", "Maple", "Rocky", "Willow", "Ziggy", "Bean"],
-        "activity": ["adopting a rescue animal", "training a puppy", "caring for an older cat", "walking two dogs at once", "introducing a new pet to the family"],
-        "tool": ["no-pull harness", "puzzle feeder", "scratching post", "pet camera", "slicker brush", "travel crate", "lick mat"],
-        "tip": ["reward the behavior you want instead of punishing the behavior you don't", "keep training sessions short and end on a success", "introduce new food gradually over a week", "give a nervous animal a quiet place of its own", "brush your pet's teeth a few times a week"],
-        "fact": ["cats often hide pain very well", "many dogs are more afraid of the vet's floor than the vet", "a tired dog is usually a well-behaved dog", "rabbits need far more space than most people think", "older pets benefit from twice-yearly checkups"],
-        "problem": ["the dog pulls on the leash constantly", "the cat stops using the litter box", "the new puppy cries all night", "your pet refuses to eat", "two pets just won't get along"],
-        "title": ["What Nobody Tells You About {activity}", "{num_word} Things I Learned From My {pet}", "How We Helped Our {pet} Settle In", "A Gentle Guide to {activity}", "Meet {pet_name}, Our Very Stubborn {pet}"],
+        "thing": [
+            "feeding routine",
+            "litter box",
+            "leash training",
+            "grooming routine",
+            "crate",
+            "vet visit",
+            "daily walk",
+            "chew toy",
+        ],
+        "pet": [
+            "rescue dog",
+            "senior cat",
+            "golden retriever",
+            "border collie",
+            "tabby cat",
+            "rabbit",
+            "beagle",
+            "pair of guinea pigs",
+            "parakeet",
+            "German shepherd",
+            "kitten",
+            "greyhound",
+        ],
+        "pet_name": [
+            "Biscuit",
+            "Luna",
+            "Max",
+            "Pepper",
+            "Milo",
+            "Daisy",
+            "Oscar",
+            "Maple",
+            "Rocky",
+            "Willow",
+            "Ziggy",
+            "Bean",
+        ],
+        "activity": [
+            "adopting a rescue animal",
+            "training a puppy",
+            "caring for an older cat",
+            "walking two dogs at once",
+            "introducing a new pet to the family",
+        ],
+        "tool": [
+            "no-pull harness",
+            "puzzle feeder",
+            "scratching post",
+            "pet camera",
+            "slicker brush",
+            "travel crate",
+            "lick mat",
+        ],
+        "tip": [
+            "reward the behavior you want instead of punishing the behavior you don't",
+            "keep training sessions short and end on a success",
+            "introduce new food gradually over a week",
+            "give a nervous animal a quiet place of its own",
+            "brush your pet's teeth a few times a week",
+        ],
+        "fact": [
+            "cats often hide pain very well",
+            "many dogs are more afraid of the vet's floor than the vet",
+            "a tired dog is usually a well-behaved dog",
+            "rabbits need far more space than most people think",
+            "older pets benefit from twice-yearly checkups",
+        ],
+        "problem": [
+            "the dog pulls on the leash constantly",
+            "the cat stops using the litter box",
+            "the new puppy cries all night",
+            "your pet refuses to eat",
+            "two pets just won't get along",
+        ],
+        "title": [
+            "What Nobody Tells You About {activity}",
+            "{num_word} Things I Learned From My {pet}",
+            "How We Helped Our {pet} Settle In",
+            "A Gentle Guide to {activity}",
+            "Meet {pet_name}, Our Very Stubborn {pet}",
+        ],
         "sents": [
             "We adopted {pet_name}, a {pet}, from the local shelter {time_ago}.",
             "For the first week, {pet_name} hid under the bed and only came out at night.",
@@ -701,14 +1814,79 @@ TOPICS = {
     "home_repair": {
         "site": ["www.weekenddiyfixes.com", "thehandyhomeowner.net", "www.oldhouserepairs.com"],
         "path": ["diy", "repairs", "projects"],
-        "thing": ["leaky faucet", "squeaky door", "drywall patch", "running toilet", "caulk line", "deck", "fence post", "kitchen cabinet", "bathroom fan", "clogged drain"],
-        "activity": ["fixing things around the house", "painting a room", "renovating an old house", "building shelves", "refinishing furniture", "weatherproofing windows"],
-        "tool": ["cordless drill", "stud finder", "putty knife", "level", "adjustable wrench", "caulking gun", "utility knife", "shop vacuum", "tape measure", "pry bar"],
-        "material": ["wood filler", "silicone caulk", "primer", "joint compound", "wood glue", "sandpaper", "painter's tape", "deck stain", "plumber's tape", "drywall screws"],
-        "tip": ["turn off the water supply before touching any plumbing", "measure twice and cut once", "always use a primer on fresh drywall", "buy a little more material than you think you need", "take a photo of the wiring before you disconnect anything", "let the paint dry fully between coats"],
-        "fact": ["most running toilets are caused by a worn flapper that costs a few dollars", "a cheap stud finder is better than knocking on the wall", "old houses are rarely square, so measure every wall", "the right screw makes a bigger difference than the right drill", "good preparation is eighty percent of a good paint job"],
-        "problem": ["the screw just spins in the hole", "the paint starts peeling after a month", "the new shelf isn't level", "water keeps dripping after you replace the washer", "the door sticks every summer"],
-        "title": ["How to Fix a {thing} in Under an Hour", "{num_word} Tools Every Homeowner Should Own", "Our Kitchen Makeover on a Budget", "A Beginner's Guide to {activity}", "The Easy Way to Patch a Hole in Drywall"],
+        "thing": [
+            "leaky faucet",
+            "squeaky door",
+            "drywall patch",
+            "running toilet",
+            "caulk line",
+            "deck",
+            "fence post",
+            "kitchen cabinet",
+            "bathroom fan",
+            "clogged drain",
+        ],
+        "activity": [
+            "fixing things around the house",
+            "painting a room",
+            "renovating an old house",
+            "building shelves",
+            "refinishing furniture",
+            "weatherproofing windows",
+        ],
+        "tool": [
+            "cordless drill",
+            "stud finder",
+            "putty knife",
+            "level",
+            "adjustable wrench",
+            "caulking gun",
+            "utility knife",
+            "shop vacuum",
+            "tape measure",
+            "pry bar",
+        ],
+        "material": [
+            "wood filler",
+            "silicone caulk",
+            "primer",
+            "joint compound",
+            "wood glue",
+            "sandpaper",
+            "painter's tape",
+            "deck stain",
+            "plumber's tape",
+            "drywall screws",
+        ],
+        "tip": [
+            "turn off the water supply before touching any plumbing",
+            "measure twice and cut once",
+            "always use a primer on fresh drywall",
+            "buy a little more material than you think you need",
+            "take a photo of the wiring before you disconnect anything",
+            "let the paint dry fully between coats",
+        ],
+        "fact": [
+            "most running toilets are caused by a worn flapper that costs a few dollars",
+            "a cheap stud finder is better than knocking on the wall",
+            "old houses are rarely square, so measure every wall",
+            "the right screw makes a bigger difference than the right drill",
+            "good preparation is eighty percent of a good paint job",
+        ],
+        "problem": [
+            "the screw just spins in the hole",
+            "the paint starts peeling after a month",
+            "the new shelf isn't level",
+            "water keeps dripping after you replace the washer",
+            "the door sticks every summer",
+        ],
+        "title": [
+            "How to Fix a {thing} in Under an Hour",
+            "{num_word} Tools Every Homeowner Should Own",
+            "Our Kitchen Makeover on a Budget",
+            "A Beginner's Guide to {activity}",
+            "The Easy Way to Patch a Hole in Drywall",
+        ],
         "sents": [
             "The {thing} had been bothering us for months, so I finally tackled it on a {weekday} afternoon.",
             "You will need a {tool}, some {material} and about an hour of free time.",
@@ -726,15 +1904,80 @@ TOPICS = {
     "music": {
         "site": ["www.bedroommusician.com", "chordsandcoffee.net", "www.vinylsundays.org"],
         "path": ["music", "lessons", "reviews"],
-        "thing": ["chord progression", "practice routine", "metronome", "setlist", "home recording", "scale", "melody", "bass line"],
-        "instrument": ["guitar", "piano", "ukulele", "violin", "drums", "bass guitar", "cello", "saxophone", "banjo", "trumpet", "harmonica", "mandolin"],
-        "genre": ["jazz", "folk", "classic rock", "blues", "bluegrass", "soul", "indie pop", "classical", "country", "funk", "reggae"],
-        "activity": ["learning an instrument as an adult", "playing in a band", "recording music at home", "collecting vinyl", "practicing every day", "writing songs"],
+        "thing": [
+            "chord progression",
+            "practice routine",
+            "metronome",
+            "setlist",
+            "home recording",
+            "scale",
+            "melody",
+            "bass line",
+        ],
+        "instrument": [
+            "guitar",
+            "piano",
+            "ukulele",
+            "violin",
+            "drums",
+            "bass guitar",
+            "cello",
+            "saxophone",
+            "banjo",
+            "trumpet",
+            "harmonica",
+            "mandolin",
+        ],
+        "genre": [
+            "jazz",
+            "folk",
+            "classic rock",
+            "blues",
+            "bluegrass",
+            "soul",
+            "indie pop",
+            "classical",
+            "country",
+            "funk",
+            "reggae",
+        ],
+        "activity": [
+            "learning an instrument as an adult",
+            "playing in a band",
+            "recording music at home",
+            "collecting vinyl",
+            "practicing every day",
+            "writing songs",
+        ],
         "tool": ["tuner", "pair of headphones", "audio interface", "microphone", "music stand", "capo", "practice amp"],
-        "tip": ["practice slowly with a metronome before trying to play fast", "record yourself, because you will hear things you miss while playing", "fifteen minutes every day beats two hours once a week", "learn songs you actually enjoy", "stretch your hands before long practice sessions"],
-        "fact": ["most popular songs use the same four chords", "adults can learn an instrument just as well as children, they just have less time", "listening closely is half of learning to play", "the cheapest instruments are often the hardest to play", "playing with other people improves your timing quickly"],
-        "problem": ["your fingers hurt after a few minutes", "you get stuck on the same song for weeks", "the recording sounds thin and muddy", "nerves take over when you play for others", "you lose motivation after the first month"],
-        "title": ["Learning {instrument} at Forty: One Year In", "{num_word} {genre} Albums Everyone Should Hear", "How to Build a Practice Routine That Sticks", "A Beginner's Guide to {activity}", "Why I Fell in Love With {genre} All Over Again"],
+        "tip": [
+            "practice slowly with a metronome before trying to play fast",
+            "record yourself, because you will hear things you miss while playing",
+            "fifteen minutes every day beats two hours once a week",
+            "learn songs you actually enjoy",
+            "stretch your hands before long practice sessions",
+        ],
+        "fact": [
+            "most popular songs use the same four chords",
+            "adults can learn an instrument just as well as children, they just have less time",
+            "listening closely is half of learning to play",
+            "the cheapest instruments are often the hardest to play",
+            "playing with other people improves your timing quickly",
+        ],
+        "problem": [
+            "your fingers hurt after a few minutes",
+            "you get stuck on the same song for weeks",
+            "the recording sounds thin and muddy",
+            "nerves take over when you play for others",
+            "you lose motivation after the first month",
+        ],
+        "title": [
+            "Learning {instrument} at Forty: One Year In",
+            "{num_word} {genre} Albums Everyone Should Hear",
+            "How to Build a Practice Routine That Sticks",
+            "A Beginner's Guide to {activity}",
+            "Why I Fell in Love With {genre} All Over Again",
+        ],
         "sents": [
             "I bought my first {instrument} {time_ago}, mostly on a whim.",
             "Our band plays a mix of {genre} and {genre2} covers at a small bar downtown.",
@@ -753,13 +1996,62 @@ TOPICS = {
         "site": ["www.trailnotesoutdoors.com", "weekendsummits.net", "www.familyhikingguide.org"],
         "path": ["trails", "outdoors", "trip-reports"],
         "thing": ["trail", "campsite", "day pack", "water filter", "trail map", "switchback", "ridge", "trailhead"],
-        "trail": ["the ridge loop", "the waterfall trail", "the old logging road", "the lake circuit", "the summit trail", "the coastal path", "the canyon overlook", "the forest loop"],
-        "activity": ["hiking with kids", "backpacking", "camping in the rain", "trail running", "winter hiking", "hiking solo"],
-        "tool": ["headlamp", "pair of trekking poles", "first aid kit", "compass", "lightweight tent", "rain shell", "sleeping pad", "bear canister"],
-        "tip": ["tell someone where you are going and when you expect to be back", "start early to avoid afternoon thunderstorms", "carry more water than you think you need", "break in new boots before a long hike", "leave no trace and pack out everything you bring in"],
-        "fact": ["the temperature drops quickly once the sun goes behind the ridge", "cotton is a poor choice when it is wet and cold", "most trail injuries happen on the way down", "kids will hike much farther if there is a snack break to look forward to", "weather in the mountains changes fast"],
-        "problem": ["the trail is washed out after a storm", "you take a wrong turn at an unmarked junction", "your feet start to blister halfway up", "it starts raining just as you reach the summit", "the campsite is already full"],
-        "title": ["Hiking {trail}: A Trip Report", "{num_word} Essentials for Every Day Hike", "A Beginner's Guide to {activity}", "Our Favorite Family Hikes Near {city}", "What I Pack for a Weekend in the Backcountry"],
+        "trail": [
+            "the ridge loop",
+            "the waterfall trail",
+            "the old logging road",
+            "the lake circuit",
+            "the summit trail",
+            "the coastal path",
+            "the canyon overlook",
+            "the forest loop",
+        ],
+        "activity": [
+            "hiking with kids",
+            "backpacking",
+            "camping in the rain",
+            "trail running",
+            "winter hiking",
+            "hiking solo",
+        ],
+        "tool": [
+            "headlamp",
+            "pair of trekking poles",
+            "first aid kit",
+            "compass",
+            "lightweight tent",
+            "rain shell",
+            "sleeping pad",
+            "bear canister",
+        ],
+        "tip": [
+            "tell someone where you are going and when you expect to be back",
+            "start early to avoid afternoon thunderstorms",
+            "carry more water than you think you need",
+            "break in new boots before a long hike",
+            "leave no trace and pack out everything you bring in",
+        ],
+        "fact": [
+            "the temperature drops quickly once the sun goes behind the ridge",
+            "cotton is a poor choice when it is wet and cold",
+            "most trail injuries happen on the way down",
+            "kids will hike much farther if there is a snack break to look forward to",
+            "weather in the mountains changes fast",
+        ],
+        "problem": [
+            "the trail is washed out after a storm",
+            "you take a wrong turn at an unmarked junction",
+            "your feet start to blister halfway up",
+            "it starts raining just as you reach the summit",
+            "the campsite is already full",
+        ],
+        "title": [
+            "Hiking {trail}: A Trip Report",
+            "{num_word} Essentials for Every Day Hike",
+            "A Beginner's Guide to {activity}",
+            "Our Favorite Family Hikes Near {city}",
+            "What I Pack for a Weekend in the Backcountry",
+        ],
         "sents": [
             "We hiked {trail} on a cool {weekday} in early October, and the colors were incredible.",
             "The first mile climbs steadily through pine forest before opening onto a rocky ridge.",
@@ -777,14 +2069,54 @@ TOPICS = {
     "parenting": {
         "site": ["www.messyhomehappykids.com", "thetiredparent.net", "www.raisinglittlereaders.org"],
         "path": ["family", "parenting", "kids"],
-        "thing": ["bedtime routine", "screen time rule", "chore chart", "school lunch", "morning routine", "family dinner", "weekend plan", "reading habit"],
+        "thing": [
+            "bedtime routine",
+            "screen time rule",
+            "chore chart",
+            "school lunch",
+            "morning routine",
+            "family dinner",
+            "weekend plan",
+            "reading habit",
+        ],
         "kid": ["toddler", "six-year-old", "teenager", "preschooler", "ten-year-old", "twins", "oldest", "youngest"],
-        "activity": ["raising kids", "getting kids to read", "working from home with kids", "planning family weekends", "packing school lunches", "limiting screen time"],
+        "activity": [
+            "raising kids",
+            "getting kids to read",
+            "working from home with kids",
+            "planning family weekends",
+            "packing school lunches",
+            "limiting screen time",
+        ],
         "tool": ["visual timer", "library card", "whiteboard calendar", "lunch box", "board game", "reward chart"],
-        "tip": ["give kids two choices instead of an open question", "read aloud every night, even to older kids", "let kids help in the kitchen, even if it makes a mess", "keep the morning routine the same every day", "put your own phone away at dinner"],
-        "fact": ["kids copy what we do far more than what we say", "boredom is actually good for creativity", "most toddlers eat better when they are not pressured", "a predictable routine makes bedtime much easier", "teenagers really do need more sleep"],
-        "problem": ["bedtime turns into a two-hour negotiation", "the kids fight over the same toy", "nobody wants to eat what you cooked", "homework ends in tears", "the morning rush makes everyone late"],
-        "title": ["How We Survived the Toddler Years", "{num_word} Rainy Day Activities for Kids", "A Realistic Guide to {activity}", "What Our {kid} Taught Me This Year", "Simple Ways to Make Family Dinners Happen"],
+        "tip": [
+            "give kids two choices instead of an open question",
+            "read aloud every night, even to older kids",
+            "let kids help in the kitchen, even if it makes a mess",
+            "keep the morning routine the same every day",
+            "put your own phone away at dinner",
+        ],
+        "fact": [
+            "kids copy what we do far more than what we say",
+            "boredom is actually good for creativity",
+            "most toddlers eat better when they are not pressured",
+            "a predictable routine makes bedtime much easier",
+            "teenagers really do need more sleep",
+        ],
+        "problem": [
+            "bedtime turns into a two-hour negotiation",
+            "the kids fight over the same toy",
+            "nobody wants to eat what you cooked",
+            "homework ends in tears",
+            "the morning rush makes everyone late",
+        ],
+        "title": [
+            "How We Survived the Toddler Years",
+            "{num_word} Rainy Day Activities for Kids",
+            "A Realistic Guide to {activity}",
+            "What Our {kid} Taught Me This Year",
+            "Simple Ways to Make Family Dinners Happen",
+        ],
         "sents": [
             "Our {kid} announced at breakfast that vegetables are no longer allowed in the house.",
             "We started a family game night {time_ago}, and it has become the highlight of the week.",
@@ -960,8 +2292,24 @@ FOREIGN = {
     },
 }
 FOREIGN_VOCAB = {
-    "place": ["Berlin", "Lyon", "Sevilla", "München", "Bordeaux", "Valencia", "Hamburg", "Marseille", "Granada", "Köln", "Toulouse", "Bilbao"],
-    "name": ["Bruno", "Luna", "Félix", "Paco", "Emma", "Rocco"], "num": _int(3, 24), "n": _int(20, 480), "dose": DOSES,
+    "place": [
+        "Berlin",
+        "Lyon",
+        "Sevilla",
+        "München",
+        "Bordeaux",
+        "Valencia",
+        "Hamburg",
+        "Marseille",
+        "Granada",
+        "Köln",
+        "Toulouse",
+        "Bilbao",
+    ],
+    "name": ["Bruno", "Luna", "Félix", "Paco", "Emma", "Rocco"],
+    "num": _int(3, 24),
+    "n": _int(20, 480),
+    "dose": DOSES,
     "drug": [d for d, _ in DRUGS],
 }
 
@@ -1026,12 +2374,25 @@ def card_number(rng: random.Random, valid: bool) -> str:
         check = str((int(check) + rng.randint(1, 9)) % 10)
     digits = payload + check
     sep = rng.choice([" ", "-", ""])
-    return sep.join(digits[i:i + 4] for i in range(0, 16, 4))
+    return sep.join(digits[i : i + 4] for i in range(0, 16, 4))
 
 
 def phone_number(rng: random.Random) -> str:
-    area, mid, last = rng.choice([212, 312, 415, 617, 206, 303, 512, 404, 720, 919]), rng.randint(200, 999), rng.randint(0, 9999)
-    fmt = rng.choice(["({a}) {m}-{l:04d}", "{a}-{m}-{l:04d}", "{a}.{m}.{l:04d}", "+1 {a} {m} {l:04d}", "+1-{a}-{m}-{l:04d}", "1 ({a}) {m}-{l:04d}"])
+    area, mid, last = (
+        rng.choice([212, 312, 415, 617, 206, 303, 512, 404, 720, 919]),
+        rng.randint(200, 999),
+        rng.randint(0, 9999),
+    )
+    fmt = rng.choice(
+        [
+            "({a}) {m}-{l:04d}",
+            "{a}-{m}-{l:04d}",
+            "{a}.{m}.{l:04d}",
+            "+1 {a} {m} {l:04d}",
+            "+1-{a}-{m}-{l:04d}",
+            "1 ({a}) {m}-{l:04d}",
+        ]
+    )
     return fmt.format(a=area, m=mid, l=last)
 
 
@@ -1046,8 +2407,13 @@ def ssn_like(rng: random.Random) -> str:
 
 
 def ipv4(rng: random.Random) -> str:
-    return rng.choice([f"192.168.{rng.randint(0, 255)}.{rng.randint(1, 254)}", f"10.{rng.randint(0, 255)}.{rng.randint(0, 255)}.{rng.randint(1, 254)}",
-                       f"{rng.randint(23, 216)}.{rng.randint(0, 255)}.{rng.randint(0, 255)}.{rng.randint(1, 254)}"])
+    return rng.choice(
+        [
+            f"192.168.{rng.randint(0, 255)}.{rng.randint(1, 254)}",
+            f"10.{rng.randint(0, 255)}.{rng.randint(0, 255)}.{rng.randint(1, 254)}",
+            f"{rng.randint(23, 216)}.{rng.randint(0, 255)}.{rng.randint(0, 255)}.{rng.randint(1, 254)}",
+        ]
+    )
 
 
 PII_GENERAL = [
@@ -1070,8 +2436,14 @@ PII_DOMAIN = [
     "Sponsor billing reference {card_invalid}.",
 ]
 PII_VOCAB = {
-    "email": email_address, "phone": phone_number, "ssn": ssn_like, "ip": ipv4, "name": FIRST_NAMES, "surname": LAST_NAMES,
-    "card_valid": lambda rng: card_number(rng, True), "card_invalid": lambda rng: card_number(rng, False),
+    "email": email_address,
+    "phone": phone_number,
+    "ssn": ssn_like,
+    "ip": ipv4,
+    "name": FIRST_NAMES,
+    "surname": LAST_NAMES,
+    "card_valid": lambda rng: card_number(rng, True),
+    "card_invalid": lambda rng: card_number(rng, False),
 }
 
 
@@ -1087,15 +2459,47 @@ def add_pii(rng: random.Random, text: str, templates: list[str], first: bool) ->
 
 
 SYNONYMS = {
-    "very": "really", "small": "little", "large": "big", "simple": "easy", "often": "frequently", "first": "initial",
-    "great": "good", "best": "finest", "increased": "raised", "reduced": "decreased", "patients": "subjects",
-    "participants": "volunteers", "significantly": "markedly", "always": "usually", "quickly": "fast",
-    "mean": "average", "study": "trial", "favorite": "favourite", "home": "house", "year": "season", "time": "moment",
-    "started": "began", "recommended": "advised", "higher": "greater", "lower": "smaller", "new": "fresh", "old": "aging",
+    "very": "really",
+    "small": "little",
+    "large": "big",
+    "simple": "easy",
+    "often": "frequently",
+    "first": "initial",
+    "great": "good",
+    "best": "finest",
+    "increased": "raised",
+    "reduced": "decreased",
+    "patients": "subjects",
+    "participants": "volunteers",
+    "significantly": "markedly",
+    "always": "usually",
+    "quickly": "fast",
+    "mean": "average",
+    "study": "trial",
+    "favorite": "favourite",
+    "home": "house",
+    "year": "season",
+    "time": "moment",
+    "started": "began",
+    "recommended": "advised",
+    "higher": "greater",
+    "lower": "smaller",
+    "new": "fresh",
+    "old": "aging",
 }
 NEAR_DUP_TAILS = {
-    "domain": ["Trial registration: NCT0{reg}.", "Funding: none declared.", "The authors declare no competing interests.", "This article is protected by copyright."],
-    "general": ["Thanks for reading!", "Updated: fixed a couple of typos.", "This post may contain affiliate links.", "Got a question? Drop it in the comments."],
+    "domain": [
+        "Trial registration: NCT0{reg}.",
+        "Funding: none declared.",
+        "The authors declare no competing interests.",
+        "This article is protected by copyright.",
+    ],
+    "general": [
+        "Thanks for reading!",
+        "Updated: fixed a couple of typos.",
+        "This post may contain affiliate links.",
+        "Got a question? Drop it in the comments.",
+    ],
 }
 
 
@@ -1110,7 +2514,20 @@ def near_duplicate(rng: random.Random, text: str, corpus: str) -> str:
     return text + " " + tail
 
 
-NAV = ["Home", "About", "Blog", "Recipes", "Travel", "Contact", "Archive", "Shop", "Journals", "Authors", "Subscribe", "Search"]
+NAV = [
+    "Home",
+    "About",
+    "Blog",
+    "Recipes",
+    "Travel",
+    "Contact",
+    "Archive",
+    "Shop",
+    "Journals",
+    "Authors",
+    "Subscribe",
+    "Search",
+]
 
 
 def html_escape_prose(text: str, rng: random.Random) -> str:
@@ -1125,7 +2542,9 @@ def html_page(rng: random.Random, text: str, site_title: str) -> str:
     body = [f"<p>{html_escape_prose(p, rng)}</p>" for p in paragraphs]
     if len(body) > 1:
         body[1] = body[1].replace(". ", ".&nbsp; ", 1)
-    nav = "\n".join(f'      <li><a href="/{item.lower()}">{item}</a></li>' for item in rng.sample(NAV, rng.randint(3, 6)))
+    nav = "\n".join(
+        f'      <li><a href="/{item.lower()}">{item}</a></li>' for item in rng.sample(NAV, rng.randint(3, 6))
+    )
     return f"""<!DOCTYPE html>
 <html lang="en">
 <head>
@@ -1143,7 +2562,7 @@ def html_page(rng: random.Random, text: str, site_title: str) -> str:
   <div class="cookie-banner" id="consent">We use cookies to improve your experience. <button>Accept all cookies</button> <a href="/privacy">Privacy Policy</a></div>
   <article>
     <h1>{html_escape_prose(title, rng)}</h1>
-    {chr(10).join('    ' + b if i else b for i, b in enumerate(body))}
+    {chr(10).join("    " + b if i else b for i, b in enumerate(body))}
   </article>
   <footer><p>&copy; 2024 {site_title} &amp; partners. All rights reserved. | <a href="/terms">Terms of Use</a></p></footer>
 </body>
@@ -1179,8 +2598,19 @@ def mojibake(rng: random.Random, text: str) -> str:
 
 
 SPAM = {
-    "general": ["Buy cheap pills now!", "Make money fast from home!!!", "Click here for FREE iPhone!", "Best replica watches cheap cheap cheap", "Hot singles in your area click now"],
-    "domain": ["Buy cheap pills now!", "Order cheap viagra online no prescription needed!", "Best price cialis tramadol overnight delivery!", "Cheap meds online pharmacy 80% off!"],
+    "general": [
+        "Buy cheap pills now!",
+        "Make money fast from home!!!",
+        "Click here for FREE iPhone!",
+        "Best replica watches cheap cheap cheap",
+        "Hot singles in your area click now",
+    ],
+    "domain": [
+        "Buy cheap pills now!",
+        "Order cheap viagra online no prescription needed!",
+        "Best price cialis tramadol overnight delivery!",
+        "Cheap meds online pharmacy 80% off!",
+    ],
 }
 
 
@@ -1189,17 +2619,29 @@ def spam(rng: random.Random, corpus: str) -> str:
     return " ".join([phrase] * rng.randint(15, 40))
 
 
-LOREM = ("Lorem ipsum dolor sit amet, consectetur adipiscing elit, sed do eiusmod tempor incididunt ut labore et dolore magna aliqua. "
-         "Ut enim ad minim veniam, quis nostrud exercitation ullamco laboris nisi ut aliquip ex ea commodo consequat. "
-         "Duis aute irure dolor in reprehenderit in voluptate velit esse cillum dolore eu fugiat nulla pariatur. "
-         "Excepteur sint occaecat cupidatat non proident, sunt in culpa qui officia deserunt mollit anim id est laborum.")
+LOREM = (
+    "Lorem ipsum dolor sit amet, consectetur adipiscing elit, sed do eiusmod tempor incididunt ut labore et dolore magna aliqua. "
+    "Ut enim ad minim veniam, quis nostrud exercitation ullamco laboris nisi ut aliquip ex ea commodo consequat. "
+    "Duis aute irure dolor in reprehenderit in voluptate velit esse cillum dolore eu fugiat nulla pariatur. "
+    "Excepteur sint occaecat cupidatat non proident, sunt in culpa qui officia deserunt mollit anim id est laborum."
+)
 
 SHORT = {
-    "general": ["Thanks for reading! Leave a comment below.", "Page not found. Return to the homepage.", "Sold out. Check back soon!",
-                "This post has been moved to our new site.", "Coming soon: part two of this series.", "{tip}."],
-    "domain": ["Erratum: in the article on {drug}, the dose in Table 2 should read {dose}, not 10 times that amount.",
-               "This article has been retracted at the request of the authors.", "Results: see Table 2.",
-               "Abstract not available.", "Correction to: pharmacokinetics of {drug} in {condition}."],
+    "general": [
+        "Thanks for reading! Leave a comment below.",
+        "Page not found. Return to the homepage.",
+        "Sold out. Check back soon!",
+        "This post has been moved to our new site.",
+        "Coming soon: part two of this series.",
+        "{tip}.",
+    ],
+    "domain": [
+        "Erratum: in the article on {drug}, the dose in Table 2 should read {dose}, not 10 times that amount.",
+        "This article has been retracted at the request of the authors.",
+        "Results: see Table 2.",
+        "Abstract not available.",
+        "Correction to: pharmacokinetics of {drug} in {condition}.",
+    ],
 }
 
 
@@ -1225,13 +2667,42 @@ def add_comparison(rng: random.Random, text: str) -> str:
 # Corpus assembly: a shuffled plan of kinds, so dirt is spread through the files
 # ---------------------------------------------------------------------------
 
-DOMAIN_DIRT = {"exact_duplicate": 50, "near_duplicate": 30, "html": 40, "boilerplate": 25, "pii": 20, "foreign_de": 12, "foreign_fr": 12,
-               "foreign_es": 12, "foreign_zh": 4, "too_short": 15, "spam": 8, "lorem_ipsum": 2, "mojibake": 12}
-GENERAL_DIRT = {"exact_duplicate": 90, "near_duplicate": 54, "html": 80, "boilerplate": 45, "pii": 36, "foreign_de": 22, "foreign_fr": 22,
-                "foreign_es": 22, "foreign_zh": 6, "too_short": 27, "spam": 14, "lorem_ipsum": 2, "mojibake": 22, "comparison": 36}
+DOMAIN_DIRT = {
+    "exact_duplicate": 50,
+    "near_duplicate": 30,
+    "html": 40,
+    "boilerplate": 25,
+    "pii": 20,
+    "foreign_de": 12,
+    "foreign_fr": 12,
+    "foreign_es": 12,
+    "foreign_zh": 4,
+    "too_short": 15,
+    "spam": 8,
+    "lorem_ipsum": 2,
+    "mojibake": 12,
+}
+GENERAL_DIRT = {
+    "exact_duplicate": 90,
+    "near_duplicate": 54,
+    "html": 80,
+    "boilerplate": 45,
+    "pii": 36,
+    "foreign_de": 22,
+    "foreign_fr": 22,
+    "foreign_es": 22,
+    "foreign_zh": 6,
+    "too_short": 27,
+    "spam": 14,
+    "lorem_ipsum": 2,
+    "mojibake": 22,
+    "comparison": 36,
+}
 
 
-def build_corpus(rng: random.Random, n: int, corpus: str, dirt: dict[str, int], make_clean) -> list[tuple[str, str, dict]]:
+def build_corpus(
+    rng: random.Random, n: int, corpus: str, dirt: dict[str, int], make_clean
+) -> list[tuple[str, str, dict]]:
     """Return [(kind, text, meta)] in file order; `make_clean(rng)` -> (text, meta)."""
     plan = ["clean"] * (n - sum(dirt.values()))
     for kind, count in dirt.items():
@@ -1277,7 +2748,11 @@ def build_corpus(rng: random.Random, n: int, corpus: str, dirt: dict[str, int], 
 
 
 def abstract_record(rng: random.Random) -> tuple[str, dict]:
-    return make_abstract(rng), {"journal": rng.choice(JOURNALS), "year": rng.randint(1998, 2024), "site_title": "PharmaAbstracts Online"}
+    return make_abstract(rng), {
+        "journal": rng.choice(JOURNALS),
+        "year": rng.randint(1998, 2024),
+        "site_title": "PharmaAbstracts Online",
+    }
 
 
 def web_record(rng: random.Random) -> tuple[str, dict]:
@@ -1332,24 +2807,43 @@ GLOSSARY = {
     "95% confidence interval": "A 95% confidence interval gives a range of values compatible with the data; if the study were repeated many times, 95% of such intervals would contain the true value. For a ratio, an interval that excludes 1 corresponds to p < 0.05.",
     "population pharmacokinetics": "Population pharmacokinetics uses nonlinear mixed-effects models to describe typical drug disposition and its variability between individuals. It can use sparse samples from routine care and identifies covariates, such as weight or renal function, that explain variability.",
 }
-DEFINE_PROMPTS = ["Explain what {term} means in clinical pharmacology.", "Define {term}.", "What is {term}, and why does it matter for dosing?", "Give a short explanation of {term} for a pharmacy student."]
+DEFINE_PROMPTS = [
+    "Explain what {term} means in clinical pharmacology.",
+    "Define {term}.",
+    "What is {term}, and why does it matter for dosing?",
+    "Give a short explanation of {term} for a pharmacy student.",
+]
 
 # Victim drugs with a well-established main elimination or activation pathway.
 INTERACTION_PAIRS = [
-    ("midazolam", "CYP3A4", "ketoconazole", "inhibitor"), ("simvastatin", "CYP3A4", "clarithromycin", "inhibitor"),
-    ("tacrolimus", "CYP3A4", "voriconazole", "inhibitor"), ("cyclosporine", "CYP3A4", "ritonavir", "inhibitor"),
-    ("ibrutinib", "CYP3A4", "itraconazole", "inhibitor"), ("quetiapine", "CYP3A4", "ketoconazole", "inhibitor"),
-    ("ticagrelor", "CYP3A4", "rifampicin", "inducer"), ("apixaban", "CYP3A4 and P-glycoprotein", "rifampicin", "inducer"),
-    ("tacrolimus", "CYP3A4", "carbamazepine", "inducer"), ("midazolam", "CYP3A4", "St John's wort", "inducer"),
-    ("warfarin", "CYP2C9", "fluconazole", "inhibitor"), ("phenytoin", "CYP2C9", "fluconazole", "inhibitor"),
-    ("metoprolol", "CYP2D6", "paroxetine", "inhibitor"), ("aripiprazole", "CYP2D6 and CYP3A4", "fluoxetine", "inhibitor"),
-    ("olanzapine", "CYP1A2", "fluvoxamine", "inhibitor"), ("clopidogrel", "CYP2C19", "omeprazole", "inhibitor"),
-    ("escitalopram", "CYP2C19", "fluvoxamine", "inhibitor"), ("dabigatran etexilate", "P-glycoprotein", "rifampicin", "inducer"),
-    ("digoxin", "P-glycoprotein", "amiodarone", "inhibitor"), ("rosuvastatin", "OATP1B1 and BCRP", "cyclosporine", "inhibitor"),
+    ("midazolam", "CYP3A4", "ketoconazole", "inhibitor"),
+    ("simvastatin", "CYP3A4", "clarithromycin", "inhibitor"),
+    ("tacrolimus", "CYP3A4", "voriconazole", "inhibitor"),
+    ("cyclosporine", "CYP3A4", "ritonavir", "inhibitor"),
+    ("ibrutinib", "CYP3A4", "itraconazole", "inhibitor"),
+    ("quetiapine", "CYP3A4", "ketoconazole", "inhibitor"),
+    ("ticagrelor", "CYP3A4", "rifampicin", "inducer"),
+    ("apixaban", "CYP3A4 and P-glycoprotein", "rifampicin", "inducer"),
+    ("tacrolimus", "CYP3A4", "carbamazepine", "inducer"),
+    ("midazolam", "CYP3A4", "St John's wort", "inducer"),
+    ("warfarin", "CYP2C9", "fluconazole", "inhibitor"),
+    ("phenytoin", "CYP2C9", "fluconazole", "inhibitor"),
+    ("metoprolol", "CYP2D6", "paroxetine", "inhibitor"),
+    ("aripiprazole", "CYP2D6 and CYP3A4", "fluoxetine", "inhibitor"),
+    ("olanzapine", "CYP1A2", "fluvoxamine", "inhibitor"),
+    ("clopidogrel", "CYP2C19", "omeprazole", "inhibitor"),
+    ("escitalopram", "CYP2C19", "fluvoxamine", "inhibitor"),
+    ("dabigatran etexilate", "P-glycoprotein", "rifampicin", "inducer"),
+    ("digoxin", "P-glycoprotein", "amiodarone", "inhibitor"),
+    ("rosuvastatin", "OATP1B1 and BCRP", "cyclosporine", "inhibitor"),
 ]
 # (question, how the answer opens): "Is it safe?" must not be answered "Yes".
-INTERACTION_PROMPTS = [("Could {perp} change exposure to {victim}?", "Yes. "), ("A patient on {victim} is starting {perp}. What interaction should I expect?", ""),
-                       ("Explain the pharmacokinetic interaction between {victim} and {perp}.", ""), ("Is it safe to add {perp} to {victim}?", "Not without precautions. ")]
+INTERACTION_PROMPTS = [
+    ("Could {perp} change exposure to {victim}?", "Yes. "),
+    ("A patient on {victim} is starting {perp}. What interaction should I expect?", ""),
+    ("Explain the pharmacokinetic interaction between {victim} and {perp}.", ""),
+    ("Is it safe to add {perp} to {victim}?", "Not without precautions. "),
+]
 
 
 def interaction_qa(rng: random.Random, pair: tuple[str, str, str, str]) -> tuple[str, str]:
@@ -1360,15 +2854,21 @@ def interaction_qa(rng: random.Random, pair: tuple[str, str, str, str]) -> tuple
 
 def interaction_answer(victim: str, pathway: str, perp: str, role: str) -> str:
     if victim == "clopidogrel":
-        return ("Clopidogrel is a prodrug activated by CYP2C19, and omeprazole inhibits CYP2C19, so less active metabolite is formed "
-                "and the antiplatelet effect may be reduced. Consider pantoprazole, which has less effect on CYP2C19, if a proton pump inhibitor is needed.")
+        return (
+            "Clopidogrel is a prodrug activated by CYP2C19, and omeprazole inhibits CYP2C19, so less active metabolite is formed "
+            "and the antiplatelet effect may be reduced. Consider pantoprazole, which has less effect on CYP2C19, if a proton pump inhibitor is needed."
+        )
     if role == "inhibitor":
-        return (f"{victim.capitalize()} is cleared mainly via {pathway}, and {perp} inhibits this pathway. Expect higher {victim} concentrations "
-                f"and a greater risk of dose-related adverse effects. Avoid the combination if possible; otherwise reduce the {victim} dose, "
-                "monitor clinically and, where available, measure concentrations.")
-    return (f"{perp.capitalize()} induces {pathway}, which clears {victim}, so {victim} exposure will fall and efficacy may be lost. "
-            f"The effect builds over one to two weeks and persists for about two weeks after {perp} is stopped. Avoid the combination or "
-            f"choose an alternative; if unavoidable, monitor the response and adjust the {victim} dose.")
+        return (
+            f"{victim.capitalize()} is cleared mainly via {pathway}, and {perp} inhibits this pathway. Expect higher {victim} concentrations "
+            f"and a greater risk of dose-related adverse effects. Avoid the combination if possible; otherwise reduce the {victim} dose, "
+            "monitor clinically and, where available, measure concentrations."
+        )
+    return (
+        f"{perp.capitalize()} induces {pathway}, which clears {victim}, so {victim} exposure will fall and efficacy may be lost. "
+        f"The effect builds over one to two weeks and persists for about two weeks after {perp} is stopped. Avoid the combination or "
+        f"choose an alternative; if unavoidable, monitor the response and adjust the {victim} dose."
+    )
 
 
 def _fmt(x: float) -> str:
@@ -1380,40 +2880,77 @@ def calc_task(rng: random.Random, kind: str) -> tuple[str, str, str]:
     if kind == "maintenance":
         cl, css = rng.choice([1.5, 2.4, 3.2, 4.0, 4.5, 5.6, 6.0, 7.5, 8.0, 12.0]), rng.choice([2, 5, 8, 10, 15, 20])
         rate = cl * css
-        return ("Calculate the maintenance dose rate needed to reach the target average steady-state concentration.",
-                f"Drug: {drug}. Clearance: {_fmt(cl)} L/h. Target average steady-state concentration: {css} mg/L. Assume intravenous dosing.",
-                f"Maintenance dose rate = CL × Css = {_fmt(cl)} L/h × {css} mg/L = {_fmt(rate)} mg/h, which is {_fmt(rate * 24)} mg per day.")
+        return (
+            "Calculate the maintenance dose rate needed to reach the target average steady-state concentration.",
+            f"Drug: {drug}. Clearance: {_fmt(cl)} L/h. Target average steady-state concentration: {css} mg/L. Assume intravenous dosing.",
+            f"Maintenance dose rate = CL × Css = {_fmt(cl)} L/h × {css} mg/L = {_fmt(rate)} mg/h, which is {_fmt(rate * 24)} mg per day.",
+        )
     if kind == "half_life":
         vd, cl = rng.choice([20, 35, 50, 70, 140, 250, 400]), rng.choice([2.0, 3.5, 5.0, 7.0, 10.0, 14.0])
         t = 0.693 * vd / cl
-        return ("Estimate the elimination half-life from the volume of distribution and clearance.", f"Vd = {vd} L; CL = {_fmt(cl)} L/h.",
-                f"t1/2 = 0.693 × Vd / CL = 0.693 × {vd} L / {_fmt(cl)} L/h = {t:.1f} h. Steady state will be reached after about {4 * t:.0f}–{5 * t:.0f} h (four to five half-lives).")
+        return (
+            "Estimate the elimination half-life from the volume of distribution and clearance.",
+            f"Vd = {vd} L; CL = {_fmt(cl)} L/h.",
+            f"t1/2 = 0.693 × Vd / CL = 0.693 × {vd} L / {_fmt(cl)} L/h = {t:.1f} h. Steady state will be reached after about {4 * t:.0f}–{5 * t:.0f} h (four to five half-lives).",
+        )
     if kind == "loading":
-        vd_kg, target, weight = rng.choice([0.2, 0.25, 0.5, 0.7, 1.0]), rng.choice([4, 10, 15, 20]), rng.choice([55, 62, 70, 80, 95])
+        vd_kg, target, weight = (
+            rng.choice([0.2, 0.25, 0.5, 0.7, 1.0]),
+            rng.choice([4, 10, 15, 20]),
+            rng.choice([55, 62, 70, 80, 95]),
+        )
         vd = vd_kg * weight
-        return ("Calculate an intravenous loading dose.", f"Patient weight {weight} kg; volume of distribution {_fmt(vd_kg)} L/kg; target plasma concentration {target} mg/L.",
-                f"Vd = {_fmt(vd_kg)} L/kg × {weight} kg = {_fmt(vd)} L. Loading dose = Vd × target concentration = {_fmt(vd)} L × {target} mg/L = {_fmt(vd * target)} mg.")
-    age, weight, scr, female = rng.randint(28, 88), rng.choice([50, 58, 65, 72, 80, 90]), rng.choice([0.7, 0.9, 1.1, 1.4, 1.8, 2.5]), rng.random() < 0.5
+        return (
+            "Calculate an intravenous loading dose.",
+            f"Patient weight {weight} kg; volume of distribution {_fmt(vd_kg)} L/kg; target plasma concentration {target} mg/L.",
+            f"Vd = {_fmt(vd_kg)} L/kg × {weight} kg = {_fmt(vd)} L. Loading dose = Vd × target concentration = {_fmt(vd)} L × {target} mg/L = {_fmt(vd * target)} mg.",
+        )
+    age, weight, scr, female = (
+        rng.randint(28, 88),
+        rng.choice([50, 58, 65, 72, 80, 90]),
+        rng.choice([0.7, 0.9, 1.1, 1.4, 1.8, 2.5]),
+        rng.random() < 0.5,
+    )
     crcl = (140 - age) * weight / (72 * scr) * (0.85 if female else 1.0)
     sex = "female" if female else "male"
     factor = " × 0.85 (female)" if female else ""
-    return ("Estimate creatinine clearance with the Cockcroft-Gault equation.", f"{sex.capitalize()}, {age} years, {weight} kg, serum creatinine {scr} mg/dL.",
-            f"CrCl = (140 − age) × weight / (72 × SCr){factor} = (140 − {age}) × {weight} / (72 × {scr}){factor} = {crcl:.0f} mL/min.")
+    return (
+        "Estimate creatinine clearance with the Cockcroft-Gault equation.",
+        f"{sex.capitalize()}, {age} years, {weight} kg, serum creatinine {scr} mg/dL.",
+        f"CrCl = (140 − age) × weight / (72 × SCr){factor} = (140 − {age}) × {weight} / (72 × {scr}){factor} = {crcl:.0f} mL/min.",
+    )
 
 
 def pk_extraction(rng: random.Random) -> tuple[str, str, str]:
-    hl, sd, cl, tmax = rng.uniform(2, 40), rng.uniform(0.5, 6), rng.uniform(1, 30), rng.choice(["0.5", "1.0", "1.5", "2.0", "4.0"])
+    hl, sd, cl, tmax = (
+        rng.uniform(2, 40),
+        rng.uniform(0.5, 6),
+        rng.uniform(1, 30),
+        rng.choice(["0.5", "1.0", "1.5", "2.0", "4.0"]),
+    )
     drug = rng.choice(DRUGS)[0]
     sentence = f"After a single oral dose of {drug}, median Tmax was {tmax} h, the mean terminal half-life was {hl:.1f} ± {sd:.1f} h and apparent clearance was {cl:.1f} L/h."
-    return ("Extract the pharmacokinetic parameters from the sentence as a list.", sentence,
-            f"- Tmax (median): {tmax} h\n- t1/2 (mean ± SD): {hl:.1f} ± {sd:.1f} h\n- CL/F (mean): {cl:.1f} L/h")
+    return (
+        "Extract the pharmacokinetic parameters from the sentence as a list.",
+        sentence,
+        f"- Tmax (median): {tmax} h\n- t1/2 (mean ± SD): {hl:.1f} ± {sd:.1f} h\n- CL/F (mean): {cl:.1f} L/h",
+    )
 
 
 def conclusion_task(rng: random.Random) -> tuple[str, str, str]:
     ctx = domain_context(rng)
     results = _section(rng, RESULTS, 3, ctx)
     conclusion = _section(rng, CONCLUSIONS, 1, ctx)
-    return (rng.choice(["Write a one-sentence conclusion for these study results.", "Summarize the main conclusion of the following results."]), results, conclusion)
+    return (
+        rng.choice(
+            [
+                "Write a one-sentence conclusion for these study results.",
+                "Summarize the main conclusion of the following results.",
+            ]
+        ),
+        results,
+        conclusion,
+    )
 
 
 def make_alpaca(rng: random.Random) -> list[dict]:
@@ -1443,8 +2980,11 @@ SYSTEM_PROMPTS = [
     "You are a helpful assistant for hospital pharmacists. Be precise about units.",
     "You help clinicians with drug dosing and pharmacokinetics. Recommend checking local guidelines for patient-specific decisions.",
 ]
-MONITORING_FOLLOW_UP = ("What should we monitor?", "Monitor for signs of toxicity or loss of effect in the first two weeks, check renal and hepatic function, "
-                        "and measure drug concentrations where an assay exists. Review the dose again when the interacting drug is stopped.")
+MONITORING_FOLLOW_UP = (
+    "What should we monitor?",
+    "Monitor for signs of toxicity or loss of effect in the first two weeks, check renal and hepatic function, "
+    "and measure drug concentrations where an assay exists. Review the dose again when the interacting drug is stopped.",
+)
 
 
 def make_chat(rng: random.Random) -> list[dict]:
@@ -1454,7 +2994,10 @@ def make_chat(rng: random.Random) -> list[dict]:
         kind = i % 4
         if kind == 0:
             term = rng.choice(sorted(GLOSSARY))
-            messages += [{"role": "user", "content": rng.choice(DEFINE_PROMPTS).format(term=term)}, {"role": "assistant", "content": GLOSSARY[term]}]
+            messages += [
+                {"role": "user", "content": rng.choice(DEFINE_PROMPTS).format(term=term)},
+                {"role": "assistant", "content": GLOSSARY[term]},
+            ]
         elif kind == 1:
             instruction, inp, out = calc_task(rng, rng.choice(["maintenance", "half_life", "loading", "crcl"]))
             messages += [{"role": "user", "content": f"{instruction} {inp}"}, {"role": "assistant", "content": out}]
@@ -1462,7 +3005,10 @@ def make_chat(rng: random.Random) -> list[dict]:
             question, answer = interaction_qa(rng, rng.choice(INTERACTION_PAIRS))
             messages += [{"role": "user", "content": question}, {"role": "assistant", "content": answer}]
             if rng.random() < 0.5:
-                messages += [{"role": "user", "content": MONITORING_FOLLOW_UP[0]}, {"role": "assistant", "content": MONITORING_FOLLOW_UP[1]}]
+                messages += [
+                    {"role": "user", "content": MONITORING_FOLLOW_UP[0]},
+                    {"role": "assistant", "content": MONITORING_FOLLOW_UP[1]},
+                ]
         else:
             instruction, inp, out = conclusion_task(rng)
             messages += [{"role": "user", "content": f"{instruction}\n\n{inp}"}, {"role": "assistant", "content": out}]
@@ -1478,7 +3024,12 @@ def make_chat(rng: random.Random) -> list[dict]:
 def dirty_lines(rng: random.Random) -> list[tuple[str, bytes]]:
     def valid(line_no: int) -> bytes:
         text, meta = web_record(rng)
-        record = {"doc_id": f"web-dirty-{line_no:02d}", "content": text, "url": meta["url"], "int_score": rng.randint(2, 5)}
+        record = {
+            "doc_id": f"web-dirty-{line_no:02d}",
+            "content": text,
+            "url": meta["url"],
+            "int_score": rng.randint(2, 5),
+        }
         return json.dumps(record, ensure_ascii=False).encode("utf-8")
 
     def rec(line_no: int, **fields) -> bytes:
@@ -1487,9 +3038,15 @@ def dirty_lines(rng: random.Random) -> list[tuple[str, bytes]]:
     url = "https://www.example.com/post"
     return [
         ("valid", valid(1)),
-        ("invalid_json_truncated", b'{"doc_id": "web-dirty-02", "content": "This record was cut off in the middle of a sent'),
+        (
+            "invalid_json_truncated",
+            b'{"doc_id": "web-dirty-02", "content": "This record was cut off in the middle of a sent',
+        ),
         ("valid", valid(3)),
-        ("invalid_utf8", b'{"doc_id": "web-dirty-04", "content": "Caf\xe9 au lait and cr\xe8me br\xfbl\xe9e \xff\xfe at the corner bakery, written as Latin-1 bytes.", "url": "https://www.example.com/latin1", "int_score": 3}'),
+        (
+            "invalid_utf8",
+            b'{"doc_id": "web-dirty-04", "content": "Caf\xe9 au lait and cr\xe8me br\xfbl\xe9e \xff\xfe at the corner bakery, written as Latin-1 bytes.", "url": "https://www.example.com/latin1", "int_score": 3}',
+        ),
         ("missing_content", rec(5, url=url, int_score=3)),
         ("valid", valid(6)),
         ("empty_content", rec(7, content="", url=url, int_score=2)),
@@ -1499,14 +3056,25 @@ def dirty_lines(rng: random.Random) -> list[tuple[str, bytes]]:
         ("content_list", rec(11, content=["first paragraph", "second paragraph"], url=url, int_score=3)),
         ("blank_line", b""),
         ("valid", valid(13)),
-        ("json_array", b'[' + rec(14, content="A record wrapped in a JSON array instead of an object.", url=url, int_score=3) + b']'),
+        (
+            "json_array",
+            b"["
+            + rec(14, content="A record wrapped in a JSON array instead of an object.", url=url, int_score=3)
+            + b"]",
+        ),
         ("valid", valid(15)),
-        ("invalid_json_trailing_comma", b'{"doc_id": "web-dirty-16", "content": "Trailing commas are not JSON.", "int_score": 3,}'),
+        (
+            "invalid_json_trailing_comma",
+            b'{"doc_id": "web-dirty-16", "content": "Trailing commas are not JSON.", "int_score": 3,}',
+        ),
         ("valid", valid(17)),
         ("content_null", rec(18, content=None, url=url, int_score=1)),
         ("valid", valid(19)),
         ("json_string", json.dumps("A bare JSON string is valid JSON but not a record.").encode("utf-8")),
-        ("invalid_json_python_repr", b"{'doc_id': 'web-dirty-21', 'content': 'Single quotes: a Python dict, not JSON.', 'int_score': 3}"),
+        (
+            "invalid_json_python_repr",
+            b"{'doc_id': 'web-dirty-21', 'content': 'Single quotes: a Python dict, not JSON.', 'int_score': 3}",
+        ),
         ("valid", valid(22)),
         ("valid_no_trailing_newline", valid(23)),
     ]
@@ -1547,7 +3115,10 @@ def generate(out: Path) -> dict[str, dict[str, int]]:
     rng = random.Random(SEED)
     docs = build_corpus(rng, 1000, "domain", DOMAIN_DIRT, abstract_record)
     ids = [f"pharm-{i + 1:06d}" for i in range(len(docs))]
-    records = [{"id": ids[i], "text": text, "journal": meta["journal"], "year": meta["year"]} for i, (_, text, meta) in enumerate(docs)]
+    records = [
+        {"id": ids[i], "text": text, "journal": meta["journal"], "year": meta["year"]}
+        for i, (_, text, meta) in enumerate(docs)
+    ]
     write_bytes(out / "raw/domain/abstracts.jsonl", jsonl_bytes(records))
     count("raw/domain/abstracts.jsonl", docs)
     labels += [_label("raw/domain/abstracts.jsonl", ids, i, doc) for i, doc in enumerate(docs) if doc[0] != "clean"]
@@ -1563,8 +3134,17 @@ def generate(out: Path) -> dict[str, dict[str, int]]:
     for name, text in guidelines:
         write_bytes(out / "raw/domain/guidelines" / name, text.encode("utf-8"))
     summary["raw/domain/guidelines/*.txt"] = {"clean": 38, "exact_duplicate": 1, "boilerplate": 1}
-    labels.append({"file": "raw/domain/guidelines/" + guidelines[38][0], "id": guidelines[38][0], "dirt": "exact_duplicate", "duplicate_of": guidelines[6][0]})
-    labels.append({"file": "raw/domain/guidelines/" + guidelines[39][0], "id": guidelines[39][0], "dirt": "boilerplate"})
+    labels.append(
+        {
+            "file": "raw/domain/guidelines/" + guidelines[38][0],
+            "id": guidelines[38][0],
+            "dirt": "exact_duplicate",
+            "duplicate_of": guidelines[6][0],
+        }
+    )
+    labels.append(
+        {"file": "raw/domain/guidelines/" + guidelines[39][0], "id": guidelines[39][0], "dirt": "boilerplate"}
+    )
 
     # General web text, split over two gzipped shards
     rng = random.Random(SEED + 2)
@@ -1579,10 +3159,14 @@ def generate(out: Path) -> dict[str, dict[str, int]]:
         records.append({"doc_id": ids[i], "content": text, "url": url, "int_score": scores[i]})
     for shard in range(2):
         name = f"raw/general/web-{shard:03d}.jsonl.gz"
-        write_gzip(out / name, jsonl_bytes(records[shard * 900:(shard + 1) * 900]))
+        write_gzip(out / name, jsonl_bytes(records[shard * 900 : (shard + 1) * 900]))
     count("raw/general/web-00[01].jsonl.gz", docs)
     summary["raw/general/web-00[01].jsonl.gz"]["int_score<=1"] = sum(s <= 1 for s in scores)
-    labels += [_label(f"raw/general/web-{i // 900:03d}.jsonl.gz", ids, i, doc) for i, doc in enumerate(docs) if doc[0] != "clean"]
+    labels += [
+        _label(f"raw/general/web-{i // 900:03d}.jsonl.gz", ids, i, doc)
+        for i, doc in enumerate(docs)
+        if doc[0] != "clean"
+    ]
 
     # Malformed lines for the reader's reject path
     rng = random.Random(SEED + 3)
@@ -1616,7 +3200,9 @@ def _label(file: str, ids: list[str], i: int, doc: tuple) -> dict:
 
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--out", type=Path, default=Path(__file__).resolve().parent, help="output folder (default: data/)")
+    parser.add_argument(
+        "--out", type=Path, default=Path(__file__).resolve().parent, help="output folder (default: data/)"
+    )
     args = parser.parse_args(argv)
     summary = generate(args.out)
     for name, kinds in summary.items():

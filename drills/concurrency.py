@@ -54,7 +54,9 @@ def start_run(config: Path, env: dict, log: Path, stages: list[str], work: Path 
             command += ["--only", stage]
     if work is not None:
         command += ["--work-dir", str(work)]
-    return subprocess.Popen(command, cwd=REPO, env=dict(env, COLUMNS="250"), stdout=open(log, "wb"), stderr=subprocess.STDOUT)
+    return subprocess.Popen(
+        command, cwd=REPO, env=dict(env, COLUMNS="250"), stdout=open(log, "wb"), stderr=subprocess.STDOUT
+    )
 
 
 def finish(process: subprocess.Popen, log: Path, started: float) -> dict:
@@ -99,12 +101,19 @@ def prefect_work_counts(env: dict, window: tuple[float, float], shard_names: dic
     for task_run in runs:
         stage, _, shard = task_run.name.partition("-")
         started = task_run.start_time.timestamp() if task_run.start_time else None
-        if shard in shard_names.get(stage, ()) and task_run.state_name == "Completed" and started and window[0] <= started <= window[1]:
+        if (
+            shard in shard_names.get(stage, ())
+            and task_run.state_name == "Completed"
+            and started
+            and window[0] <= started <= window[1]
+        ):
             work[stage] += 1
     return work
 
 
-def settle(env: dict, window: tuple[float, float], shard_names: dict[str, set], seconds: float = 5.0, patience: float = 60.0) -> Counter:
+def settle(
+    env: dict, window: tuple[float, float], shard_names: dict[str, set], seconds: float = 5.0, patience: float = 60.0
+) -> Counter:
     """The counts once they stop changing for `seconds` (the server has ingested the runs' events)."""
     deadline, last, stable_since = time.monotonic() + patience, None, time.monotonic()
     while True:
@@ -133,7 +142,9 @@ def check_work_dir(config: Path, work: Path, stages: list[str]) -> list[str]:
 
 def compare_runs(config: Path, reference_work: Path, work: Path, stages: list[str]) -> dict[str, list[str]]:
     return {
-        stage: compare_with_reference(stage_path(config, reference_work, stage), reference_work, stage_path(config, work, stage), work, stage)
+        stage: compare_with_reference(
+            stage_path(config, reference_work, stage), reference_work, stage_path(config, work, stage), work, stage
+        )
         for stage in stages
     }
 
@@ -151,7 +162,11 @@ def shard_names(config: Path, work: Path, stages: list[str]) -> dict[str, set]:
 
     cfg = load_config(config, work)
     runs = plan_pipeline(cfg)
-    return {stage: {item["shard"] for item in stage_module(stage).plan(runs[stage], cfg)} for stage in stages if stage in DATA_STAGES}
+    return {
+        stage: {item["shard"] for item in stage_module(stage).plan(runs[stage], cfg)}
+        for stage in stages
+        if stage in DATA_STAGES
+    }
 
 
 def same_config(root: Path, config: Path, env: dict, stages: list[str]) -> dict:
@@ -185,8 +200,12 @@ def same_config(root: Path, config: Path, env: dict, stages: list[str]) -> dict:
         "differences": {s: p for s, p in compare_runs(config, reference, shared, stages).items() if p},
     }
     result["passed"] = (
-        result["succeeded"] and all(n == 1 for n in result["ran_once"].values()) and result["shard_tasks_done"] == expected
-        and not result["store_problems"] and not result["differences"] and witness_ok
+        result["succeeded"]
+        and all(n == 1 for n in result["ran_once"].values())
+        and result["shard_tasks_done"] == expected
+        and not result["store_problems"]
+        and not result["differences"]
+        and witness_ok
     )
     return result
 
@@ -241,8 +260,12 @@ def two_configs(root: Path, config_a: Path, config_b: Path, env: dict, stages: l
         },
     }
     result["passed"] = (
-        result["succeeded"] and result["ran"] == expected_ran and result["shard_tasks_done"] == dict(expected)
-        and not result["store_problems"] and not result["differences"] and bool(common)
+        result["succeeded"]
+        and result["ran"] == expected_ran
+        and result["shard_tasks_done"] == dict(expected)
+        and not result["store_problems"]
+        and not result["differences"]
+        and bool(common)
     )
     return result
 
@@ -277,7 +300,13 @@ def model_cache(root: Path) -> dict:
     shutil.rmtree(cache, ignore_errors=True)
     started = time.monotonic()
     processes = [
-        subprocess.Popen([sys.executable, "-P", "-c", BUILD_ONCE, str(cache)], cwd=REPO, env=child_env(), stdout=subprocess.PIPE, stderr=subprocess.DEVNULL)
+        subprocess.Popen(
+            [sys.executable, "-P", "-c", BUILD_ONCE, str(cache)],
+            cwd=REPO,
+            env=child_env(),
+            stdout=subprocess.PIPE,
+            stderr=subprocess.DEVNULL,
+        )
         for _ in range(2)
     ]
     outputs, peaks = [], []
@@ -301,7 +330,13 @@ def model_cache(root: Path) -> dict:
         "seconds": round(time.monotonic() - started, 1),
         "peak_rss_mb": max(peaks),
     }
-    result["passed"] = result["succeeded"] and result["builds"] == 1 and result["same_directory"] and len(models) == 1 and not leftovers
+    result["passed"] = (
+        result["succeeded"]
+        and result["builds"] == 1
+        and result["same_directory"]
+        and len(models) == 1
+        and not leftovers
+    )
     return result
 
 
@@ -322,8 +357,13 @@ def plain_pair(config: Path, reference: Path, work: Path, stages: list[str]) -> 
     shutil.rmtree(work, ignore_errors=True)
     started = time.monotonic()
     processes = [
-        subprocess.Popen([sys.executable, "-P", "-c", PLAIN_CHILD, str(config), str(work), *stages], cwd=REPO, env=child_env(),
-                         stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+        subprocess.Popen(
+            [sys.executable, "-P", "-c", PLAIN_CHILD, str(config), str(work), *stages],
+            cwd=REPO,
+            env=child_env(),
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+        )
         for _ in range(2)
     ]
     states, codes, errors = [], [], []
@@ -342,7 +382,12 @@ def plain_pair(config: Path, reference: Path, work: Path, stages: list[str]) -> 
         "seconds": round(time.monotonic() - started, 1),
         "errors": [e for e in errors if e],
     }
-    result["passed"] = result["succeeded"] and all(n == 1 for n in result["ran"].values()) and not result["store_problems"] and not result["differences"]
+    result["passed"] = (
+        result["succeeded"]
+        and all(n == 1 for n in result["ran"].values())
+        and not result["store_problems"]
+        and not result["differences"]
+    )
     return result
 
 
@@ -356,8 +401,13 @@ def rerun_all_cached(config: Path, work: Path, env: dict, logs: Path, stages: li
         content = torn.read_bytes()
         torn.write_bytes(content[: len(content) // 2])
     run = _run_alone(config, work, env, logs, stages)
-    return {"returncode": run["returncode"], "states": run["states"], "torn_result_record": torn.name if torn.exists() else None,
-            "tail": run["tail"], "passed": run["returncode"] == 0 and {run["states"].get(s) for s in stages} == {"cached"}}
+    return {
+        "returncode": run["returncode"],
+        "states": run["states"],
+        "torn_result_record": torn.name if torn.exists() else None,
+        "tail": run["tail"],
+        "passed": run["returncode"] == 0 and {run["states"].get(s) for s in stages} == {"cached"},
+    }
 
 
 def drill(root: Path, scenarios: list[str], stages: list[str]) -> dict:
@@ -367,7 +417,10 @@ def drill(root: Path, scenarios: list[str], stages: list[str]) -> dict:
     model = build_model(root, corpus)
     config_a = write_config(root / "config-a", drill_config(corpus, model, name="concurrency-a"))
     # Another quality threshold: clean is shared, quality and everything after it differ.
-    config_b = write_config(root / "config-b", drill_config(corpus, model, name="concurrency-b", quality={"gopher_quality": {"min_words": 60}}))
+    config_b = write_config(
+        root / "config-b",
+        drill_config(corpus, model, name="concurrency-b", quality={"gopher_quality": {"min_words": 60}}),
+    )
     report: dict = {"drill": "concurrency", "stages": stages, "scenarios": {}}
     prefect_scenarios = [s for s in scenarios if s != "model-cache"]
     if prefect_scenarios:
@@ -376,7 +429,9 @@ def drill(root: Path, scenarios: list[str], stages: list[str]) -> dict:
         try:
             if "same-config" in scenarios:
                 result = same_config(root, config_a, env, stages)
-                result["third_run"] = rerun_all_cached(config_a, root / "same-config" / "shared", env, root / "same-config" / "logs-third", stages)
+                result["third_run"] = rerun_all_cached(
+                    config_a, root / "same-config" / "shared", env, root / "same-config" / "logs-third", stages
+                )
                 result["passed"] = result["passed"] and result["third_run"]["passed"]
                 report["scenarios"]["same-config"] = result
                 print(summary_line("same-config", result), flush=True)
@@ -390,7 +445,13 @@ def drill(root: Path, scenarios: list[str], stages: list[str]) -> dict:
         data_stages = [s for s in stages if s not in ("cpt", "sft", "evaluate")]
         alone = root / "plain-pair" / "reference"
         shutil.rmtree(alone, ignore_errors=True)
-        subprocess.run([sys.executable, "-P", "-c", PLAIN_CHILD, str(config_a), str(alone), *data_stages], cwd=REPO, env=child_env(), check=True, capture_output=True)
+        subprocess.run(
+            [sys.executable, "-P", "-c", PLAIN_CHILD, str(config_a), str(alone), *data_stages],
+            cwd=REPO,
+            env=child_env(),
+            check=True,
+            capture_output=True,
+        )
         result = plain_pair(config_a, alone, root / "plain-pair" / "shared", data_stages)
         report["scenarios"]["plain-pair"] = result
         print(summary_line("plain-pair", result), flush=True)
@@ -409,15 +470,23 @@ def summary_line(name: str, result: dict) -> str:
 
 
 def format_table(report: dict) -> str:
-    lines = ["| scenario | passed | runs | wall (s) | peak RSS per run (MB) | work done (per stage) |", "|---|---|---:|---:|---:|---|"]
+    lines = [
+        "| scenario | passed | runs | wall (s) | peak RSS per run (MB) | work done (per stage) |",
+        "|---|---|---:|---:|---:|---|",
+    ]
     for name, r in report["scenarios"].items():
         runs = r.get("runs") or []
         if name == "plain-pair":
             done = ", ".join(f"{s} {n}" for s, n in r["ran"].items())
-            lines.append(f"| {name} (no Prefect) | {'yes' if r['passed'] else 'NO'} | 2 | {r['seconds']} | | ran: {done} |")
+            lines.append(
+                f"| {name} (no Prefect) | {'yes' if r['passed'] else 'NO'} | 2 | {r['seconds']} | | ran: {done} |"
+            )
             continue
         if name == "model-cache":
-            lines.append(f"| {name} | {'yes' if r['passed'] else 'NO'} | 2 | {r['seconds']} | {r['peak_rss_mb']:.0f} | builds: {r['builds']} |")
+            lines.append(
+                f"| {name} | {'yes' if r['passed'] else 'NO'} | 2 | {r['seconds']} | "
+                f"{r['peak_rss_mb']:.0f} | builds: {r['builds']} |"
+            )
             continue
         done = ", ".join(f"{s} {n}" for s, n in (r.get("ran_once") or r.get("ran")).items())
         lines.append(
@@ -430,7 +499,9 @@ def format_table(report: dict) -> str:
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--only", nargs="+", choices=SCENARIOS, default=list(SCENARIOS), help="scenarios to run")
-    parser.add_argument("--stages", nargs="+", choices=STAGES, default=list(STAGES), help="stages the runs run (a prefix of the DAG)")
+    parser.add_argument(
+        "--stages", nargs="+", choices=STAGES, default=list(STAGES), help="stages the runs run (a prefix of the DAG)"
+    )
     parser.add_argument("--root", type=Path, default=DEFAULT_ROOT / "concurrency")
     parser.add_argument("--out", type=Path, help="write the JSON report here")
     args = parser.parse_args(argv)

@@ -39,7 +39,15 @@ TRAINING = ("cpt", "sft", "evaluate")
 DEFAULT_ROOT = Path(os.environ.get("TMPDIR", "/tmp")) / "cptflow-drills"
 # Manifest keys that legitimately differ between two runs of the same stage: wall-clock times, memory
 # peaks, and where a training run resumed from. Everything else must be equal.
-VOLATILE_KEYS = {"seconds", "timings", "finished", "seconds_this_run", "tokens_per_s_this_run", "memory", "resumed_from"}
+VOLATILE_KEYS = {
+    "seconds",
+    "timings",
+    "finished",
+    "seconds_this_run",
+    "tokens_per_s_this_run",
+    "memory",
+    "resumed_from",
+}
 
 
 # ---------------------------------------------------------------------------------------------
@@ -78,8 +86,14 @@ def build_model(root: Path, corpus: Path) -> Path:
         "import sys; from pathlib import Path; from cptflow.tiny_model import TINY_TEST_SPEC, build_tiny_llama; "
         "print(build_tiny_llama([Path(sys.argv[1])], Path(sys.argv[2]), spec=TINY_TEST_SPEC))"
     )
-    result = subprocess.run([sys.executable, "-P", "-c", code, str(corpus / "general" / "web-000.jsonl.gz"), str(root / "model-cache")],
-                            cwd=REPO, env=child_env(), capture_output=True, text=True, check=True)
+    result = subprocess.run(
+        [sys.executable, "-P", "-c", code, str(corpus / "general" / "web-000.jsonl.gz"), str(root / "model-cache")],
+        cwd=REPO,
+        env=child_env(),
+        capture_output=True,
+        text=True,
+        check=True,
+    )
     return Path(result.stdout.strip().splitlines()[-1])
 
 
@@ -92,17 +106,40 @@ def drill_config(corpus: Path, model: Path, name: str = "kill-drill", **override
         "base_model": str(model),
         "sources": [
             {"name": "domain", "role": "domain", "paths": [str(corpus / "domain")], "documents_per_shard": 40},
-            {"name": "general", "role": "general", "paths": [str(corpus / "general")], "text_field": "content",
-             "id_field": "doc_id", "documents_per_shard": 40},
+            {
+                "name": "general",
+                "role": "general",
+                "paths": [str(corpus / "general")],
+                "text_field": "content",
+                "id_field": "doc_id",
+                "documents_per_shard": 40,
+            },
         ],
         "perplexity": {"keep_band": [0, 95], "batch_tokens": 4096, "max_length": 128},
         # Few held-out documents: 4-bit matmuls are slow on a CPU and every checkpoint evaluates.
         "mix": {"domain_eval_documents": 4, "general_eval_documents": 4, "window_documents": 50},
         "tokenize": {"seq_len": 64, "blocks_per_shard": 32},
-        "cpt": {"lora": {"r": 4, "alpha": 8}, "learning_rate": 1e-3, "embedding_learning_rate": 2.5e-4, "micro_batch_size": 4,
-                "max_steps": 24, "eval_steps": 4, "save_steps": 4, "log_steps": 1, "torch_threads": 1},
-        "sft": {"data": [{"path": str(REPO / "data" / "instructions" / "alpaca.jsonl")}], "max_length": 96,
-                "micro_batch_size": 4, "max_steps": 12, "eval_steps": 3, "save_steps": 3, "log_steps": 1, "torch_threads": 1},
+        "cpt": {
+            "lora": {"r": 4, "alpha": 8},
+            "learning_rate": 1e-3,
+            "embedding_learning_rate": 2.5e-4,
+            "micro_batch_size": 4,
+            "max_steps": 24,
+            "eval_steps": 4,
+            "save_steps": 4,
+            "log_steps": 1,
+            "torch_threads": 1,
+        },
+        "sft": {
+            "data": [{"path": str(REPO / "data" / "instructions" / "alpaca.jsonl")}],
+            "max_length": 96,
+            "micro_batch_size": 4,
+            "max_steps": 12,
+            "eval_steps": 3,
+            "save_steps": 3,
+            "log_steps": 1,
+            "torch_threads": 1,
+        },
         "evaluate": {"prompts": ["What is a half-life?"], "max_new_tokens": 8},
     }
     config.update(overrides)
@@ -185,7 +222,9 @@ def max_abs_difference(a: tuple, b: tuple) -> float:
         dtype, _, raw = tensor
         if dtype == "BF16":  # bfloat16 is the top half of a float32
             return (np.frombuffer(raw, dtype=np.uint16).astype(np.uint32) << 16).view(np.float32)
-        return np.frombuffer(raw, dtype={"F32": np.float32, "F16": np.float16, "F64": np.float64}[dtype]).astype(np.float64)
+        return np.frombuffer(raw, dtype={"F32": np.float32, "F16": np.float16, "F64": np.float64}[dtype]).astype(
+            np.float64
+        )
 
     if a[0] != b[0] or a[1] != b[1] or a[0] not in ("BF16", "F32", "F16", "F64"):
         return float("inf")
@@ -209,7 +248,9 @@ def adapter_tensors_equal(reference: Path, candidate: Path) -> tuple[bool, float
     return equal, worst
 
 
-def compare_with_reference(reference_dir: Path, reference_work: Path, candidate_dir: Path, candidate_work: Path, stage: str) -> list[str]:
+def compare_with_reference(
+    reference_dir: Path, reference_work: Path, candidate_dir: Path, candidate_work: Path, stage: str
+) -> list[str]:
     """What differs between a rerun and the reference (empty: identical)."""
     from cptflow.store import read_manifest
 
@@ -220,7 +261,9 @@ def compare_with_reference(reference_dir: Path, reference_work: Path, candidate_
     ref_outputs = {e["path"]: e["sha256"] for e in ref["outputs"]}
     got_outputs = {e["path"]: e["sha256"] for e in got["outputs"]}
     if ref_outputs != got_outputs:
-        differing = sorted(p for p in ref_outputs.keys() | got_outputs.keys() if ref_outputs.get(p) != got_outputs.get(p))
+        differing = sorted(
+            p for p in ref_outputs.keys() | got_outputs.keys() if ref_outputs.get(p) != got_outputs.get(p)
+        )
         problems.append(f"{len(differing)} output files differ: {differing[:4]}")
     ref_stable, got_stable = relative_paths(stable(ref), reference_work), relative_paths(stable(got), candidate_work)
     if ref_stable != got_stable:
@@ -241,7 +284,11 @@ def debris(directory: Path) -> list[str]:
     if manifest is None:
         return []
     listed = {e["path"] for e in manifest["outputs"]} | {MANIFEST}
-    return sorted(str(p.relative_to(directory)) for p in directory.rglob("*") if p.is_file() and str(p.relative_to(directory)) not in listed)
+    return sorted(
+        str(p.relative_to(directory))
+        for p in directory.rglob("*")
+        if p.is_file() and str(p.relative_to(directory)) not in listed
+    )
 
 
 # ---------------------------------------------------------------------------------------------
@@ -261,7 +308,7 @@ def preload(stages) -> None:
     if any(stage in TRAINING for stage in stages):
         import peft  # noqa: F401
 
-        import cptflow.tasks.export  # noqa: F401
+        import cptflow.export  # noqa: F401
 
 
 def run_stage_here(config: str, work: str, stage: str) -> None:
@@ -353,8 +400,14 @@ def _die_with_parent() -> None:
         pass
 
 
-def fork_stage(config: Path, work: Path, stage: str, kill_after: float | None = None, crash_at: int | None = None,
-               count_file: Path | None = None) -> ChildResult:
+def fork_stage(
+    config: Path,
+    work: Path,
+    stage: str,
+    kill_after: float | None = None,
+    crash_at: int | None = None,
+    count_file: Path | None = None,
+) -> ChildResult:
     """Run the stage in a forked child (imports already done); SIGKILL it `kill_after` seconds in, or
     let it kill itself at crash point `crash_at` (`count_file`: count its crash points instead)."""
     killing = kill_after is not None or crash_at is not None
@@ -389,7 +442,9 @@ def fork_stage(config: Path, work: Path, stage: str, kill_after: float | None = 
     return _result(returncode, usage, started, killed, log_path)
 
 
-def spawn_prefect_stage(config: Path, work: Path, stage: str, env: dict, kill_after: float | None = None) -> ChildResult:
+def spawn_prefect_stage(
+    config: Path, work: Path, stage: str, env: dict, kill_after: float | None = None
+) -> ChildResult:
     """`cptflow run CONFIG --only STAGE` in a fresh interpreter; the clock starts when it is READY."""
     command = drill_command("kill", "--child", str(config), str(work), stage)
     log_path = work.parent / f"{work.name}-{stage}-{'kill' if kill_after is not None else 'run'}.log"
@@ -405,8 +460,15 @@ def spawn_prefect_stage(config: Path, work: Path, stage: str, env: dict, kill_af
     return _result(returncode, usage, started, killed, log_path)
 
 
-def run_child(config: Path, work: Path, stage: str, via: str, kill_after: float | None = None, env: dict | None = None,
-              crash_at: int | None = None) -> ChildResult:
+def run_child(
+    config: Path,
+    work: Path,
+    stage: str,
+    via: str,
+    kill_after: float | None = None,
+    env: dict | None = None,
+    crash_at: int | None = None,
+) -> ChildResult:
     if via == "prefect":
         return spawn_prefect_stage(config, work, stage, env or child_env(), kill_after)
     return fork_stage(config, work, stage, kill_after, crash_at=crash_at)
@@ -486,7 +548,9 @@ def progress_at_kill(directory: Path, stage: str) -> str:
     if (directory / MANIFEST).is_file():
         return "committed"
     if stage in ("cpt", "sft"):
-        done = sorted(p.name for p in (directory / "checkpoints").glob("step-*") if (p / "trainer_state.json").is_file())
+        done = sorted(
+            p.name for p in (directory / "checkpoints").glob("step-*") if (p / "trainer_state.json").is_file()
+        )
         return done[-1] if done else "no checkpoint"
     if stage == "evaluate":
         return "started" if directory.exists() else "not started"
@@ -511,7 +575,9 @@ def calibrate(config: Path, reference: Path, stage: str, root: Path, via: str, e
     return result.work_seconds, int(count_file.read_text()) if count_file.is_file() else 0
 
 
-def run_trial(config: Path, reference: Path, stage: str, index: int, kill_after: float, trials_root: Path, via: str, env: dict) -> Trial:
+def run_trial(
+    config: Path, reference: Path, stage: str, index: int, kill_after: float, trials_root: Path, via: str, env: dict
+) -> Trial:
     """One kill and rerun. via "crash-point": `kill_after` is the crash point's number, not seconds."""
     started = time.monotonic()
     work = trials_root / stage / f"trial-{index:02d}"
@@ -528,13 +594,25 @@ def run_trial(config: Path, reference: Path, stage: str, index: int, kill_after:
     if killed.returncode not in (0, -signal.SIGKILL):
         after_kill = f"child failed before the kill ({killed.returncode}): {killed.log[-300:]}"
     rerun = run_child(config, work, stage, via, env=env)
-    problems = [] if rerun.returncode != 0 else compare_with_reference(stage_path(config, reference, stage), reference, directory, work, stage)
+    problems = (
+        []
+        if rerun.returncode != 0
+        else compare_with_reference(stage_path(config, reference, stage), reference, directory, work, stage)
+    )
     if rerun.returncode != 0:
         problems.append(f"rerun failed ({rerun.returncode}): {rerun.log[-600:]}")
     trial = Trial(
-        stage=stage, index=index, kill_after_s=round(kill_after, 3), killed=killed.killed, after_kill=after_kill,
-        rerun_returncode=rerun.returncode, problems=problems, peak_rss_mb=max(killed.peak_rss_mb, rerun.peak_rss_mb),
-        seconds=round(time.monotonic() - started, 1), debris=debris(directory), progress_at_kill=progress,
+        stage=stage,
+        index=index,
+        kill_after_s=round(kill_after, 3),
+        killed=killed.killed,
+        after_kill=after_kill,
+        rerun_returncode=rerun.returncode,
+        problems=problems,
+        peak_rss_mb=max(killed.peak_rss_mb, rerun.peak_rss_mb),
+        seconds=round(time.monotonic() - started, 1),
+        debris=debris(directory),
+        progress_at_kill=progress,
     )
     if trial.survived:
         shutil.rmtree(work, ignore_errors=True)  # keep failed trials for a post-mortem
@@ -547,8 +625,16 @@ def kill_moments(seed: int, stage: str, trials: int, window: float) -> list[floa
     return [rng.uniform(0.0, window) for _ in range(trials)]
 
 
-def drill(stages: list[str], trials: int, seed: int, root: Path, via: str = "plain", prefect_trials: int = 0, crash_points: int = 0,
-          quick: bool = False) -> dict:
+def drill(
+    stages: list[str],
+    trials: int,
+    seed: int,
+    root: Path,
+    via: str = "plain",
+    prefect_trials: int = 0,
+    crash_points: int = 0,
+    quick: bool = False,
+) -> dict:
     started = time.monotonic()
     root.mkdir(parents=True, exist_ok=True)
     # Forked and spawned children alike: offline, as `make` runs (a tokenizer saved online and one
@@ -570,28 +656,46 @@ def drill(stages: list[str], trials: int, seed: int, root: Path, via: str = "pla
             plan = [(i, t, via) for i, t in enumerate(kill_moments(seed, stage, trials, window))]
             if prefect_trials and via != "prefect":
                 prefect_window, _ = calibrate(config, reference, stage, root, "prefect", env)
-                plan += [(len(plan) + i, t, "prefect") for i, t in enumerate(kill_moments(seed + 1, stage, prefect_trials, prefect_window))]
+                plan += [
+                    (len(plan) + i, t, "prefect")
+                    for i, t in enumerate(kill_moments(seed + 1, stage, prefect_trials, prefect_window))
+                ]
             if crash_points and calls:
-                points = sorted(random.Random(f"{seed}-{stage}-crash").sample(range(1, calls + 1), min(crash_points, calls)))
+                points = sorted(
+                    random.Random(f"{seed}-{stage}-crash").sample(range(1, calls + 1), min(crash_points, calls))
+                )
                 plan += [(len(plan) + i, point, "crash-point") for i, point in enumerate(points)]
             timings[stage]["kill_window_s"] = round(window, 2)
             timings[stage]["crash_points"] = calls
             stage_trials = []
             for index, kill_after, trial_via in plan:
-                trial = run_trial(config, reference, stage, index, kill_after, root / "trials" / trial_via, trial_via, env)
+                trial = run_trial(
+                    config, reference, stage, index, kill_after, root / "trials" / trial_via, trial_via, env
+                )
                 stage_trials.append((trial_via, trial))
                 mark = "ok" if trial.survived else "FAILED"
                 at = f"crash point {int(kill_after)}" if trial_via == "crash-point" else f"{kill_after:6.2f}s"
-                print(f"{stage} #{index:02d} ({trial_via}) kill at {at} killed={trial.killed} after-kill={trial.after_kill} "
-                      f"{mark} {'; '.join(trial.problems)} ({trial.seconds:.0f} s)", flush=True)
+                print(
+                    f"{stage} #{index:02d} ({trial_via}) kill at {at} killed={trial.killed} "
+                    f"after-kill={trial.after_kill} "
+                    f"{mark} {'; '.join(trial.problems)} ({trial.seconds:.0f} s)",
+                    flush=True,
+                )
             results[stage] = summarise(stage, stage_trials, timings[stage])
     finally:
         if server is not None:
             server.stop()
     report = {
-        "drill": "kill", "seed": seed, "trials_per_stage": trials, "via": via, "prefect_trials_per_stage": prefect_trials,
+        "drill": "kill",
+        "seed": seed,
+        "trials_per_stage": trials,
+        "via": via,
+        "prefect_trials_per_stage": prefect_trials,
         "crash_point_trials_per_stage": crash_points,
-        "stages": results, "seconds": round(time.monotonic() - started, 1), "python": sys.version.split()[0], "cpus": os.cpu_count(),
+        "stages": results,
+        "seconds": round(time.monotonic() - started, 1),
+        "python": sys.version.split()[0],
+        "cpus": os.cpu_count(),
     }
     return report
 
@@ -620,14 +724,23 @@ def summarise(stage: str, stage_trials: list[tuple[str, Trial]], reference: dict
 
 def format_table(report: dict) -> str:
     lines = [
-        "| stage | survived/total | killed mid-run | committed before the kill | kill window (s) | crash points | peak RSS (MB) | s per trial |",
+        (
+            "| stage | survived/total | killed mid-run | committed before the kill | kill window (s) | crash points "
+            "| peak RSS (MB) | s per trial |"
+        ),
         "|---|---:|---:|---:|---:|---:|---:|---:|",
     ]
     for stage, r in report["stages"].items():
-        paths = ", ".join(f"{via} {c['survived']}/{c['total']}" for via, c in r["by_path"].items()) if len(r["by_path"]) > 1 else ""
+        paths = (
+            ", ".join(f"{via} {c['survived']}/{c['total']}" for via, c in r["by_path"].items())
+            if len(r["by_path"]) > 1
+            else ""
+        )
         lines.append(
-            f"| {stage} | {r['survived']}/{r['total']}{f' ({paths})' if paths else ''} | {r['killed']} | {r['committed_before_kill']} | "
-            f"{r['kill_window_s']} | {r.get('crash_points') or ''} | {r['peak_rss_mb']:.0f} | {r['trial_seconds_mean']:.0f} |"
+            f"| {stage} | {r['survived']}/{r['total']}{f' ({paths})' if paths else ''} | {r['killed']} | "
+            f"{r['committed_before_kill']} | "
+            f"{r['kill_window_s']} | {r.get('crash_points') or ''} | {r['peak_rss_mb']:.0f} | "
+            f"{r['trial_seconds_mean']:.0f} |"
         )
     return "\n".join(lines)
 
@@ -664,13 +777,22 @@ def start_prefect_server(home: Path, timeout: float = 180.0) -> PrefectServer:
 
     home.mkdir(parents=True, exist_ok=True)
     port = free_port()
-    env = {"PREFECT_HOME": str(home), "PREFECT_SERVER_ANALYTICS_ENABLED": "false", "PREFECT_API_URL": f"http://127.0.0.1:{port}/api"}
+    env = {
+        "PREFECT_HOME": str(home),
+        "PREFECT_SERVER_ANALYTICS_ENABLED": "false",
+        "PREFECT_API_URL": f"http://127.0.0.1:{port}/api",
+    }
     server_env = dict(os.environ, **env)
     server_env.pop("PREFECT_API_URL")
     prefect = Path(sys.executable).with_name("prefect")
     log = open(home / "server.log", "ab")
-    process = subprocess.Popen([str(prefect), "server", "start", "--host", "127.0.0.1", "--port", str(port)], env=server_env,
-                               stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+    process = subprocess.Popen(
+        [str(prefect), "server", "start", "--host", "127.0.0.1", "--port", str(port)],
+        env=server_env,
+        stdout=log,
+        stderr=subprocess.STDOUT,
+        start_new_session=True,
+    )
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
         if process.poll() is not None:
@@ -690,11 +812,19 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--stages", nargs="+", choices=STAGES, default=list(STAGES))
     parser.add_argument("--trials", type=int, default=20, help="kill trials per stage")
     parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--via", choices=("plain", "prefect"), default="plain",
-                        help="plain: the stage's own run (what the flow's tasks call); prefect: `cptflow run --only STAGE`")
+    parser.add_argument(
+        "--via",
+        choices=("plain", "prefect"),
+        default="plain",
+        help="plain: the stage's own run (what the flow's tasks call); prefect: `cptflow run --only STAGE`",
+    )
     parser.add_argument("--prefect-trials", type=int, default=0, help="extra trials per stage through `cptflow run`")
-    parser.add_argument("--crash-points", type=int, default=0,
-                        help="extra trials per stage killed just before a seeded sample of its renames/unlinks")
+    parser.add_argument(
+        "--crash-points",
+        type=int,
+        default=0,
+        help="extra trials per stage killed just before a seeded sample of its renames/unlinks",
+    )
     parser.add_argument("--root", type=Path, default=DEFAULT_ROOT / "kill", help="corpus, model, reference and trials")
     parser.add_argument("--out", type=Path, help="write the JSON report here")
     parser.add_argument("--quick", action="store_true", help="2 trials of quality and of a shorter cpt (8 steps)")
@@ -705,8 +835,16 @@ def main(argv: list[str] | None = None) -> int:
         return 0
     if args.quick:
         args.stages, args.trials = ["quality", "cpt"], 2
-    report = drill(args.stages, args.trials, args.seed, args.root, via=args.via, prefect_trials=args.prefect_trials,
-                   crash_points=args.crash_points, quick=args.quick)
+    report = drill(
+        args.stages,
+        args.trials,
+        args.seed,
+        args.root,
+        via=args.via,
+        prefect_trials=args.prefect_trials,
+        crash_points=args.crash_points,
+        quick=args.quick,
+    )
     table = format_table(report)
     print(table)
     if args.out:

@@ -12,7 +12,9 @@ from pathlib import Path
 
 def register_drills_package() -> None:
     folder = Path(__file__).resolve().parent
-    spec = importlib.util.spec_from_file_location("drills", folder / "__init__.py", submodule_search_locations=[str(folder)])
+    spec = importlib.util.spec_from_file_location(
+        "drills", folder / "__init__.py", submodule_search_locations=[str(folder)]
+    )
     module = importlib.util.module_from_spec(spec)
     sys.modules["drills"] = module
     spec.loader.exec_module(module)

@@ -80,35 +80,66 @@ def check_source(text: str, file: str) -> list[Finding]:
     tree = ast.parse(text, filename=file)
     # Loaders defined here on top of a safe one (e.g. config.py's duplicate-key check) are safe too.
     safe_loaders = set(SAFE_LOADERS) | {
-        node.name for node in ast.walk(tree)
-        if isinstance(node, ast.ClassDef) and any(_dotted(base).rsplit(".", 1)[-1] in SAFE_LOADERS for base in node.bases)
+        node.name
+        for node in ast.walk(tree)
+        if isinstance(node, ast.ClassDef)
+        and any(_dotted(base).rsplit(".", 1)[-1] in SAFE_LOADERS for base in node.bases)
     }
     for node in ast.walk(tree):
         if isinstance(node, ast.Call):
             name = _dotted(node.func)
             if name == "torch.load" and not _is_true(_keyword(node, "weights_only")):
-                findings.append(Finding(file, node.lineno, "torch-load", "torch.load without weights_only=True (unpickles arbitrary objects)"))
+                findings.append(
+                    Finding(
+                        file,
+                        node.lineno,
+                        "torch-load",
+                        "torch.load without weights_only=True (unpickles arbitrary objects)",
+                    )
+                )
             if name.startswith("yaml.") and name.split(".", 1)[1] in UNSAFE_YAML:
                 loader = _dotted(_keyword(node, "Loader") or ast.Constant(None)).rsplit(".", 1)[-1]
                 if loader not in safe_loaders:
-                    findings.append(Finding(file, node.lineno, "yaml-load", f"{name} without SafeLoader; use yaml.safe_load"))
+                    findings.append(
+                        Finding(file, node.lineno, "yaml-load", f"{name} without SafeLoader; use yaml.safe_load")
+                    )
             if _is_true(_keyword(node, "trust_remote_code")):
-                findings.append(Finding(file, node.lineno, "trust-remote-code", "trust_remote_code=True hard-coded; take it from the config"))
+                findings.append(
+                    Finding(
+                        file,
+                        node.lineno,
+                        "trust-remote-code",
+                        "trust_remote_code=True hard-coded; take it from the config",
+                    )
+                )
             parts = name.rsplit(".", 2)
             if len(parts) >= 2 and parts[-1] == "from_pretrained" and WEIGHT_CLASS.match(parts[-2]):
                 if not _is_true(_keyword(node, "use_safetensors")):
-                    findings.append(Finding(file, node.lineno, "safetensors", f"{name} without use_safetensors=True (may unpickle a .bin)"))
+                    findings.append(
+                        Finding(
+                            file,
+                            node.lineno,
+                            "safetensors",
+                            f"{name} without use_safetensors=True (may unpickle a .bin)",
+                        )
+                    )
         if isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef)):
             args = node.args
             positional = args.posonlyargs + args.args
-            pairs = list(zip(positional[len(positional) - len(args.defaults):], args.defaults)) + list(zip(args.kwonlyargs, args.kw_defaults))
+            pairs = list(zip(positional[len(positional) - len(args.defaults) :], args.defaults)) + list(
+                zip(args.kwonlyargs, args.kw_defaults)
+            )
             for arg, default in pairs:
                 if arg.arg == "trust_remote_code" and _is_true(default):
-                    findings.append(Finding(file, node.lineno, "trust-remote-code", f"{node.name}(trust_remote_code=True) default"))
+                    findings.append(
+                        Finding(file, node.lineno, "trust-remote-code", f"{node.name}(trust_remote_code=True) default")
+                    )
         if isinstance(node, ast.AnnAssign) and _dotted(node.target) == "trust_remote_code" and node.value is not None:
             value = node.value.args[0] if isinstance(node.value, ast.Call) and node.value.args else node.value
             if _is_true(value):
-                findings.append(Finding(file, node.lineno, "trust-remote-code", "config field trust_remote_code defaults to True"))
+                findings.append(
+                    Finding(file, node.lineno, "trust-remote-code", "config field trust_remote_code defaults to True")
+                )
     return findings
 
 
@@ -154,7 +185,9 @@ def ui_argv(env_host: str | None = None, host: str | None = None) -> list[str]:
     finally:
         subprocess_module.Popen = real_popen
         if env_host is not None:
-            os.environ.pop("PREFECT_SERVER_API_HOST") if saved_env is None else os.environ.update(PREFECT_SERVER_API_HOST=saved_env)
+            os.environ.pop("PREFECT_SERVER_API_HOST") if saved_env is None else os.environ.update(
+                PREFECT_SERVER_API_HOST=saved_env
+            )
         for sig, handler in handlers.items():
             signal.signal(sig, handler)
     return started[0] if started else []
@@ -174,19 +207,32 @@ def runtime_findings() -> list[Finding]:
     findings = []
     for model, label in ((PipelineConfig, "PipelineConfig"), (HFDatasetSource, "HFDatasetSource")):
         if model.model_fields["trust_remote_code"].default is not False:
-            findings.append(Finding("cptflow/config.py", 0, "trust-remote-code", f"{label}.trust_remote_code does not default to False"))
+            findings.append(
+                Finding(
+                    "cptflow/config.py", 0, "trust-remote-code", f"{label}.trust_remote_code does not default to False"
+                )
+            )
     # Adapters load through peft: safetensors when the file is there, else torch.load via this wrapper.
     if inspect.signature(torch_load).parameters["weights_only"].default is not True:
         findings.append(Finding("peft", 0, "torch-load", "peft's torch_load does not default to weights_only=True"))
     host = _host_of(ui_argv(env_host="0.0.0.0"))
     if host != "127.0.0.1":
-        findings.append(Finding("cptflow/cli.py", 0, "ui-bind", f"cptflow ui binds {host!r} by default (PREFECT_SERVER_API_HOST=0.0.0.0 set)"))
+        findings.append(
+            Finding(
+                "cptflow/cli.py",
+                0,
+                "ui-bind",
+                f"cptflow ui binds {host!r} by default (PREFECT_SERVER_API_HOST=0.0.0.0 set)",
+            )
+        )
     if _host_of(ui_argv(host="0.0.0.0")) != "0.0.0.0":
         findings.append(Finding("cptflow/cli.py", 0, "ui-bind", "cptflow ui --host 0.0.0.0 is not honoured"))
     from prefect.settings import PREFECT_RUNNER_SERVER_HOST
 
     if PREFECT_RUNNER_SERVER_HOST.value() not in LOOPBACK:  # `cptflow serve`: the runner's health server
-        findings.append(Finding("prefect", 0, "serve-bind", f"the runner webserver binds {PREFECT_RUNNER_SERVER_HOST.value()}"))
+        findings.append(
+            Finding("prefect", 0, "serve-bind", f"the runner webserver binds {PREFECT_RUNNER_SERVER_HOST.value()}")
+        )
     with tempfile.TemporaryDirectory() as tmp:
         evil = Path(tmp) / "evil.yaml"
         evil.write_text("name: !!python/object/apply:os.system ['echo unsafe']\n")
@@ -283,7 +329,13 @@ def sample_sources(directory: Path, documents: int) -> list[dict]:
     paths = write_normal_corpus(directory, documents)
     return [
         {"name": "domain", "role": "domain", "paths": [str(paths["domain"])], "documents_per_shard": 20},
-        {"name": "general", "role": "general", "paths": [str(paths["general"])], "text_field": "content", "id_field": "doc_id"},
+        {
+            "name": "general",
+            "role": "general",
+            "paths": [str(paths["general"])],
+            "text_field": "content",
+            "id_field": "doc_id",
+        },
     ]
 
 
@@ -306,8 +358,8 @@ def quick_secret_scan(root: Path, model_dir: Path, documents: int = 30) -> dict:
     """
     import cptflow.flows.failure as failure
     from cptflow.config import load_config
+    from cptflow.export import write_model_card
     from cptflow.plan import DATA_STAGES, plan_pipeline, run_data_stage_plain
-    from cptflow.tasks.export import write_model_card
 
     secrets = planted_secrets()
     needles = list(secrets.values())
@@ -323,7 +375,12 @@ def quick_secret_scan(root: Path, model_dir: Path, documents: int = 30) -> dict:
     artifacts: list[str] = []
     out, err = io.StringIO(), io.StringIO()
     try:
-        with WebhookReceiver() as hook, planted_environment(secrets), contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
+        with (
+            WebhookReceiver() as hook,
+            planted_environment(secrets),
+            contextlib.redirect_stdout(out),
+            contextlib.redirect_stderr(err),
+        ):
             config = write_secret_config(root, model_dir, hook.url(secrets["WEBHOOK_SECRET"]), sources)
             cfg = load_config(config)
             runs = plan_pipeline(cfg)
@@ -333,14 +390,25 @@ def quick_secret_scan(root: Path, model_dir: Path, documents: int = 30) -> dict:
             card = {
                 "cpt": cfg.cpt.model_dump(mode="json"),
                 "notify": {"webhook_url": cfg.notify.webhook_url, "channel": cfg.notify.webhook_url.get_secret_value()},
-                "hub": {"hub_token": os.environ["HF_TOKEN"], "mirror": f"https://drill:{os.environ['AWS_SECRET_ACCESS_KEY']}@storage.example"},
+                "hub": {
+                    "hub_token": os.environ["HF_TOKEN"],
+                    "mirror": f"https://drill:{os.environ['AWS_SECRET_ACCESS_KEY']}@storage.example",
+                },
             }
-            write_model_card(cfg.work_path / "export" / "README.md", model_name=cfg.name, base_model=cfg.base_model,
-                             data={"documents": 1}, hyperparameters=card, perplexity={"base": {"domain": 10.0}})
+            write_model_card(
+                cfg.work_path / "export" / "README.md",
+                model_name=cfg.name,
+                base_model=cfg.base_model,
+                data={"documents": 1},
+                hyperparameters=card,
+                perplexity={"base": {"domain": 10.0}},
+            )
             real_artifact = failure.create_markdown_artifact
             failure.create_markdown_artifact = lambda **kwargs: artifacts.append(json.dumps(kwargs))
             try:  # the failure path, as the flow calls it when a stage raises
-                payload = failure.publish_failure(cfg, "perplexity", RuntimeError("scoring model not found"), config_path=str(config))
+                payload = failure.publish_failure(
+                    cfg, "perplexity", RuntimeError("scoring model not found"), config_path=str(config)
+                )
             finally:
                 failure.create_markdown_artifact = real_artifact
             delivered = list(hook.received)
@@ -380,7 +448,10 @@ def run_flow_child(config: Path, report: Path) -> None:
     with prefect_test_harness(server_startup_timeout=None):
         started = time.perf_counter()
         reports = cptflow_pipeline(config_path=str(config))
-        outcome["full_run"] = {"stages": [(r["stage"], r["state"]) for r in reports], "seconds": round(time.perf_counter() - started, 1)}
+        outcome["full_run"] = {
+            "stages": [(r["stage"], r["state"]) for r in reports],
+            "seconds": round(time.perf_counter() - started, 1),
+        }
         broken = config.with_name("broken.yaml")
         data = yaml.safe_load(config.read_text())
         data["perplexity"]["model"] = str(config.parent / "no-such-model")  # perplexity fails, after quality
@@ -392,7 +463,12 @@ def run_flow_child(config: Path, report: Path) -> None:
             outcome["failed_run"] = f"{type(err).__name__}"
         with get_client(sync_client=True) as client:
             outcome["artifacts"] = [
-                {"key": a.key, "type": a.type, "data": a.data if isinstance(a.data, str) else json.dumps(a.data), "description": a.description}
+                {
+                    "key": a.key,
+                    "type": a.type,
+                    "data": a.data if isinstance(a.data, str) else json.dumps(a.data),
+                    "description": a.description,
+                }
                 for a in client.read_artifacts()
             ]
             outcome["logs"] = [log.message for log in client.read_logs()]
@@ -413,17 +489,33 @@ def full_secret_scan(root: Path) -> dict:
     with WebhookReceiver() as hook:
         training = {"lora": {"r": 4, "alpha": 8}, "micro_batch_size": 4, "eval_steps": 2, "save_steps": 2}
         config = write_secret_config(
-            root, model, hook.url(secrets["WEBHOOK_SECRET"]), sources,
+            root,
+            model,
+            hook.url(secrets["WEBHOOK_SECRET"]),
+            sources,
             cpt={**training, "learning_rate": 1e-3, "embedding_learning_rate": 2.5e-4, "max_steps": 4},
-            sft={**training, "data": [{"path": str(REPO / "data" / "instructions" / "alpaca.jsonl")}], "max_length": 96, "max_steps": 3},
+            sft={
+                **training,
+                "data": [{"path": str(REPO / "data" / "instructions" / "alpaca.jsonl")}],
+                "max_length": 96,
+                "max_steps": 3,
+            },
             evaluate={"prompts": ["What is a half-life?"], "max_new_tokens": 8},
         )
-        env = dict(os.environ, PREFECT_HOME=str(prefect_home), HF_HUB_OFFLINE="1", **{k: v for k, v in secrets.items() if k != "WEBHOOK_SECRET"})
+        env = dict(
+            os.environ,
+            PREFECT_HOME=str(prefect_home),
+            HF_HUB_OFFLINE="1",
+            **{k: v for k, v in secrets.items() if k != "WEBHOOK_SECRET"},
+        )
         started = time.perf_counter()
         with open(root / "child.log", "wb") as log:
             child = subprocess.run(
                 drill_command("security", "--child", str(config), "--out", str(root / "child.json")),
-                cwd=REPO, env=env, stdout=log, stderr=subprocess.STDOUT,
+                cwd=REPO,
+                env=env,
+                stdout=log,
+                stderr=subprocess.STDOUT,
             )
         seconds = time.perf_counter() - started
         delivered = list(hook.received)
@@ -477,13 +569,19 @@ def main(argv: list[str] | None = None) -> int:
         problems = list(scan["hits"])
         if scan["child_exit"] != 0 or not scan["full_run"]:
             problems.append(f"the pipeline runs did not complete (exit {scan['child_exit']}; see {root / 'child.log'})")
-        if scan["failed_run"] in (None, "did not fail") or not scan["failure_artifact"] or not scan["webhook_deliveries"]:
+        if (
+            scan["failed_run"] in (None, "did not fail")
+            or not scan["failure_artifact"]
+            or not scan["webhook_deliveries"]
+        ):
             problems.append("the forced failure did not produce a pipeline-failure artifact and a webhook call")
     problems = report["static"] + report["runtime"] + problems
     report["problems"] = problems
     report["ok"] = not problems
-    print(f"security drill: {report['files_checked']} source files checked; static findings {len(report['static'])}, "
-          f"runtime findings {len(report['runtime'])}")
+    print(
+        f"security drill: {report['files_checked']} source files checked; static findings {len(report['static'])}, "
+        f"runtime findings {len(report['runtime'])}"
+    )
     print(json.dumps(report["scan"], indent=2, default=str)[:4000])
     print("\n".join(f"PROBLEM: {p}" for p in problems) if problems else "no problems")
     if args.out:

@@ -57,7 +57,9 @@ def build_deployments(
             cron=cron,
             interval=interval,
             parameters=parameters,
-            description=f"The whole cptflow pipeline for {parameters['config_path']} ({when}); finished stages are cached.",
+            description=(
+                f"The whole cptflow pipeline for {parameters['config_path']} ({when}); finished stages are cached."
+            ),
             **common,
         )
     ]

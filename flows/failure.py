@@ -78,7 +78,9 @@ def publish_failure(
         ]
     )
     try:
-        create_markdown_artifact(key="pipeline-failure", markdown=markdown, description=f"cptflow {cfg.name}: failed in {stage}")
+        create_markdown_artifact(
+            key="pipeline-failure", markdown=markdown, description=f"cptflow {cfg.name}: failed in {stage}"
+        )
     except Exception as err:  # the server being down must not replace the stage's error
         logger.warning("could not create the pipeline-failure artifact: %s", type(err).__name__)
     notify(cfg, payload)

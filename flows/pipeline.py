@@ -62,7 +62,9 @@ def make_task_runner(runner: RunnerConfig):
     return DaskTaskRunner(cluster_kwargs={"n_workers": runner.dask_workers, "threads_per_worker": 1, "processes": True})
 
 
-def select_stages(only: list[str] | None, from_stage: str | None, force: list[str] | None) -> tuple[list[str], set[str]]:
+def select_stages(
+    only: list[str] | None, from_stage: str | None, force: list[str] | None
+) -> tuple[list[str], set[str]]:
     """(stages to execute, stages to recompute even if done) from --only/--from/--force."""
     for name in [*(only or []), *([from_stage] if from_stage else []), *(force or [])]:
         if name not in PIPELINE_STAGES:
@@ -94,7 +96,9 @@ def training_summary(manifest: dict) -> str | None:
     """One line for a training stage's result: held-out perplexities, or the forgetting table's gist."""
     if "perplexity" in manifest:
         p = manifest["perplexity"]
-        return " · ".join(f"{m}: domain {p[m]['domain']:.2f} general {p[m]['general']:.2f}" for m in ("base", "cpt", "sft"))
+        return " · ".join(
+            f"{m}: domain {p[m]['domain']:.2f} general {p[m]['general']:.2f}" for m in ("base", "cpt", "sft")
+        )
     if "eval" in manifest and "train" in manifest:
         evals = ", ".join(f"{name} ppl {values['perplexity']:.2f}" for name, values in manifest["eval"].items())
         return f"{manifest['train']['steps']} steps, {manifest['train']['tokens']} tokens; {evals}"
@@ -113,7 +117,9 @@ def _stage_cache_key(context, parameters) -> str:
 
 
 @task(name="commit-stage", cache_key_fn=_stage_cache_key, persist_result=True, task_run_name="{stage}")
-def commit_stage(stage: str, run: StageRun, cfg: PipelineConfig, shard_counts: list[ShardCounts] | None, started: float) -> dict:
+def commit_stage(
+    stage: str, run: StageRun, cfg: PipelineConfig, shard_counts: list[ShardCounts] | None, started: float
+) -> dict:
     """Global decisions (duplicates, percentile bands), final shards, manifest, artifacts."""
     if run.is_done():  # the Prefect cache was lost but the store has the result: no work
         return {"stage": stage, "fingerprint": run.fingerprint, "state": "cached"}
@@ -134,7 +140,9 @@ def handoff(report: dict) -> dict:
 
 
 @flow(name="data-stage", flow_run_name="{stage}", log_prints=True)
-def data_stage(stage: str, run: StageRun, cfg: PipelineConfig, force: bool = False, upstream: dict | None = None) -> dict:
+def data_stage(
+    stage: str, run: StageRun, cfg: PipelineConfig, force: bool = False, upstream: dict | None = None
+) -> dict:
     """Map a data stage's shards over the configured task runner, then commit it.
 
     `upstream` is the previous stage's result: unused here (the store holds the data), but passing it
@@ -151,10 +159,14 @@ def data_stage(stage: str, run: StageRun, cfg: PipelineConfig, force: bool = Fal
             items = stage_module(stage).plan(run, cfg)
             names = [item["shard"] for item in items]
             logger.info("%s: %d shards → %s", stage, len(items), run.directory)
-            futures = process_shard.map(stage=unmapped(stage), shard_name=names, item=items, run=unmapped(run), cfg=unmapped(cfg))
+            futures = process_shard.map(
+                stage=unmapped(stage), shard_name=names, item=items, run=unmapped(run), cfg=unmapped(cfg)
+            )
             shard_counts = [future.result() for future in futures]
         # The store is the truth: a stage not committed there is recomputed even if Prefect has a record.
-        state = commit_stage.with_options(refresh_cache=not done)(stage, run, cfg, shard_counts, started, return_state=True)
+        state = commit_stage.with_options(refresh_cache=not done)(
+            stage, run, cfg, shard_counts, started, return_state=True
+        )
     ran = state.result()["state"] == "ran" and state.name != "Cached"
     report = _stage_report(run, "ran" if ran else "cached")
     logger.info("%s: %s (%s)", stage, report["state"], run.fingerprint)
@@ -172,16 +184,27 @@ class PrefectTrainingReporter(TrainingReporter):
 
     def on_start(self, info: dict) -> None:
         self.total_steps = info["total_steps"]
-        self.progress_id = create_progress_artifact(0.0, key=f"{self.stage}-progress", description=f"{self.stage}: starting")
-        create_table_artifact(key=f"{self.stage}-param-groups", table=info["param_groups"], description=f"{self.stage}: optimizer parameter groups")
+        self.progress_id = create_progress_artifact(
+            0.0, key=f"{self.stage}-progress", description=f"{self.stage}: starting"
+        )
+        create_table_artifact(
+            key=f"{self.stage}-param-groups",
+            table=info["param_groups"],
+            description=f"{self.stage}: optimizer parameter groups",
+        )
         self.logger.info("%s: %d steps; param groups %s", self.stage, info["total_steps"], info["param_groups"])
 
     def on_log(self, record: dict) -> None:
         lrs = " ".join(f"{group}={lr:.3g}" for group, lr in record["lr"].items())
-        line = f"step {record['step']}/{record['total_steps']} loss {record['loss']:.4f} lr {lrs} tokens/s {record['tokens_per_s']:.0f}"
+        line = (
+            f"step {record['step']}/{record['total_steps']} loss {record['loss']:.4f} lr {lrs} "
+            f"tokens/s {record['tokens_per_s']:.0f}"
+        )
         self.logger.info("%s: %s", self.stage, line)
         if self.progress_id is not None:
-            update_progress_artifact(self.progress_id, 100.0 * record["step"] / record["total_steps"], description=f"{self.stage}: {line}")
+            update_progress_artifact(
+                self.progress_id, 100.0 * record["step"] / record["total_steps"], description=f"{self.stage}: {line}"
+            )
 
     # The eval table and the best checkpoint are published once, when the stage commits
     # (publish_artifacts): one new artifact version per eval would crowd the run graph.
@@ -257,7 +280,10 @@ def gpu_slot(cfg: PipelineConfig, stage: str):
         with concurrency(slot.name, occupy=1, strict=True):
             yield
     else:
-        on_wait = lambda: logger.info("%s: waiting for a slot of the local limit '%s' (another run is training)", stage, slot.name)  # noqa: E731
+
+        def on_wait() -> None:
+            logger.info("%s: waiting for a slot of the local limit '%s' (another run is training)", stage, slot.name)
+
         with local_slot(slot.name, slot.limit, on_wait):
             yield
 
@@ -266,7 +292,8 @@ def gpu_slot(cfg: PipelineConfig, stage: str):
 def training_stage(stage: str, run: StageRun, cfg: PipelineConfig, upstream: dict | None = None) -> dict:
     """cpt, sft or evaluate; a retry (or a rerun after a crash) resumes from the latest checkpoint.
 
-    Runs as a torchrun / accelerate process tree (cptflow/training_process.py, cptflow/launch.py) whose output streams into this
+    Runs as a torchrun / accelerate process tree (cptflow/training_process.py, cptflow/launch.py)
+    whose output streams into this
     task's log, or inline (`launch.launcher: inline`). Holds a slot of the global concurrency limit
     `gpu_concurrency.name` while it trains, so two scheduled runs never train on the same GPU at once.
     """
@@ -285,7 +312,12 @@ def training_stage(stage: str, run: StageRun, cfg: PipelineConfig, upstream: dic
 
 
 def run_stage(
-    stage: str, runs: dict[str, StageRun], cfg: PipelineConfig, selected: list[str], forced: set[str], upstream: dict | None = None
+    stage: str,
+    runs: dict[str, StageRun],
+    cfg: PipelineConfig,
+    selected: list[str],
+    forced: set[str],
+    upstream: dict | None = None,
 ) -> tuple[dict, dict]:
     """(the stage's report, what the next stage receives as `upstream`): the value Prefect returned for
     this stage, so that the graph draws the edge `stage → next stage`."""
@@ -295,13 +327,17 @@ def run_stage(
         return report, handoff(report)
     if stage in DATA_STAGES:
         runner = make_task_runner(cfg.runner)
-        result = data_stage.with_options(name=stage, task_runner=runner)(stage, run, cfg, force=stage in forced, upstream=upstream)
+        result = data_stage.with_options(name=stage, task_runner=runner)(
+            stage, run, cfg, force=stage in forced, upstream=upstream
+        )
         return result["report"], result
     if stage in forced:
         reset_stage_dir(run.path)
     done = run.is_done()
     retries = getattr(getattr(cfg, stage), "retries", 0)
-    state = training_stage.with_options(refresh_cache=not done, retries=retries)(stage, run, cfg, upstream=upstream, return_state=True)
+    state = training_stage.with_options(refresh_cache=not done, retries=retries)(
+        stage, run, cfg, upstream=upstream, return_state=True
+    )
     result = state.result()
     outcome = result.get("report", result)  # a cache record from before handoff() holds the report itself
     ran = outcome["state"] == "ran" and state.name != "Cached"
@@ -357,17 +393,25 @@ def publish_artifacts(manifest: dict, directory: Path) -> None:
         elif artifact.markdown is not None:
             create_markdown_artifact(key=artifact.key, markdown=artifact.markdown, description=artifact.description)
         else:
-            create_link_artifact(key=artifact.key, link=artifact.link, link_text=artifact.link_text, description=artifact.description)
+            create_link_artifact(
+                key=artifact.key, link=artifact.link, link_text=artifact.link_text, description=artifact.description
+            )
 
 
 def publish_run_summary(cfg: PipelineConfig, reports: list[dict]) -> None:
-    lines = [f"# cptflow run: {cfg.name}", "", "| stage | state | in | kept | excluded | rejected | seconds | fingerprint |", "|---|---|---|---|---|---|---|---|"]
+    lines = [
+        f"# cptflow run: {cfg.name}",
+        "",
+        "| stage | state | in | kept | excluded | rejected | seconds | fingerprint |",
+        "|---|---|---|---|---|---|---|---|",
+    ]
     for report in reports:
         counts = report.get("counts") or {}
         excluded = sum((counts.get("excluded") or {}).values()) if counts else ""
         rejected = sum((counts.get("rejected") or {}).values()) if counts else ""
         lines.append(
-            f"| {report['stage']} | {report['state']} | {counts.get('in', '')} | {counts.get('kept', '')} | {excluded} | "
+            f"| {report['stage']} | {report['state']} | {counts.get('in', '')} | "
+            f"{counts.get('kept', '')} | {excluded} | "
             f"{rejected} | {report.get('seconds') or ''} | `{report['fingerprint']}` |"
         )
     results = [f"- **{r['stage']}**: {r['result']}" for r in reports if r.get("result")]

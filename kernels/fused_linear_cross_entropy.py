@@ -143,8 +143,22 @@ def default_chunk_tokens(n_tokens: int, vocab: int, element_size: int = 4) -> in
     return min(by_count, 1 << (by_budget.bit_length() - 1))
 
 
-def _fused_forward(hidden, weight, bias, labels, *, ignore_index, reduction, chunk_tokens, softcap,
-                   accumulate_fp32, grad_hidden_needed, grad_weight_needed, grad_bias_needed, rows_fn):
+def _fused_forward(
+    hidden,
+    weight,
+    bias,
+    labels,
+    *,
+    ignore_index,
+    reduction,
+    chunk_tokens,
+    softcap,
+    accumulate_fp32,
+    grad_hidden_needed,
+    grad_weight_needed,
+    grad_bias_needed,
+    rows_fn,
+):
     """Loss plus every gradient (for grad_output = 1), chunk by chunk over the tokens."""
     x = hidden.reshape(-1, hidden.shape[-1])
     y = labels.reshape(-1).to(torch.int64)  # gather wants int64; int32 labels are common too
@@ -210,11 +224,29 @@ class FusedLinearCrossEntropyFunction(torch.autograd.Function):
     """Gradients are computed in forward (the chunk's logits are gone by backward); backward scales."""
 
     @staticmethod
-    def forward(ctx, hidden, weight, bias, labels, ignore_index, reduction, chunk_tokens, softcap,
-                accumulate_fp32, triton_rows, grad_mode):
+    def forward(
+        ctx,
+        hidden,
+        weight,
+        bias,
+        labels,
+        ignore_index,
+        reduction,
+        chunk_tokens,
+        softcap,
+        accumulate_fp32,
+        triton_rows,
+        grad_mode,
+    ):
         loss, grad_hidden, grad_weight, grad_bias = _fused_forward(
-            hidden, weight, bias, labels,
-            ignore_index=ignore_index, reduction=reduction, chunk_tokens=chunk_tokens, softcap=softcap,
+            hidden,
+            weight,
+            bias,
+            labels,
+            ignore_index=ignore_index,
+            reduction=reduction,
+            chunk_tokens=chunk_tokens,
+            softcap=softcap,
             accumulate_fp32=accumulate_fp32,
             grad_hidden_needed=grad_mode and ctx.needs_input_grad[0],
             grad_weight_needed=grad_mode and ctx.needs_input_grad[1],
@@ -233,11 +265,13 @@ class FusedLinearCrossEntropyFunction(torch.autograd.Function):
         return grads[0], grads[1], grads[2], None, None, None, None, None, None, None, None
 
 
-def linear_cross_entropy_reference(hidden, weight, labels, *, ignore_index=-100, reduction="mean",
-                                   softcap=None, bias=None) -> torch.Tensor:
+def linear_cross_entropy_reference(
+    hidden, weight, labels, *, ignore_index=-100, reduction="mean", softcap=None, bias=None
+) -> torch.Tensor:
     """Eager F.linear + F.cross_entropy on the full logits: what the fused loss must equal."""
-    logits = F.linear(hidden.reshape(-1, hidden.shape[-1]), weight.to(hidden.dtype),
-                      None if bias is None else bias.to(hidden.dtype)).float()
+    logits = F.linear(
+        hidden.reshape(-1, hidden.shape[-1]), weight.to(hidden.dtype), None if bias is None else bias.to(hidden.dtype)
+    ).float()
     if softcap is not None:
         logits = softcap * torch.tanh(logits / softcap)
     loss = F.cross_entropy(logits, labels.reshape(-1), ignore_index=ignore_index, reduction="sum")
@@ -280,6 +314,15 @@ def fused_linear_cross_entropy(
     # ctx.needs_input_grad stays True under torch.no_grad() and forward always runs with grad
     # disabled: read the grad mode here, so evaluation skips the gradient work.
     return FusedLinearCrossEntropyFunction.apply(
-        hidden, weight, bias, labels, ignore_index, reduction, chunk_tokens, softcap, accumulate_fp32,
-        use_triton(hidden), torch.is_grad_enabled(),
+        hidden,
+        weight,
+        bias,
+        labels,
+        ignore_index,
+        reduction,
+        chunk_tokens,
+        softcap,
+        accumulate_fp32,
+        use_triton(hidden),
+        torch.is_grad_enabled(),
     )

@@ -32,9 +32,18 @@ def _rms_norm_forward_kernel(Y, X, W, InvRms, stride_y, stride_x, n_cols, eps, B
 
 @triton_jit
 def _rms_norm_backward_kernel(
-    DX, DY, X, W, InvRms, DWPartial,
-    stride_dx, stride_dy, stride_x,
-    n_rows, n_cols, rows_per_program,
+    DX,
+    DY,
+    X,
+    W,
+    InvRms,
+    DWPartial,
+    stride_dx,
+    stride_dy,
+    stride_x,
+    n_rows,
+    n_cols,
+    rows_per_program,
     COMPUTE_DW: tl.constexpr,
     BLOCK: tl.constexpr,
 ):
@@ -83,8 +92,16 @@ class RMSNormFunction(torch.autograd.Function):
         inv_rms = torch.empty(n_rows, dtype=torch.float32, device=x.device)
         block = next_power_of_2(n_cols)
         _rms_norm_forward_kernel[(n_rows,)](
-            y, x2d, weight, inv_rms, y.stride(0), x2d.stride(0), n_cols, eps,
-            BLOCK=block, num_warps=num_warps_for(block),
+            y,
+            x2d,
+            weight,
+            inv_rms,
+            y.stride(0),
+            x2d.stride(0),
+            n_cols,
+            eps,
+            BLOCK=block,
+            num_warps=num_warps_for(block),
         )
         ctx.save_for_backward(x2d, weight, inv_rms)
         ctx.shape = shape
@@ -101,10 +118,21 @@ class RMSNormFunction(torch.autograd.Function):
         dw_partial = torch.empty((programs, n_cols) if compute_dw else (1, 1), dtype=torch.float32, device=x2d.device)
         block = next_power_of_2(n_cols)
         _rms_norm_backward_kernel[(programs,)](
-            dx, dy, x2d, weight, inv_rms, dw_partial,
-            dx.stride(0), dy.stride(0), x2d.stride(0),
-            n_rows, n_cols, -(-n_rows // programs),
-            COMPUTE_DW=compute_dw, BLOCK=block, num_warps=num_warps_for(block),
+            dx,
+            dy,
+            x2d,
+            weight,
+            inv_rms,
+            dw_partial,
+            dx.stride(0),
+            dy.stride(0),
+            x2d.stride(0),
+            n_rows,
+            n_cols,
+            -(-n_rows // programs),
+            COMPUTE_DW=compute_dw,
+            BLOCK=block,
+            num_warps=num_warps_for(block),
         )
         dw = dw_partial.sum(0).to(weight.dtype) if compute_dw else None
         return dx.view(ctx.shape), dw, None

@@ -3,8 +3,10 @@
 Starts a Prefect server (`cptflow ui` on a free port, a throw-away database), runs the demo pipeline
 against it in a fresh work directory, then opens the flow run's page in headless Chromium (Playwright
 driving the system's browser, e.g. Debian's `chromium`), checks that `pipeline-summary` and
-`evaluate-forgetting` are listed and render (a heading, a table), and saves screenshots of the run's
-Artifacts tab (docs/ui-check.png) and of the rendered summary (docs/ui-check-summary.png).
+`evaluate-forgetting` are listed and render (a heading, a table), that the run graph is the chain
+clean → quality → … → evaluate (each stage's only parent is the stage before it), and saves screenshots
+of the run graph (docs/ui-check-graph.png), the run's Artifacts tab (docs/ui-check.png) and the
+rendered summary (docs/ui-check-summary.png).
 
     python scripts/ui_check.py [--config configs/demo.yaml] [--screenshot docs/ui-check.png]
                                [--api-url http://127.0.0.1:4200/api]   # use a running server instead
@@ -75,7 +77,30 @@ def run_artifacts(api_url: str, flow_run_id: str) -> dict[str, dict]:
     return {a["key"]: a for a in found if a.get("key")}
 
 
-def check_in_browser(ui_url: str, flow_run_id: str, artifacts: dict[str, dict], browser: str, screenshot: Path) -> list[str]:
+STAGES = ("clean", "quality", "perplexity", "mix", "tokenize", "cpt", "sft", "evaluate")
+
+
+def graph_problems(api_url: str, flow_run_id: str) -> list[str]:
+    """The run graph the UI draws (/flow_runs/{id}/graph-v2) must be the chain of stages."""
+    graph = httpx.get(f"{api_url}/flow_runs/{flow_run_id}/graph-v2", timeout=30).json()
+    nodes = {node_id: node for node_id, node in graph["nodes"]}
+    by_stage = {node["label"].split(" / ")[-1]: node_id for node_id, node in nodes.items()}
+    missing = [stage for stage in STAGES if stage not in by_stage]
+    if missing:
+        return [f"run graph: no node for {', '.join(missing)}"]
+    problems = []
+    for previous, stage in zip((None, *STAGES), STAGES):
+        parents = {edge["id"] for edge in nodes[by_stage[stage]]["parents"]}
+        expected = {by_stage[previous]} if previous else set()
+        if parents != expected:
+            labels = sorted(nodes[p]["label"] for p in parents if p in nodes)
+            problems.append(f"run graph: {stage} has parents {labels}, expected {previous or 'none'}")
+    return problems
+
+
+def check_in_browser(
+    ui_url: str, flow_run_id: str, artifacts: dict[str, dict], browser: str, screenshot: Path
+) -> list[str]:
     """Problems seen in the UI; an empty list means every expected artifact is listed and renders."""
     from playwright.sync_api import sync_playwright
 
@@ -84,6 +109,8 @@ def check_in_browser(ui_url: str, flow_run_id: str, artifacts: dict[str, dict], 
         chromium = playwright.chromium.launch(executable_path=browser, headless=True, args=["--no-sandbox"])
         page = chromium.new_page(viewport={"width": 1400, "height": 1000})
         page.goto(f"{ui_url}/runs/flow-run/{flow_run_id}", wait_until="networkidle")
+        page.wait_for_timeout(3_000)  # the graph canvas draws after the data arrives
+        page.screenshot(path=str(screenshot.with_name(f"{screenshot.stem}-graph{screenshot.suffix}")))
         page.get_by_role("tablist").get_by_text("Artifacts", exact=True).click()
         for key in EXPECTED:
             try:
@@ -102,7 +129,9 @@ def check_in_browser(ui_url: str, flow_run_id: str, artifacts: dict[str, dict], 
             except Exception:
                 problems.append(f"artifact '{key}': no <{rendered}> showing '{text}'")
             if key == "pipeline-summary":
-                page.screenshot(path=str(screenshot.with_name(f"{screenshot.stem}-summary{screenshot.suffix}")), full_page=True)
+                page.screenshot(
+                    path=str(screenshot.with_name(f"{screenshot.stem}-summary{screenshot.suffix}")), full_page=True
+                )
         chromium.close()
     return problems
 
@@ -114,7 +143,9 @@ def main() -> int:
     parser.add_argument("--api-url", help="a running Prefect server's API; default: start one")
     parser.add_argument("--browser", help="Chromium executable; default: the first of %s on PATH" % ", ".join(BROWSERS))
     parser.add_argument("--screenshot", default=str(REPO / "docs" / "ui-check.png"))
-    parser.add_argument("--no-run", action="store_true", help="with --api-url: check the latest pipeline run already there")
+    parser.add_argument(
+        "--no-run", action="store_true", help="with --api-url: check the latest pipeline run already there"
+    )
     args = parser.parse_args()
 
     browser = find_browser(args.browser)
@@ -136,7 +167,9 @@ def main() -> int:
             env = dict(os.environ, PREFECT_HOME=str(scratch / "prefect-home"))
             server = subprocess.Popen(
                 [sys.executable, "-m", "cptflow.cli", "ui", "--port", str(port)],
-                env=env, stdout=open(scratch / "server.log", "w"), stderr=subprocess.STDOUT,
+                env=env,
+                stdout=open(scratch / "server.log", "w"),
+                stderr=subprocess.STDOUT,
             )
         wait_healthy(api_url, timeout=180)
         print(f"ui-check: Prefect server at {api_url}")
@@ -145,12 +178,15 @@ def main() -> int:
             work_dir = args.work_dir or str(scratch / "work")
             env = dict(os.environ, PREFECT_API_URL=api_url)
             started = time.monotonic()
-            subprocess.run([sys.executable, "-m", "cptflow.cli", "run", args.config, "--work-dir", work_dir], env=env, check=True)
+            subprocess.run(
+                [sys.executable, "-m", "cptflow.cli", "run", args.config, "--work-dir", work_dir], env=env, check=True
+            )
             print(f"ui-check: pipeline ran in {time.monotonic() - started:.0f} s")
 
         flow_run = latest_pipeline_run(api_url)
         artifacts = run_artifacts(api_url, flow_run["id"])
         problems = [f"API: flow run has no artifact '{key}'" for key in EXPECTED if key not in artifacts]
+        problems += graph_problems(api_url, flow_run["id"])
         ui_url = api_url.removesuffix("/api")
         problems += check_in_browser(ui_url, flow_run["id"], artifacts, browser, Path(args.screenshot))
     finally:

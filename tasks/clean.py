@@ -67,14 +67,18 @@ class SourceConfig(BaseModel):
     model_config = ConfigDict(extra="forbid")
     name: str = Field(pattern=r"^[a-z0-9][a-z0-9_-]*$", description="Used in shard names and counts")
     role: Literal["domain", "general"] = Field(description="domain data, or general 'replay' data")
-    paths: list[str] = Field(default_factory=list, description="Files, directories or globs (relative to the config file)")
+    paths: list[str] = Field(
+        default_factory=list, description="Files, directories or globs (relative to the config file)"
+    )
     hf: HFDatasetSource | None = None
     format: Literal["auto", "jsonl", "parquet", "text"] = "auto"
     text_field: str = "text"
     id_field: str | None = Field("id", description="None: ids are made from file and line")
     metadata_filters: list[MetadataFilter] = Field(default_factory=list)
     code: bool = Field(False, description="Python source: keep indentation, require that it parses")
-    documents_per_shard: int = Field(5000, gt=0, description="Input shard size (documents); .gz files are one shard each")
+    documents_per_shard: int = Field(
+        5000, gt=0, description="Input shard size (documents); .gz files are one shard each"
+    )
 
     @model_validator(mode="after")
     def _one_kind_of_input(self) -> "SourceConfig":
@@ -86,7 +90,13 @@ class SourceConfig(BaseModel):
 class PIIConfig(BaseModel):
     model_config = ConfigDict(extra="forbid")
     enabled: bool = True
-    kinds: list[Literal["email", "phone", "ssn", "ipv4", "credit_card"]] = ["email", "phone", "ssn", "ipv4", "credit_card"]
+    kinds: list[Literal["email", "phone", "ssn", "ipv4", "credit_card"]] = [
+        "email",
+        "phone",
+        "ssn",
+        "ipv4",
+        "credit_card",
+    ]
     placeholder: str = Field("<{kind}>", description="'{kind}' becomes EMAIL, PHONE, SSN, IPV4, CREDIT_CARD")
 
 
@@ -94,16 +104,32 @@ class BoilerplateConfig(BaseModel):
     model_config = ConfigDict(extra="forbid")
     enabled: bool = True
     max_line_chars: int = Field(200, description="Longer lines are prose even if they mention cookies")
-    extra_patterns: list[str] = Field(default_factory=list, description="Regexes (case-insensitive) for more boilerplate lines")
+    extra_patterns: list[str] = Field(
+        default_factory=list, description="Regexes (case-insensitive) for more boilerplate lines"
+    )
 
 
 class CleanConfig(BaseModel):
     model_config = ConfigDict(extra="forbid")
     fix_unicode: bool = Field(True, description="ftfy mojibake repair, then NFC")
     html: Literal["auto", "always", "never"] = Field("auto", description="auto: parse documents that contain HTML tags")
-    html_drop_tags: list[str] = ["script", "style", "noscript", "template", "svg", "iframe", "nav", "footer", "aside", "form", "head"]
+    html_drop_tags: list[str] = [
+        "script",
+        "style",
+        "noscript",
+        "template",
+        "svg",
+        "iframe",
+        "nav",
+        "footer",
+        "aside",
+        "form",
+        "head",
+    ]
     max_html_depth: int = Field(
-        512, gt=0, description="Pages with block elements nested deeper than this (count of open tags) are excluded "
+        512,
+        gt=0,
+        description="Pages with block elements nested deeper than this (count of open tags) are excluded "
         "as html_too_deep: parse time grows with depth x tags. 512 is Chromium's parser limit",
     )
     boilerplate: BoilerplateConfig = BoilerplateConfig()
@@ -115,7 +141,8 @@ class CleanConfig(BaseModel):
         1_000_000, gt=0, description="Longer texts (characters, before cleaning) are excluded as document_too_long"
     )
     max_record_bytes: int = Field(
-        DEFAULT_MAX_RECORD_BYTES, gt=0,
+        DEFAULT_MAX_RECORD_BYTES,
+        gt=0,
         description="A JSONL line or text file larger than this (bytes) is rejected as record_too_large, unread",
     )
 
@@ -274,8 +301,15 @@ def _iter_jsonl(shard: InputShard, max_record_bytes: int = DEFAULT_MAX_RECORD_BY
                 else:
                     yield _parse_json_line(str(path), line, raw)
                 line += 1
-        except (EOFError, OSError, zlib.error) as err:  # truncated or corrupt compressed file (BadGzipFile is an OSError)
-            detail = f"{path.name}: unreadable after line {line - 1} ({type(err).__name__}: {err}); the rest of the file is lost"
+        except (
+            EOFError,
+            OSError,
+            zlib.error,
+        ) as err:  # truncated or corrupt compressed file (BadGzipFile is an OSError)
+            detail = (
+                f"{path.name}: unreadable after line {line - 1} ({type(err).__name__}: {err}); "
+                "the rest of the file is lost"
+            )
             yield RawRecord(str(path), line, reject="unreadable_file", detail=detail)
 
 
@@ -299,7 +333,13 @@ def _parse_json_line(file: str, line: int, raw: bytes) -> RawRecord:
     if _SURROGATE_ESCAPE.search(raw):
         field_path = _unencodable_field(record)
         if field_path is not None:
-            return RawRecord(file, line, reject="invalid_unicode", detail=f"field '{field_path}' holds a lone UTF-16 surrogate", raw=preview)
+            return RawRecord(
+                file,
+                line,
+                reject="invalid_unicode",
+                detail=f"field '{field_path}' holds a lone UTF-16 surrogate",
+                raw=preview,
+            )
     return RawRecord(file, line, record=record)
 
 
@@ -325,7 +365,9 @@ def _unencodable_field(record: dict) -> str | None:
     return None
 
 
-def _iter_text_files(shard: InputShard, text_field: str, max_record_bytes: int = DEFAULT_MAX_RECORD_BYTES) -> Iterator[RawRecord]:
+def _iter_text_files(
+    shard: InputShard, text_field: str, max_record_bytes: int = DEFAULT_MAX_RECORD_BYTES
+) -> Iterator[RawRecord]:
     for file in shard.files:
         try:
             size = Path(file).stat().st_size
@@ -381,7 +423,9 @@ def _iter_parquet(shard: InputShard) -> Iterator[RawRecord]:
             if bad_column is None:
                 yield RawRecord(file, row, record=record)
             else:
-                yield RawRecord(file, row, reject="invalid_utf8", detail=f"column '{bad_column}' holds bytes that are not UTF-8")
+                yield RawRecord(
+                    file, row, reject="invalid_utf8", detail=f"column '{bad_column}' holds bytes that are not UTF-8"
+                )
             row += 1
 
 
@@ -421,7 +465,9 @@ def _iter_hf(shard: InputShard, source: SourceConfig) -> Iterator[RawRecord]:
         yield RawRecord(label, shard.start + offset + 1, record=dict(record))
 
 
-def read_raw_records(shard: InputShard, source: SourceConfig, max_record_bytes: int = DEFAULT_MAX_RECORD_BYTES) -> Iterator[RawRecord]:
+def read_raw_records(
+    shard: InputShard, source: SourceConfig, max_record_bytes: int = DEFAULT_MAX_RECORD_BYTES
+) -> Iterator[RawRecord]:
     if shard.kind == "jsonl":
         return _iter_jsonl(shard, max_record_bytes)
     if shard.kind == "text":
@@ -473,7 +519,9 @@ def fix_unicode(text: str) -> str:
 
         if is_bad(text):
             # Keep curly quotes and entities as written: entities are handled by the HTML step.
-            text = ftfy.fix_text(text, ftfy.TextFixerConfig(uncurl_quotes=False, unescape_html=False, normalization="NFC"))
+            text = ftfy.fix_text(
+                text, ftfy.TextFixerConfig(uncurl_quotes=False, unescape_html=False, normalization="NFC")
+            )
         text = unicodedata.normalize("NFC", text)
     return _CONTROL_CHARS.sub("", text)
 
@@ -485,7 +533,8 @@ _HTML_HINT = re.compile(
     re.IGNORECASE,
 )
 _BLOCK_TAGS = frozenset(
-    "address article blockquote body dd div dl dt fieldset figcaption figure h1 h2 h3 h4 h5 h6 header hr li main ol p pre "
+    "address article blockquote body dd div dl dt fieldset figcaption figure h1 h2 h3 h4 h5 h6 "
+    "header hr li main ol p pre "
     "section table tbody thead tfoot tr td th ul title caption details summary".split()
 )
 _PARAGRAPH_TAGS = frozenset("p h1 h2 h3 h4 h5 h6 blockquote pre table ul ol article section title".split())
@@ -752,7 +801,9 @@ def _to_document(raw: RawRecord, source: SourceConfig, base_dir: Path) -> tuple[
 # ----------------------------------------------------------------------------------------------------
 # The stage: map over input shards, then one commit that removes exact duplicates across all shards
 # ----------------------------------------------------------------------------------------------------
-def clean_shard(shard: InputShard, source: SourceConfig, cfg: CleanConfig, stage_directory: Path, base_dir: Path) -> ShardCounts:
+def clean_shard(
+    shard: InputShard, source: SourceConfig, cfg: CleanConfig, stage_directory: Path, base_dir: Path
+) -> ShardCounts:
     """Clean one input shard into `_work/` (kept, excluded, rejected, dedup keys); idempotent after a kill."""
     finished = load_finished_shard(stage_directory, shard.name)
     if finished is not None:
@@ -761,15 +812,27 @@ def clean_shard(shard: InputShard, source: SourceConfig, cfg: CleanConfig, stage
     counts = ShardCounts(shard=shard.name, source=shard.source)
     steps = CleanSteps(cfg, code=source.code)
     work = lambda suffix: shard_work_file(stage_directory, shard.name, suffix)  # noqa: E731
-    with JsonlWriter(work("kept.jsonl")) as kept, JsonlWriter(work("excluded.jsonl")) as excluded, JsonlWriter(
-        work("rejected.jsonl")
-    ) as rejected, JsonlWriter(work("keys.jsonl")) as keys:
+    with (
+        JsonlWriter(work("kept.jsonl")) as kept,
+        JsonlWriter(work("excluded.jsonl")) as excluded,
+        JsonlWriter(work("rejected.jsonl")) as rejected,
+        JsonlWriter(work("keys.jsonl")) as keys,
+    ):
         for raw in read_raw_records(shard, source, cfg.max_record_bytes):
             counts.documents_in += 1
             doc, reason, detail = (None, raw.reject, raw.detail) if raw.reject else _to_document(raw, source, base_dir)
             if doc is None:
                 counts.rejected[reason] += 1
-                rejected.write({"source": source.name, "file": raw.file, "line": raw.line, "reason": reason, "detail": detail, "raw": raw.raw})
+                rejected.write(
+                    {
+                        "source": source.name,
+                        "file": raw.file,
+                        "line": raw.line,
+                        "reason": reason,
+                        "detail": detail,
+                        "raw": raw.raw,
+                    }
+                )
                 continue
             reason = metadata_reason(raw.record, source.metadata_filters)
             if reason is None and len(doc["text"]) > cfg.max_document_chars:

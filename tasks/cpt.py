@@ -50,7 +50,9 @@ class CptConfig(TrainingConfig):
     """Continued pretraining. Defaults from Unsloth's CPT recipe: r=128, alpha=32, rsLoRA, LR 5e-5,
     embedding LR 5e-6, 8-bit AdamW, cosine."""
 
-    shuffle_window: int = Field(0, ge=0, description="Shuffle blocks within windows of this many (0 keeps the curriculum order)")
+    shuffle_window: int = Field(
+        0, ge=0, description="Shuffle blocks within windows of this many (0 keeps the curriculum order)"
+    )
     document_mask: bool = Field(False, description="Attention never crosses documents inside a packed block")
 
 
@@ -113,7 +115,9 @@ def run(run, cfg, reporter: TrainingReporter | None = None, *, stop_after_steps:
 
     tokenizer = load_tokenizer(cfg.base_model, trust_remote_code=cfg.trust_remote_code)
     init_adapter = cfg.resolve(tcfg.init_adapter) if tcfg.init_adapter else None
-    prepared = prepare_model(cfg.base_model, tcfg, adapter_dir=init_adapter, seed=cfg.seed, trust_remote_code=cfg.trust_remote_code)
+    prepared = prepare_model(
+        cfg.base_model, tcfg, adapter_dir=init_adapter, seed=cfg.seed, trust_remote_code=cfg.trust_remote_code
+    )
     model, device, memory, fused_loss = prepared.model, prepared.device, prepared.memory, prepared.fused_loss
 
     dataset = TokenShardDataset(
@@ -133,7 +137,13 @@ def run(run, cfg, reporter: TrainingReporter | None = None, *, stop_after_steps:
     evaluate = make_evaluator(model, blocks, tcfg.eval_batch_size)
     reporter = reporter or TrainingReporter()
     reporter.on_start(
-        {"stage": "cpt", "total_steps": total_steps, "samples": len(dataset), "seq_len": dataset.seq_len, "param_groups": describe_param_groups(optimizer)}
+        {
+            "stage": "cpt",
+            "total_steps": total_steps,
+            "samples": len(dataset),
+            "seq_len": dataset.seq_len,
+            "param_groups": describe_param_groups(optimizer),
+        }
     )
 
     checkpoints = run.path / "checkpoints"

@@ -37,7 +37,9 @@ class ExportSettings(BaseModel):
 class EvaluateConfig(BaseModel):
     model_config = ConfigDict(extra="forbid")
     batch_size: int = Field(8, gt=0, description="Blocks per forward pass")
-    prompts: list[str] = Field(default_factory=list, description="Rendered with the chat template; answered greedily by each model")
+    prompts: list[str] = Field(
+        default_factory=list, description="Rendered with the chat template; answered greedily by each model"
+    )
     max_new_tokens: int = Field(48, gt=0, le=1024, description="Generation length bound, in tokens")
     export: ExportSettings = ExportSettings()
 
@@ -71,7 +73,9 @@ def generate(model, tokenizer, prompts: list[str], max_new_tokens: int) -> list[
     outputs = []
     for prompt in prompts:
         if getattr(tokenizer, "chat_template", None):
-            ids = tokenizer.apply_chat_template([{"role": "user", "content": prompt}], add_generation_prompt=True, tokenize=True)
+            ids = tokenizer.apply_chat_template(
+                [{"role": "user", "content": prompt}], add_generation_prompt=True, tokenize=True
+            )
             ids = list(ids["input_ids"] if hasattr(ids, "keys") else ids)
         else:
             ids = tokenizer(prompt)["input_ids"]
@@ -89,7 +93,10 @@ def generate(model, tokenizer, prompts: list[str], max_new_tokens: int) -> list[
 
 
 def _model_perplexities(model, blocks: dict, batch_size: int) -> dict:
-    return {short: evaluate_perplexity(model, blocks[name], batch_size=batch_size)["perplexity"] for short, name in EVAL_SET_NAMES.items()}
+    return {
+        short: evaluate_perplexity(model, blocks[name], batch_size=batch_size)["perplexity"]
+        for short, name in EVAL_SET_NAMES.items()
+    }
 
 
 def data_statistics(stage_directories: dict, sft_manifest: dict) -> dict:
@@ -138,7 +145,11 @@ def artifacts(manifest: dict, directory: Path) -> list[Artifact]:
             parts += [f"## {item['prompt']}", ""]
             parts += [f"- **{m}**: {item[m] or '(empty)'}" for m in ("base", "cpt", "sft")] + [""]
         found.append(
-            Artifact(key="evaluate-generations", description="base, cpt and sft answers side by side", markdown="\n".join(parts))
+            Artifact(
+                key="evaluate-generations",
+                description="base, cpt and sft answers side by side",
+                markdown="\n".join(parts),
+            )
         )
     merged = (manifest["export"] or {}).get("merged")
     target = directory / (merged["path"] if merged else manifest["export"]["adapter"])
@@ -155,7 +166,6 @@ def artifacts(manifest: dict, directory: Path) -> list[Artifact]:
 
 def run(run, cfg, reporter=None) -> dict:
     from peft import PeftModel
-
 
     existing = read_manifest(run.path)
     if existing is not None:
@@ -206,16 +216,28 @@ def run(run, cfg, reporter=None) -> dict:
     merged = None
     if section.export.merged:
         merged = merge_adapter(
-            resolve_model_path(cfg.base_model), adapters["sft"], export_dir / "merged",
-            dtype=section.export.merged_dtype, trust_remote_code=cfg.trust_remote_code,
+            resolve_model_path(cfg.base_model),
+            adapters["sft"],
+            export_dir / "merged",
+            dtype=section.export.merged_dtype,
+            trust_remote_code=cfg.trust_remote_code,
         )
         merged["path"] = str(Path(merged["path"]).relative_to(run.path))
     hyperparameters = {
         "cpt": cfg.cpt.model_dump(mode="json", exclude={"kernels", "retries", "device", "torch_threads"}),
-        "sft": cfg.sft.model_dump(mode="json", exclude={"kernels", "retries", "device", "torch_threads", "data", "chat_template"}),
+        "sft": cfg.sft.model_dump(
+            mode="json", exclude={"kernels", "retries", "device", "torch_threads", "data", "chat_template"}
+        ),
     }
     data = data_statistics(dirs, manifests["sft"])
-    card = dict(model_name=cfg.name, base_model=cfg.base_model, data=data, hyperparameters=hyperparameters, perplexity=perplexity, generations=side_by_side)
+    card = dict(
+        model_name=cfg.name,
+        base_model=cfg.base_model,
+        data=data,
+        hyperparameters=hyperparameters,
+        perplexity=perplexity,
+        generations=side_by_side,
+    )
     write_model_card(adapter_out / "README.md", **card)
     if merged:
         write_model_card(run.path / merged["path"] / "README.md", **card)

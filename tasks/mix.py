@@ -117,8 +117,10 @@ class MixConfig(BaseModel):
     max_epochs: float = Field(4.0, gt=0, description="most epochs (passes, fractional) any role may be repeated")
     on_excess_epochs: Literal["warn", "error"] = Field("warn", description="what a role above max_epochs does")
     window_documents: int = Field(
-        200, ge=1, description="documents per row of the target-vs-realised share table (the share holds to "
-        "within 2 points in windows of 200 documents or more)"
+        200,
+        ge=1,
+        description="documents per row of the target-vs-realised share table (the share holds to "
+        "within 2 points in windows of 200 documents or more)",
     )
     documents_per_shard: int = Field(2000, gt=0, description="documents per published stream shard")
 
@@ -248,14 +250,20 @@ class StreamEntry(NamedTuple):
 def _check_pools_cover_schedule(pool_sizes: dict[str, int], schedule: ScheduleConfig) -> None:
     samples = _schedule_samples(schedule, 1000) + [share for _, share in schedule.steps]
     if pool_sizes["domain"] == 0 and max(samples) > 0:
-        raise ValueError("mix: the schedule gives domain a share but there are no domain training documents "
-                         "(add a domain source, or lower mix.domain_eval_documents)")
+        raise ValueError(
+            "mix: the schedule gives domain a share but there are no domain training documents "
+            "(add a domain source, or lower mix.domain_eval_documents)"
+        )
     if pool_sizes["general"] == 0 and min(samples) < 1:
-        raise ValueError("mix: the schedule gives general (replay) a share but there are no general training documents "
-                         "(add a general source, lower mix.general_eval_documents, or use a constant schedule with start 1.0)")
+        raise ValueError(
+            "mix: the schedule gives general (replay) a share but there are no general training documents "
+            "(add a general source, lower mix.general_eval_documents, or use a constant schedule with start 1.0)"
+        )
 
 
-def build_stream(documents: Sequence[PoolDocument], schedule: ScheduleConfig, budget_tokens: int, seed: int) -> list[StreamEntry]:
+def build_stream(
+    documents: Sequence[PoolDocument], schedule: ScheduleConfig, budget_tokens: int, seed: int
+) -> list[StreamEntry]:
     """Order the pool into a training stream of at least `budget_tokens` tokens (the last document may
     run past it) whose domain share follows `schedule`.
 
@@ -268,7 +276,8 @@ def build_stream(documents: Sequence[PoolDocument], schedule: ScheduleConfig, bu
     windows unless single documents exceed ~2% of a window's tokens (whole documents are the unit).
     """
     order: dict[str, list[int]] = {
-        role: sorted((i for i, d in enumerate(documents) if d.role == role), key=lambda i: documents[i].id) for role in ROLES
+        role: sorted((i for i, d in enumerate(documents) if d.role == role), key=lambda i: documents[i].id)
+        for role in ROLES
     }
     _check_pools_cover_schedule({role: len(order[role]) for role in ROLES}, schedule)
     epoch = {role: -1 for role in ROLES}
@@ -335,7 +344,9 @@ def excess_epochs_message(role: str, epochs: float, cfg: MixConfig, pool_documen
     )
 
 
-def check_epochs(epochs: dict[str, float], cfg: MixConfig, pool_documents: dict[str, int], pool_tokens: dict[str, int]) -> list[str]:
+def check_epochs(
+    epochs: dict[str, float], cfg: MixConfig, pool_documents: dict[str, int], pool_tokens: dict[str, int]
+) -> list[str]:
     """Messages for the roles above `max_epochs`; raises MixEpochsError or warns, per `on_excess_epochs`."""
     messages = [
         excess_epochs_message(role, epochs[role], cfg, pool_documents[role], pool_tokens[role])
@@ -401,7 +412,8 @@ def _read_catalogue(upstream: Path, shards: list[dict], roles: dict[str, str], t
                 doc = json.loads(line)
                 if doc["source"] not in roles:
                     raise ValueError(
-                        f"mix: document {doc['id']!r} comes from source {doc['source']!r}, which is not in the config's sources"
+                        f"mix: document {doc['id']!r} comes from source {doc['source']!r}, "
+                        "which is not in the config's sources"
                     )
                 catalogue.shard.append(shard_index)
                 catalogue.offset.append(offset)
@@ -472,7 +484,9 @@ def mix_documents(run, cfg) -> ShardCounts:
     wanted = {"domain": section.domain_eval_documents, "general": section.general_eval_documents}
     for role in ROLES:
         members = [i for i in range(count) if catalogue.role[i] == role]
-        held_out[role] = [members[j] for j in choose_held_out([catalogue.id[i] for i in members], wanted[role], cfg.seed)]
+        held_out[role] = [
+            members[j] for j in choose_held_out([catalogue.id[i] for i in members], wanted[role], cfg.seed)
+        ]
     held_out_set = {i for role in ROLES for i in held_out[role]}
 
     pool_index = [i for i in range(count) if i not in held_out_set]  # pool position -> catalogue index
@@ -544,7 +558,9 @@ def mix_documents(run, cfg) -> ShardCounts:
         "token_counting": "len(tokenizer(text)['input_ids']) + 1: the tokenizer's special tokens (BOS) plus 1 EOS",
     }
     with atomic_path(shard_work_file(run.path, MIX_SHARD, "catalogue.npy")) as tmp, open(tmp, "wb") as handle:
-        np.save(handle, np.asarray([catalogue.shard, catalogue.offset, catalogue.tokens], dtype=np.int64).reshape(3, count))
+        np.save(
+            handle, np.asarray([catalogue.shard, catalogue.offset, catalogue.tokens], dtype=np.int64).reshape(3, count)
+        )
     stream_rows = [(pool_index[e.document], e.epoch) for e in stream]
     with atomic_path(shard_work_file(run.path, MIX_SHARD, "stream.npy")) as tmp, open(tmp, "wb") as handle:
         np.save(handle, np.asarray(stream_rows, dtype=np.int64).reshape(len(stream_rows), 2))
@@ -617,7 +633,11 @@ def commit(run, cfg, shard_counts: list[ShardCounts], started: float) -> dict:
                     writer.write(dict(reader.read(shard_index[i], offsets[i]), role=role, tokens=tokens[i]))
         with JsonlWriter(run.path / "excluded" / f"{MIX_SHARD}.jsonl") as writer:
             for i in decisions["unused"]:
-                writer.write(dict(reader.read(shard_index[i], offsets[i]), role=role_of(i), tokens=tokens[i], reason=REASON_UNUSED))
+                writer.write(
+                    dict(
+                        reader.read(shard_index[i], offsets[i]), role=role_of(i), tokens=tokens[i], reason=REASON_UNUSED
+                    )
+                )
         final: list[ShardCounts] = []
         stream_shards = []
         seen: set[int] = set()
@@ -626,7 +646,9 @@ def commit(run, cfg, shard_counts: list[ShardCounts], started: float) -> dict:
             counts = ShardCounts(shard=stream_shard_name(number), source="mix")
             with JsonlWriter(run.path / "shards" / f"{counts.shard}.jsonl") as writer:
                 for i, epoch in rows:
-                    writer.write(dict(reader.read(shard_index[i], offsets[i]), role=role_of(i), epoch=epoch, tokens=tokens[i]))
+                    writer.write(
+                        dict(reader.read(shard_index[i], offsets[i]), role=role_of(i), epoch=epoch, tokens=tokens[i])
+                    )
                     if i not in seen:
                         seen.add(i)
                         counts.kept += 1
@@ -635,7 +657,9 @@ def commit(run, cfg, shard_counts: list[ShardCounts], started: float) -> dict:
                     counts.stats["domain_tokens"] += tokens[i] if is_domain[i] else 0
             counts.documents_in = counts.kept
             final.append(counts)
-            stream_shards.append({"shard": counts.shard, "documents": len(rows), "tokens": counts.stats["stream_tokens"]})
+            stream_shards.append(
+                {"shard": counts.shard, "documents": len(rows), "tokens": counts.stats["stream_tokens"]}
+            )
     finally:
         reader.close()
 
@@ -649,7 +673,9 @@ def commit(run, cfg, shard_counts: list[ShardCounts], started: float) -> dict:
     decided = (sum(c.documents_in for c in shard_counts), sum(c.kept for c in shard_counts))
     if published != decided:
         raise AssertionError(f"mix: published (in, kept) {published} differ from the decided {decided}")
-    return commit_data_stage(run, final, started, extra=dict(decisions["report"], stream_shards=stream_shards, tokenizer=cfg.base_model))
+    return commit_data_stage(
+        run, final, started, extra=dict(decisions["report"], stream_shards=stream_shards, tokenizer=cfg.base_model)
+    )
 
 
 def stream_shard_paths(mix_directory: Path) -> list[Path]:

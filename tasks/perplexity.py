@@ -151,9 +151,7 @@ def _length_sorted_batches(lengths: Sequence[int], batch_tokens: int) -> list[li
     return batches
 
 
-def _score_batch(
-    rows: list[list[int]], model, device: torch.device, pad_id: int
-) -> list[DocumentScore]:
+def _score_batch(rows: list[list[int]], model, device: torch.device, pad_id: int) -> list[DocumentScore]:
     lengths = [len(r) for r in rows]
     width = max(lengths)
     input_ids = torch.full((len(rows), width), pad_id, dtype=torch.long)
@@ -168,9 +166,7 @@ def _score_batch(
     # Row by row so the float32 copy of bf16 logits is one document, not the whole batch.
     scores = []
     for i, length in enumerate(lengths):
-        nll = F.cross_entropy(
-            logits[i, : length - 1].float(), input_ids[i, 1:length], reduction="none"
-        )
+        nll = F.cross_entropy(logits[i, : length - 1].float(), input_ids[i, 1:length], reduction="none")
         mean_nll = nll.double().mean()
         scores.append(DocumentScore(perplexity=float(torch.exp(mean_nll)), tokens=length - 1))
     return scores
@@ -211,9 +207,7 @@ def score_texts(
         with torch.inference_mode():
             for batch in batches:
                 doc_indices = [scorable[j] for j in batch]
-                batch_scores = _score_batch(
-                    [token_ids[i] for i in doc_indices], model, device, pad_id
-                )
+                batch_scores = _score_batch([token_ids[i] for i in doc_indices], model, device, pad_id)
                 for doc_index, score in zip(doc_indices, batch_scores):
                     scores[doc_index] = score
                 if bar is not None:
@@ -247,9 +241,7 @@ def score_texts_naive(texts: list[str], model, tokenizer, *, max_length: int) ->
     return scores
 
 
-def band_thresholds(
-    perplexities: Sequence[float], cfg: PerplexityConfig
-) -> tuple[float | None, float | None]:
+def band_thresholds(perplexities: Sequence[float], cfg: PerplexityConfig) -> tuple[float | None, float | None]:
     """Absolute (low, high) perplexity cutoffs for `cfg.keep_band`; None means no cutoff that side.
 
     Percentiles use numpy's default linear interpolation over the finite scores (NaN, i.e.
@@ -268,9 +260,7 @@ def band_thresholds(
     return low, high
 
 
-def keep_reason(
-    perplexity: float, low: float | None, high: float | None, cfg: PerplexityConfig
-) -> str | None:
+def keep_reason(perplexity: float, low: float | None, high: float | None, cfg: PerplexityConfig) -> str | None:
     """None to keep the document, else the drop reason. Band edges are inclusive (kept).
 
     Unscorable (NaN) documents are dropped only when some perplexity rule is configured; with no
@@ -333,7 +323,10 @@ def fingerprint_inputs(cfg) -> dict:
 def artifacts(manifest: dict, directory: Path) -> list[Artifact]:
     """The counts, and the cutoffs each source's band turned into."""
     rows = [{"source": source, **limits} for source, limits in sorted(manifest["thresholds"].items())]
-    return [counts_artifact(manifest), Artifact(key="perplexity-thresholds", description="perplexity cutoffs per source", table=rows)]
+    return [
+        counts_artifact(manifest),
+        Artifact(key="perplexity-thresholds", description="perplexity cutoffs per source", table=rows),
+    ]
 
 
 def plan(run, cfg) -> list[dict]:
@@ -364,8 +357,9 @@ def perplexity_shard(input_path: Path, shard: str, source: str, cfg, stage_direc
             progress=True,
         )
     kept_scores = []
-    with JsonlWriter(shard_work_file(stage_directory, shard, "kept.jsonl")) as kept, JsonlWriter(
-        shard_work_file(stage_directory, shard, "excluded.jsonl")
+    with (
+        JsonlWriter(shard_work_file(stage_directory, shard, "kept.jsonl")) as kept,
+        JsonlWriter(shard_work_file(stage_directory, shard, "excluded.jsonl")),
     ):
         for doc, score in zip(docs, scores):
             ppl = None if math.isnan(score.perplexity) else round(score.perplexity, 4)
@@ -395,7 +389,12 @@ def commit(run, cfg, shard_counts: list[ShardCounts], started: float) -> dict:
     for source in sorted({c.source for c in shard_counts}):
         values = [s for c in shard_counts if c.source == source for s in scores[c.shard] if s is not None]
         low, high = band_thresholds(values, section) if section.applies_to(source) else (None, None)
-        thresholds[source] = {"low": low, "high": high, "documents": len(values), "median": float(np.median(values)) if values else None}
+        thresholds[source] = {
+            "low": low,
+            "high": high,
+            "documents": len(values),
+            "median": float(np.median(values)) if values else None,
+        }
     drops: dict[str, dict[int, str]] = {}
     for counts in shard_counts:
         limits = thresholds[counts.source]
@@ -407,4 +406,6 @@ def commit(run, cfg, shard_counts: list[ShardCounts], started: float) -> dict:
             if reason:
                 drops[counts.shard][index] = reason
     final = [finalize_shard(run.path, counts, drops[counts.shard]) for counts in shard_counts]
-    return commit_data_stage(run, final, started, extra={"thresholds": thresholds, "scoring_model": scoring_model_name(cfg)})
+    return commit_data_stage(
+        run, final, started, extra={"thresholds": thresholds, "scoring_model": scoring_model_name(cfg)}
+    )

@@ -136,9 +136,7 @@ class GopherRepetitionConfig(BaseModel):
     max_dup_line_fraction: float = Field(default=0.3, ge=0, description="duplicate lines / non-empty lines")
     max_dup_para_fraction: float = Field(default=0.3, ge=0, description="duplicate paragraphs / paragraphs")
     max_dup_line_chars: float = Field(default=0.2, ge=0, description="characters in duplicate lines / text length")
-    max_dup_para_chars: float = Field(
-        default=0.2, ge=0, description="characters in duplicate paragraphs / text length"
-    )
+    max_dup_para_chars: float = Field(default=0.2, ge=0, description="characters in duplicate paragraphs / text length")
     top_ngrams: list[tuple[int, float]] = Field(
         default=[(2, 0.20), (3, 0.18), (4, 0.16)],
         description="(n, max fraction): word characters covered by the most frequent n-gram / word characters",
@@ -487,9 +485,9 @@ def iter_ngram_char_fractions(
     def covered_fraction(starts: np.ndarray, n: int) -> float:
         if total == 0 or len(starts) == 0:
             return 0.0
-        depth = np.cumsum(
-            np.bincount(starts, minlength=n_words + 1) - np.bincount(starts + n, minlength=n_words + 1)
-        )[:n_words]
+        depth = np.cumsum(np.bincount(starts, minlength=n_words + 1) - np.bincount(starts + n, minlength=n_words + 1))[
+            :n_words
+        ]
         return float(lengths[depth > 0].sum()) / total
 
     gram_ids = word_ids
@@ -604,7 +602,14 @@ def gopher_repetition_filter(
 
 _SENTENCE_END_RE = re.compile(r"[.!?…]+[\"'”’»)\]]*(?=\s|$)|[。！？]+")
 _TERMINAL_PUNCTUATION = (".", "?", "!", '"', "'", "。", "！", "？", "”", "’")
-_POLICY_SUBSTRINGS = ("terms of use", "privacy policy", "cookie policy", "uses cookies", "use of cookies", "use cookies")
+_POLICY_SUBSTRINGS = (
+    "terms of use",
+    "privacy policy",
+    "cookie policy",
+    "uses cookies",
+    "use of cookies",
+    "use cookies",
+)
 
 
 def count_sentences(text: str, stop_at: int | None = None) -> int:
@@ -760,9 +765,10 @@ def quality_shard(input_path: Path, shard: str, source: str, cfg: QualityConfig,
     counts = ShardCounts(shard=shard, source=source)
     filters = build_filters(cfg)
     signatures: list[np.ndarray] = []
-    with JsonlWriter(shard_work_file(stage_directory, shard, "kept.jsonl")) as kept, JsonlWriter(
-        shard_work_file(stage_directory, shard, "excluded.jsonl")
-    ) as excluded:
+    with (
+        JsonlWriter(shard_work_file(stage_directory, shard, "kept.jsonl")) as kept,
+        JsonlWriter(shard_work_file(stage_directory, shard, "excluded.jsonl")) as excluded,
+    ):
         for doc in read_documents(input_path):
             counts.documents_in += 1
             keep, reason = filter_document(doc, filters)

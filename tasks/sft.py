@@ -67,7 +67,9 @@ DEFAULT_CHAT_TEMPLATE = (
 class SftDataFile(BaseModel):
     model_config = ConfigDict(extra="forbid")
     path: str = Field(description="JSONL file, relative to the config file")
-    format: Literal["auto", "alpaca", "chat"] = Field("auto", description="auto: `messages` -> chat, `instruction` -> alpaca")
+    format: Literal["auto", "alpaca", "chat"] = Field(
+        "auto", description="auto: `messages` -> chat, `instruction` -> alpaca"
+    )
 
 
 class SftConfig(TrainingConfig):
@@ -76,10 +78,14 @@ class SftConfig(TrainingConfig):
     data: list[SftDataFile] = Field(default_factory=list, description="Instruction files (required to run sft)")
     max_length: int = Field(512, gt=8, description="Tokens per example; longer examples are truncated (counted)")
     chat_template: str | None = Field(None, description="Jinja chat template used when the tokenizer has none")
-    eval_fraction: float = Field(0.1, ge=0, lt=1, description="Examples held out (by a hash of their content) for sft_eval")
+    eval_fraction: float = Field(
+        0.1, ge=0, lt=1, description="Examples held out (by a hash of their content) for sft_eval"
+    )
     learning_rate: float = 1e-4
     embedding_learning_rate: float = 1e-5
-    train_embeddings: bool = Field(False, description="Keep cpt's embeddings frozen (default) or train them at embedding_learning_rate")
+    train_embeddings: bool = Field(
+        False, description="Keep cpt's embeddings frozen (default) or train them at embedding_learning_rate"
+    )
     epochs: float = 2.0
     micro_batch_size: int = 8
     eval_steps: int = 20
@@ -95,7 +101,9 @@ def sft_data_fingerprints(cfg) -> list[dict]:
     out = []
     for item in cfg.sft.data:
         path = cfg.resolve(item.path)
-        entry = file_fingerprint(path, cfg.input_fingerprint) if path.is_file() else {"path": str(path), "missing": True}
+        entry = (
+            file_fingerprint(path, cfg.input_fingerprint) if path.is_file() else {"path": str(path), "missing": True}
+        )
         out.append({**entry, "format": item.format})
     return out
 
@@ -131,7 +139,11 @@ def to_messages(record, fmt: str) -> tuple[list[dict] | None, str | None]:
     if not isinstance(messages, list) or not messages:
         return None, "missing_field:messages"
     for message in messages:
-        if not isinstance(message, dict) or message.get("role") not in ROLES or not isinstance(message.get("content"), str):
+        if (
+            not isinstance(message, dict)
+            or message.get("role") not in ROLES
+            or not isinstance(message.get("content"), str)
+        ):
             return None, "bad_message"
     if not any(m["role"] == "assistant" and m["content"].strip() for m in messages):
         return None, "no_assistant_turn"
@@ -139,7 +151,9 @@ def to_messages(record, fmt: str) -> tuple[list[dict] | None, str | None]:
 
 
 def _render(tokenizer, messages: list[dict], template: str | None, *, add_generation_prompt: bool) -> str:
-    return tokenizer.apply_chat_template(messages, chat_template=template, tokenize=False, add_generation_prompt=add_generation_prompt)
+    return tokenizer.apply_chat_template(
+        messages, chat_template=template, tokenize=False, add_generation_prompt=add_generation_prompt
+    )
 
 
 def tokenize_conversation(messages: list[dict], tokenizer, template: str | None, max_length: int) -> dict:
@@ -160,7 +174,9 @@ def tokenize_conversation(messages: list[dict], tokenizer, template: str | None,
         prefix = _render(tokenizer, messages[:index], template, add_generation_prompt=True)
         through = _render(tokenizer, messages[: index + 1], template, add_generation_prompt=False)
         if not (full.startswith(through) and through.startswith(prefix) and len(prefix) >= consumed):
-            raise SftDataError("the chat template renders a conversation differently from its prefix; answers cannot be located")
+            raise SftDataError(
+                "the chat template renders a conversation differently from its prefix; answers cannot be located"
+            )
         answer = full[len(prefix) : len(through)]
         if eos in answer:
             cut = answer.rindex(eos) + len(eos)  # through the last EOS; a trailing newline is not trained
@@ -235,7 +251,9 @@ def load_examples(cfg, tokenizer, template: str | None) -> tuple[list[dict], lis
                     counts["train"] += 1
         per_file[str(path)] = dict(sorted(counts.items()))
     if not train:
-        raise SftDataError(f"sft: no usable training example in {[d.path for d in section.data]} (rejected: {dict(rejected)})")
+        raise SftDataError(
+            f"sft: no usable training example in {[d.path for d in section.data]} (rejected: {dict(rejected)})"
+        )
     counts = {
         "in": sum(c["in"] for c in per_file.values()),
         "train": len(train),
@@ -280,7 +298,13 @@ class SftDataset:
         self.epoch, self.next_index = self.epoch + 1, 0
 
     def state_dict(self) -> dict:
-        return {"epoch": self.epoch, "next_index": self.next_index, "examples": len(self.examples), "seed": self.seed, "world_size": self.world_size}
+        return {
+            "epoch": self.epoch,
+            "next_index": self.next_index,
+            "examples": len(self.examples),
+            "seed": self.seed,
+            "world_size": self.world_size,
+        }
 
     def load_state_dict(self, state: dict) -> None:
         saved = (state["examples"], state["seed"], state.get("world_size", 1))
@@ -351,7 +375,9 @@ def run(run, cfg, reporter: TrainingReporter | None = None, *, stop_after_steps:
         tokenizer.chat_template = template  # saved with the adapter, so generation renders prompts the same way
 
     # The cpt adapter's LoRA and embeddings continue; LoRA shape comes from it, not from sft.lora.
-    prepared = prepare_model(cfg.base_model, section, adapter_dir=adapter_dir, seed=cfg.seed, trust_remote_code=cfg.trust_remote_code)
+    prepared = prepare_model(
+        cfg.base_model, section, adapter_dir=adapter_dir, seed=cfg.seed, trust_remote_code=cfg.trust_remote_code
+    )
     model, device, memory, fused_loss = prepared.model, prepared.device, prepared.memory, prepared.fused_loss
 
     dataset = SftDataset(train_examples, cfg.seed, rank=distributed.rank(), world_size=distributed.world_size())
@@ -364,13 +390,22 @@ def run(run, cfg, reporter: TrainingReporter | None = None, *, stop_after_steps:
     sft_eval = [{"input_ids": e["input_ids"], "labels": e["labels"]} for e in eval_examples]
 
     def evaluate() -> dict:
-        results = {name: evaluate_perplexity(model, sets, batch_size=section.eval_batch_size) for name, sets in blocks.items()}
+        results = {
+            name: evaluate_perplexity(model, sets, batch_size=section.eval_batch_size) for name, sets in blocks.items()
+        }
         if sft_eval:
             results[METRIC] = evaluate_perplexity(model, sft_eval, batch_size=section.eval_batch_size)
         return results
 
     reporter = reporter or TrainingReporter()
-    reporter.on_start({"stage": "sft", "total_steps": total_steps, "examples": counts, "param_groups": describe_param_groups(optimizer)})
+    reporter.on_start(
+        {
+            "stage": "sft",
+            "total_steps": total_steps,
+            "examples": counts,
+            "param_groups": describe_param_groups(optimizer),
+        }
+    )
     checkpoints = run.path / "checkpoints"
     result = fit(
         model,

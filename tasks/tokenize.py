@@ -41,8 +41,7 @@ class TokenizeConfig(BaseModel):
     seq_len: int = Field(
         default=512,
         gt=1,
-        description="Tokens per packed block (one training row); at most the base model's "
-        "max_position_embeddings.",
+        description="Tokens per packed block (one training row); at most the base model's max_position_embeddings.",
     )
     final_block: Literal["pad", "drop"] = Field(
         default="pad",
@@ -87,9 +86,13 @@ def encode_documents(texts: list[str], tokenizer, encoder=None) -> tuple[np.ndar
 
     tokens, lengths = encoder.encode_documents(texts, tokenizer.eos_token_id)
     sample = range(0, len(texts), CHECK_EVERY)
-    if differing := differing_documents(tokens, lengths, document_token_ids([texts[i] for i in sample], tokenizer), sample):
+    if differing := differing_documents(
+        tokens, lengths, document_token_ids([texts[i] for i in sample], tokenizer), sample
+    ):
         index = differing[0]
-        raise EncoderMismatch(f"fast encoder and tokenizer disagree on document {index} of the batch ({texts[index][:60]!r})")
+        raise EncoderMismatch(
+            f"fast encoder and tokenizer disagree on document {index} of the batch ({texts[index][:60]!r})"
+        )
     return tokens, lengths, len(sample)
 
 
@@ -123,7 +126,9 @@ def shard_metadata(tokenizer, seq_len: int, seed: int) -> dict:
 def _stage_tokenizer(model_path: str, trust_remote_code: bool):
     tokenizer = load_tokenizer(model_path, trust_remote_code=trust_remote_code)
     if not getattr(tokenizer, "is_fast", False):
-        raise ValueError(f"{model_path}: the tokenize stage needs a fast (Rust) tokenizer, got {type(tokenizer).__name__}")
+        raise ValueError(
+            f"{model_path}: the tokenize stage needs a fast (Rust) tokenizer, got {type(tokenizer).__name__}"
+        )
     # Shared by the shard threads without a lock: a call only mutates the Rust tokenizer when its
     # truncation/padding settings differ from the call's ("Already borrowed" errors otherwise), so
     # settle them here with one call like ours. Concurrent calls overlap one thread's Python-side
@@ -146,7 +151,9 @@ def _stage_encoder(model_path: str, trust_remote_code: bool, choice: str):
         why = fast_bpe.verify(encoder, tokenizer)
     if why:
         if choice == "tiktoken":
-            raise ValueError(f"tokenize.encoder = tiktoken, but {model_path}'s tokenizer has no exact tiktoken equivalent: {why}")
+            raise ValueError(
+                f"tokenize.encoder = tiktoken, but {model_path}'s tokenizer has no exact tiktoken equivalent: {why}"
+            )
         logger.info("tokenize: the Hugging Face tokenizer encodes (no tiktoken equivalent: %s)", why)
         return None
     return encoder
@@ -160,7 +167,6 @@ def stage_encoder(cfg):
 def model_context_length(cfg) -> int | None:
     """max_position_embeddings of the base model (None if its config names no limit)."""
     from transformers import AutoConfig
-
 
     config = AutoConfig.from_pretrained(resolve_model_path(cfg.base_model), trust_remote_code=cfg.trust_remote_code)
     for name in ("max_position_embeddings", "n_positions", "max_sequence_length"):
@@ -394,8 +400,13 @@ def commit(run, cfg, shard_counts: list[ShardCounts], started: float) -> dict:
             written = write_token_shard(
                 path, input_ids.reshape(-1, seq_len), valid, doc_starts, domain, metadata, section.rows_per_batch
             )
-            return {"name": path.name, "path": f"{SHARDS_DIR}/{path.name}", "rows": written["rows"],
-                    "tokens": written["tokens"], "sha256": written["sha256"]}
+            return {
+                "name": path.name,
+                "path": f"{SHARDS_DIR}/{path.name}",
+                "rows": written["rows"],
+                "tokens": written["tokens"],
+                "sha256": written["sha256"],
+            }
 
         token_shards.append(_write_or_reuse(path, run.path / WORK / "packed" / f"{name}.json", write))
 

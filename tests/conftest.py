@@ -39,22 +39,51 @@ from prefect import flow as _prefect_flow  # noqa: E402,F401  (prefect.main sets
 # isort: on
 
 _SUBJECTS = [
-    "My neighbour", "The old baker", "Our teacher", "A friend of mine", "The city council",
-    "My sister", "The local library", "The bus driver", "Every gardener", "The new cafe",
+    "My neighbour",
+    "The old baker",
+    "Our teacher",
+    "A friend of mine",
+    "The city council",
+    "My sister",
+    "The local library",
+    "The bus driver",
+    "Every gardener",
+    "The new cafe",
 ]
 _VERBS = [
-    "opened", "fixed", "painted", "cleaned", "visited", "recommended", "cooked", "planted",
-    "repaired", "borrowed",
+    "opened",
+    "fixed",
+    "painted",
+    "cleaned",
+    "visited",
+    "recommended",
+    "cooked",
+    "planted",
+    "repaired",
+    "borrowed",
 ]
 _OBJECTS = [
-    "the kitchen window", "a small garden behind the house", "fresh bread on Saturday morning",
-    "the park near the river", "a bicycle with a flat tyre", "the school playground",
-    "a pot of vegetable soup", "the bookshelf in the hallway", "tomatoes and beans", "the front door",
+    "the kitchen window",
+    "a small garden behind the house",
+    "fresh bread on Saturday morning",
+    "the park near the river",
+    "a bicycle with a flat tyre",
+    "the school playground",
+    "a pot of vegetable soup",
+    "the bookshelf in the hallway",
+    "tomatoes and beans",
+    "the front door",
 ]
 _TAILS = [
-    "before the rain started.", "and everyone was happy about it.", "after a long week at work.",
-    "because the weather was nice.", "with a little help from the kids.", "on a quiet Sunday.",
-    "while the dog slept in the sun.", "and it only took an hour.", "so we had tea together.",
+    "before the rain started.",
+    "and everyone was happy about it.",
+    "after a long week at work.",
+    "because the weather was nice.",
+    "with a little help from the kids.",
+    "on a quiet Sunday.",
+    "while the dog slept in the sun.",
+    "and it only took an hour.",
+    "so we had tea together.",
     "just in time for dinner.",
 ]
 
@@ -107,9 +136,7 @@ def tiny_llama_dir(tiny_corpus_files, tmp_path_factory) -> Path:
     """
     from cptflow.tiny_model import TINY_TEST_SPEC, build_tiny_llama
 
-    return build_tiny_llama(
-        tiny_corpus_files, tmp_path_factory.mktemp("tiny-llama-cache"), spec=TINY_TEST_SPEC
-    )
+    return build_tiny_llama(tiny_corpus_files, tmp_path_factory.mktemp("tiny-llama-cache"), spec=TINY_TEST_SPEC)
 
 
 @pytest.fixture(scope="session")

@@ -94,7 +94,9 @@ def test_jsonl_reader_rejects_each_malformed_line_with_file_line_and_reason(tmp_
 
 
 def test_gzip_jsonl_and_truncated_gzip_is_a_counted_reject(tmp_path):
-    path = write_lines(tmp_path / "in" / "a.jsonl.gz", [json.dumps({"id": str(i), "text": f"{GOOD} {i}"}) for i in range(50)])
+    path = write_lines(
+        tmp_path / "in" / "a.jsonl.gz", [json.dumps({"id": str(i), "text": f"{GOOD} {i}"}) for i in range(50)]
+    )
     records = list(read_raw_records(plan_input_shards(source(tmp_path), tmp_path)[0], source(tmp_path)))
     assert len(records) == 50 and all(r.record for r in records)
     path.write_bytes(path.read_bytes()[:-20])  # truncated download
@@ -114,7 +116,9 @@ def test_plain_jsonl_is_split_into_shards_that_together_read_every_line_once(tmp
 
 
 def test_parquet_reader_reads_row_groups(tmp_path):
-    table = pa.table({"id": [f"p{i}" for i in range(30)], "text": [f"{GOOD} {i}" for i in range(30)], "score": list(range(30))})
+    table = pa.table(
+        {"id": [f"p{i}" for i in range(30)], "text": [f"{GOOD} {i}" for i in range(30)], "score": list(range(30))}
+    )
     (tmp_path / "in").mkdir()
     pq.write_table(table, tmp_path / "in" / "a.parquet", row_group_size=10)
     src = source(tmp_path, documents_per_shard=20)
@@ -139,7 +143,10 @@ def test_text_directory_one_document_per_file_with_path_ids(tmp_path):
 def test_hugging_face_dataset_source_from_a_local_json_file(tmp_path):
     write_lines(tmp_path / "local.jsonl", [json.dumps({"id": str(i), "text": f"{GOOD} {i}"}) for i in range(12)])
     src = SourceConfig(
-        name="hub", role="general", hf={"path": "json", "data_files": str(tmp_path / "local.jsonl")}, documents_per_shard=5
+        name="hub",
+        role="general",
+        hf={"path": "json", "data_files": str(tmp_path / "local.jsonl")},
+        documents_per_shard=5,
     )
     final, stage = run_clean(tmp_path, src)
     assert [c.kept for c in final] == [5, 5, 2]
@@ -175,7 +182,10 @@ def test_prose_with_less_than_sign_is_not_parsed_as_html():
 def test_unicode_repair_whitespace_and_boilerplate_lines():
     steps = CleanSteps(CleanConfig(), code=False)
     tally: Counter = Counter()
-    raw = "We ate at the cafÃ© and it was fine.\r\n\r\n\r\n\tSecond   paragraph\u00a0here.  \nWe use cookies to improve your experience. Accept all cookies"
+    raw = (
+        "We ate at the cafÃ© and it was fine.\r\n\r\n\r\n\tSecond   paragraph\u00a0here.  \n"
+        "We use cookies to improve your experience. Accept all cookies"
+    )
     text, reason = steps(raw, tally)
     assert text == "We ate at the café and it was fine.\n\nSecond paragraph here."
     assert tally["boilerplate_lines_removed"] == 1 and tally["unicode_changed"] == 1

@@ -55,3 +55,26 @@ def test_run_only_a_stage_whose_upstream_is_missing_fails_before_any_work(tmp_pa
 def test_run_rejects_an_unknown_stage(tmp_path):
     result = runner.invoke(app, ["run", DEMO, "--from", "train", "--work-dir", str(tmp_path)])
     assert result.exit_code == 2 and "unknown stage 'train'" in result.output
+
+
+def test_demo_writes_a_config_and_data_that_validate_anywhere(tmp_path):
+    """`cptflow demo DIR` copies the packaged config and sample data; the copy validates on its own and
+    plans the same stages; a second call refuses to overwrite unless --force."""
+    target = tmp_path / "somewhere"
+    result = runner.invoke(app, ["demo", str(target)])
+    assert result.exit_code == 0, result.output
+    config = target / "configs" / "demo.yaml"
+    assert config.read_bytes() == (REPO / "configs" / "demo.yaml").read_bytes()
+    shipped = sorted(p.relative_to(REPO / "data") for p in (REPO / "data" / "raw").rglob("*") if p.is_file())
+    assert (
+        shipped
+        and sorted(p.relative_to(target / "data") for p in (target / "data" / "raw").rglob("*") if p.is_file())
+        == shipped
+    )
+    assert (target / "data" / "instructions" / "alpaca.jsonl").is_file()
+    assert not list((target / "data").rglob("*.py"))
+    result = runner.invoke(app, ["validate", str(config)])
+    assert result.exit_code == 0, result.output
+    again = runner.invoke(app, ["demo", str(target)])
+    assert again.exit_code == 2 and "--force" in again.output
+    assert runner.invoke(app, ["demo", str(target), "--force"]).exit_code == 0

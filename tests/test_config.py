@@ -107,13 +107,20 @@ def test_manifest_is_written_last_and_lists_outputs_with_sha256(tmp_path):
     assert read_manifest(tmp_path) is None
     manifest = commit_manifest(tmp_path, {"stage": "clean"})
     assert manifest["outputs"] == [
-        {"path": "shards/a.jsonl", "bytes": 3, "sha256": "ca3d163bab055381827226140568f3bef7eaac187cebd76878e0b63e9e442356"}
+        {
+            "path": "shards/a.jsonl",
+            "bytes": 3,
+            "sha256": "ca3d163bab055381827226140568f3bef7eaac187cebd76878e0b63e9e442356",
+        }
     ]
     assert read_manifest(tmp_path) == manifest and not (tmp_path / "_work").exists()
 
 
 def test_a_key_given_twice_is_an_error_naming_it_and_its_lines(tmp_path):
     path = tmp_path / "dup.yaml"
-    path.write_text("name: x\nbase_model: m\nsources: [{name: d, role: domain, paths: [in]}]\ncpt:\n  max_steps: 3\ncpt:\n  max_steps: 4\n")
+    path.write_text(
+        "name: x\nbase_model: m\nsources: [{name: d, role: domain, paths: [in]}]\n"
+        "cpt:\n  max_steps: 3\ncpt:\n  max_steps: 4\n"
+    )
     with pytest.raises(ConfigError, match=r"key 'cpt' appears twice in one mapping \(first on line 4\)(.|\n)*line 6"):
         load_config(path)

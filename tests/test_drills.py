@@ -16,10 +16,10 @@ from pathlib import Path
 import pytest
 
 from drills import drill_command
-
-REPO = Path(__file__).resolve().parents[1]
 from drills.concurrency import plain_pair
 from drills.kill import compare_with_reference, debris, stage_path, verify_committed
+
+REPO = Path(__file__).resolve().parents[1]
 
 
 @pytest.fixture(scope="module")
@@ -28,7 +28,11 @@ def kill_drill(tmp_path_factory) -> tuple[Path, dict]:
     root = tmp_path_factory.mktemp("kill-drill")
     result = subprocess.run(
         drill_command("kill", "--quick", "--root", str(root), "--out", str(root / "report.json")),
-        cwd=REPO, env=dict(os.environ), capture_output=True, text=True, timeout=600,
+        cwd=REPO,
+        env=dict(os.environ),
+        capture_output=True,
+        text=True,
+        timeout=600,
     )
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
     return root, json.loads((root / "report.json").read_text())
@@ -41,7 +45,11 @@ def test_killed_data_and_training_stages_rerun_to_the_reference_outputs(kill_dri
     for stage, result in stages.items():
         assert result["survived"] == result["total"] == 2, (stage, result["trials"])
         for trial in result["trials"]:
-            assert trial["after_kill"] in ("absent", "verified") and trial["rerun_returncode"] == 0 and not trial["problems"]
+            assert (
+                trial["after_kill"] in ("absent", "verified")
+                and trial["rerun_returncode"] == 0
+                and not trial["problems"]
+            )
     # the kills land while the stages work, not after they are done
     assert sum(r["killed"] for r in stages.values()) >= 2
 

@@ -1,4 +1,4 @@
-"""Tests for tasks/export.py: merged checkpoints reproduce the adapted model, tied embeddings stay
+"""Tests for cptflow/export.py: merged checkpoints reproduce the adapted model, tied embeddings stay
 tied, the output directory is atomic, and the model card is right and leaks no secrets."""
 
 from __future__ import annotations
@@ -59,9 +59,7 @@ def _train_adapter(base_dir: Path, adapter_dir: Path, *, ensure_weight_tying: bo
 
 def _logits(model, tokenizer) -> list[torch.Tensor]:
     with torch.no_grad():
-        return [
-            model(**tokenizer(text, return_tensors="pt")).logits.float()[0] for text in TEXTS
-        ]
+        return [model(**tokenizer(text, return_tensors="pt")).logits.float()[0] for text in TEXTS]
 
 
 def _max_diff(a: list[torch.Tensor], b: list[torch.Tensor]) -> float:
@@ -112,18 +110,16 @@ def tied_base_dir(tiny_llama_dir, tokenizer, tmp_path_factory) -> Path:
 
 @pytest.fixture(scope="module")
 def untied_merge(tiny_llama_dir, untied_adapter, tmp_path_factory):
-    from cptflow.tasks.export import merge_adapter
+    from cptflow.export import merge_adapter
 
     out_dir = tmp_path_factory.mktemp("merged-untied") / "merged"
     return merge_adapter(str(tiny_llama_dir), untied_adapter[0], out_dir, dtype="float32")
 
 
-def test_merged_checkpoint_reproduces_adapted_model_logits(
-    tiny_llama_dir, untied_adapter, untied_merge, tokenizer
-):
+def test_merged_checkpoint_reproduces_adapted_model_logits(tiny_llama_dir, untied_adapter, untied_merge, tokenizer):
     from transformers import AutoModelForCausalLM
 
-    from cptflow.tasks.export import load_adapted_model
+    from cptflow.export import load_adapted_model
 
     adapted = _logits(load_adapted_model(str(tiny_llama_dir), untied_adapter[0]), tokenizer)
     merged_model = AutoModelForCausalLM.from_pretrained(untied_merge["path"])
@@ -156,7 +152,7 @@ def test_tied_base_stays_tied_after_merge(tied_base_dir, tokenizer, tmp_path):
     from safetensors.torch import load_file
     from transformers import AutoModelForCausalLM
 
-    from cptflow.tasks.export import load_adapted_model, merge_adapter
+    from cptflow.export import load_adapted_model, merge_adapter
 
     adapter_dir = tmp_path / "adapter"
     trained = _train_adapter(tied_base_dir, adapter_dir, ensure_weight_tying=True, seed=2)
@@ -177,7 +173,7 @@ def test_tied_base_trained_apart_is_untied_and_keeps_trained_head(tied_base_dir,
     would throw the trained head away (peft PR#2972, LlamaFactory#6446)."""
     from transformers import AutoModelForCausalLM
 
-    from cptflow.tasks.export import load_adapted_model, merge_adapter
+    from cptflow.export import load_adapted_model, merge_adapter
 
     adapter_dir = tmp_path / "adapter"
     with pytest.warns(UserWarning):  # peft warns about the tied layer without ensure_weight_tying
@@ -193,12 +189,10 @@ def test_tied_base_trained_apart_is_untied_and_keeps_trained_head(tied_base_dir,
     assert _max_diff(_logits(merged, tokenizer), adapted) < 1e-4
 
 
-def test_bfloat16_merge_loads_as_bf16_with_close_logits(
-    tiny_llama_dir, untied_adapter, tokenizer, tmp_path
-):
+def test_bfloat16_merge_loads_as_bf16_with_close_logits(tiny_llama_dir, untied_adapter, tokenizer, tmp_path):
     from transformers import AutoModelForCausalLM
 
-    from cptflow.tasks.export import load_adapted_model, merge_adapter
+    from cptflow.export import load_adapted_model, merge_adapter
 
     result = merge_adapter(str(tiny_llama_dir), untied_adapter[0], tmp_path / "bf16", dtype="bfloat16")
     merged = AutoModelForCausalLM.from_pretrained(result["path"])
@@ -213,10 +207,8 @@ def test_bfloat16_merge_loads_as_bf16_with_close_logits(
     assert rounding_error < 0.1 * adapter_effect
 
 
-def test_merge_cleans_stale_temp_dir_and_replaces_previous_output(
-    tiny_llama_dir, untied_adapter, tmp_path
-):
-    from cptflow.tasks.export import merge_adapter
+def test_merge_cleans_stale_temp_dir_and_replaces_previous_output(tiny_llama_dir, untied_adapter, tmp_path):
+    from cptflow.export import merge_adapter
 
     out_dir = tmp_path / "out"
     stale = tmp_path / ".out.tmp-123"
@@ -233,12 +225,10 @@ def test_merge_cleans_stale_temp_dir_and_replaces_previous_output(
     assert sorted(p.name for p in tmp_path.iterdir()) == ["out"]
 
 
-def test_failed_merge_leaves_no_output_and_no_temp_dir(
-    tiny_llama_dir, untied_adapter, tmp_path, monkeypatch
-):
+def test_failed_merge_leaves_no_output_and_no_temp_dir(tiny_llama_dir, untied_adapter, tmp_path, monkeypatch):
     from transformers import PreTrainedModel
 
-    from cptflow.tasks.export import merge_adapter
+    from cptflow.export import merge_adapter
 
     original_save = PreTrainedModel.save_pretrained
 
@@ -253,16 +243,14 @@ def test_failed_merge_leaves_no_output_and_no_temp_dir(
 
 
 @pytest.mark.parametrize("peft_bug", ["drops_trained_embedding", "keeps_tie_flag_after_untying"])
-def test_merge_refuses_to_save_what_older_peft_got_wrong(
-    peft_bug, tied_base_dir, tmp_path, monkeypatch
-):
+def test_merge_refuses_to_save_what_older_peft_got_wrong(peft_bug, tied_base_dir, tmp_path, monkeypatch):
     """peft 0.21 merges modules_to_save and tying right; earlier versions did not (unsloth#3444,
     peft PR#2972). Re-create those bugs: the merge must raise instead of saving a wrong model."""
     import warnings
 
     from peft.tuners.tuners_utils import BaseTuner
 
-    from cptflow.tasks.export import merge_adapter
+    from cptflow.export import merge_adapter
 
     adapter_dir = tmp_path / "adapter"
     with warnings.catch_warnings():
@@ -291,7 +279,7 @@ def test_merge_refuses_to_save_what_older_peft_got_wrong(
 
 
 def test_merge_rejects_unknown_dtype(tiny_llama_dir, untied_adapter, tmp_path):
-    from cptflow.tasks.export import merge_adapter
+    from cptflow.export import merge_adapter
 
     with pytest.raises(ValueError, match="dtype"):
         merge_adapter(str(tiny_llama_dir), untied_adapter[0], tmp_path / "out", dtype="int8")
@@ -314,7 +302,7 @@ DATA = {"domain_tokens": 1_234_567, "general_tokens": 400_000, "documents": 5_32
 
 
 def _card(tmp_path: Path, **overrides) -> str:
-    from cptflow.tasks.export import write_model_card
+    from cptflow.export import write_model_card
 
     kwargs = dict(
         model_name="tiny-llama-cpt",
@@ -322,9 +310,7 @@ def _card(tmp_path: Path, **overrides) -> str:
         data=DATA,
         hyperparameters=HYPERPARAMETERS,
         perplexity=PERPLEXITY,
-        generations=[
-            {"prompt": "The old baker", "base": "the the the", "cpt": "baked | bread\non Sunday"}
-        ],
+        generations=[{"prompt": "The old baker", "base": "the the the", "cpt": "baked | bread\non Sunday"}],
     )
     kwargs.update(overrides)
     path = tmp_path / "README.md"
@@ -339,8 +325,16 @@ def test_model_card_has_front_matter_and_sections(tmp_path):
     assert "library_name: peft" in front
     assert 'base_model: "builtin:tiny-llama"' in front
     assert "- cptflow" in front and "- continued-pretraining" in front
-    for heading in ("# tiny-llama-cpt", "## Data", "## Hyperparameters", "### cpt", "### sft",
-                    "## Evaluation", "## Sample generations", "## How to load"):
+    for heading in (
+        "# tiny-llama-cpt",
+        "## Data",
+        "## Hyperparameters",
+        "### cpt",
+        "### sft",
+        "## Evaluation",
+        "## Sample generations",
+        "## How to load",
+    ):
         assert f"\n{heading}\n" in body, heading
     assert "| domain_tokens | 1,234,567 |" in body
     assert "| learning_rate | 5e-05 |" in body

@@ -21,7 +21,8 @@ DATA = Path(__file__).resolve().parents[1] / "data"
 SPECIALS = ["<unk>", "<s>", "</s>", "<pad>"]
 # Llama 3's split pattern (tokenizer.json of meta-llama/Meta-Llama-3-8B).
 LLAMA3_PATTERN = (
-    r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}{1,3}| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+"
+    r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}{1,3}"
+    r"| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+"
 )
 
 
@@ -57,7 +58,12 @@ def train(texts: list[str], pre_tokenizer, normalizer=None, vocab_size: int = 15
     core.decoder = decoders.ByteLevel()
     core.train_from_iterator(
         texts[::3],
-        trainers.BpeTrainer(vocab_size=vocab_size, special_tokens=SPECIALS, initial_alphabet=pre_tokenizers.ByteLevel.alphabet(), show_progress=False),
+        trainers.BpeTrainer(
+            vocab_size=vocab_size,
+            special_tokens=SPECIALS,
+            initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+            show_progress=False,
+        ),
     )
     core.post_processor = processors.TemplateProcessing(single="<s> $A", special_tokens=[("<s>", 1)])
     if shuffle_ids:  # ids no longer in merge order: the encoder must map ranks to ids
@@ -68,7 +74,9 @@ def train(texts: list[str], pre_tokenizer, normalizer=None, vocab_size: int = 15
         random.Random(0).shuffle(ids)
         vocab.update(zip(pieces, ids))
         core = Tokenizer.from_str(json.dumps(spec))
-    return PreTrainedTokenizerFast(tokenizer_object=core, bos_token="<s>", eos_token="</s>", pad_token="<pad>", unk_token="<unk>")
+    return PreTrainedTokenizerFast(
+        tokenizer_object=core, bos_token="<s>", eos_token="</s>", pad_token="<pad>", unk_token="<unk>"
+    )
 
 
 def test_gpt2_style_tokenizer_converts_and_agrees_on_every_sample_text(texts):
@@ -81,10 +89,12 @@ def test_gpt2_style_tokenizer_converts_and_agrees_on_every_sample_text(texts):
 def test_llama3_style_split_nfc_and_shuffled_ids_agree(texts):
     tokenizer = train(
         texts,
-        pre_tokenizers.Sequence([
-            pre_tokenizers.Split(Regex(LLAMA3_PATTERN), behavior="isolated", invert=False),
-            pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False),
-        ]),
+        pre_tokenizers.Sequence(
+            [
+                pre_tokenizers.Split(Regex(LLAMA3_PATTERN), behavior="isolated", invert=False),
+                pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False),
+            ]
+        ),
         normalizer=normalizers.NFC(),
         shuffle_ids=True,
     )
@@ -109,14 +119,25 @@ def test_verify_catches_a_different_split_pattern(texts):
     [
         (lambda: Tokenizer(models.WordPiece({"[UNK]": 0, "a": 1}, unk_token="[UNK]")), "model type 'WordPiece'"),
         (
-            lambda: _with(Tokenizer(models.BPE({"<unk>": 0, "a": 1}, [], unk_token="<unk>", byte_fallback=True)),
-                          pre_tokenizers.Metaspace()),
+            lambda: _with(
+                Tokenizer(models.BPE({"<unk>": 0, "a": 1}, [], unk_token="<unk>", byte_fallback=True)),
+                pre_tokenizers.Metaspace(),
+            ),
             "byte_fallback",
         ),
-        (lambda: _with(Tokenizer(models.BPE({"<unk>": 0, "a": 1}, [], unk_token="<unk>")), pre_tokenizers.Metaspace()),
-         "pre-tokenizer 'Metaspace'"),
-        (lambda: _with(Tokenizer(models.BPE({"<unk>": 0, "a": 1}, [], unk_token="<unk>")), pre_tokenizers.ByteLevel(add_prefix_space=True)),
-         "add_prefix_space"),
+        (
+            lambda: _with(
+                Tokenizer(models.BPE({"<unk>": 0, "a": 1}, [], unk_token="<unk>")), pre_tokenizers.Metaspace()
+            ),
+            "pre-tokenizer 'Metaspace'",
+        ),
+        (
+            lambda: _with(
+                Tokenizer(models.BPE({"<unk>": 0, "a": 1}, [], unk_token="<unk>")),
+                pre_tokenizers.ByteLevel(add_prefix_space=True),
+            ),
+            "add_prefix_space",
+        ),
     ],
 )
 def test_tokenizers_without_an_exact_equivalent_are_refused_with_a_reason(build, reason):

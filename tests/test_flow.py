@@ -59,10 +59,23 @@ def write_config(directory: Path, corpus: Path, model: Path, **overrides) -> Pat
         "mix": {"domain_eval_documents": 10, "general_eval_documents": 10, "window_documents": 50},
         "tokenize": {"seq_len": 64, "blocks_per_shard": 64},
         # A few steps each: these tests are about orchestration, tests/test_training.py about learning.
-        "cpt": {"lora": {"r": 4, "alpha": 8}, "learning_rate": 1e-3, "embedding_learning_rate": 2.5e-4, "micro_batch_size": 4,
-                "max_steps": 4, "eval_steps": 2, "save_steps": 2},
-        "sft": {"data": [{"path": str(REPO / "data" / "instructions" / "alpaca.jsonl")}], "max_length": 96,
-                "micro_batch_size": 4, "max_steps": 3, "eval_steps": 3, "save_steps": 3},
+        "cpt": {
+            "lora": {"r": 4, "alpha": 8},
+            "learning_rate": 1e-3,
+            "embedding_learning_rate": 2.5e-4,
+            "micro_batch_size": 4,
+            "max_steps": 4,
+            "eval_steps": 2,
+            "save_steps": 2,
+        },
+        "sft": {
+            "data": [{"path": str(REPO / "data" / "instructions" / "alpaca.jsonl")}],
+            "max_length": 96,
+            "micro_batch_size": 4,
+            "max_steps": 3,
+            "eval_steps": 3,
+            "save_steps": 3,
+        },
         "evaluate": {"prompts": ["What is a half-life?"], "max_new_tokens": 8},
         # In the flow's process: saves a torchrun start (~10 s) per training stage. The launcher path is
         # tested end to end by tests/test_ops.py (served retry and cancel) and tests/test_training.py (DDP).
@@ -110,6 +123,13 @@ def assert_graph_is_the_chain(graph: dict) -> None:
         parents = {edge["id"] for edge in nodes[by_stage[stage]]["parents"]}  # one edge per argument holding it
         assert parents == {by_stage[previous]}, (stage, [nodes[p]["label"] for p in parents if p in nodes])
     assert nodes[by_stage["clean"]]["parents"] == []
+    # Artifacts are published once per stage (the progress bar updates in place): a few markers each,
+    # not one per eval and checkpoint.
+    for stage in ("cpt", "sft"):
+        keys = sorted(a["key"] for a in nodes[by_stage[stage]]["artifacts"])
+        assert keys == sorted(
+            f"{stage}-{name}" for name in ("progress", "param-groups", "eval", "memory", "best-checkpoint")
+        ), keys
 
 
 def test_run_rerun_change_and_force(prefect_harness, corpus, tiny_llama_dir, tmp_path):
@@ -125,7 +145,9 @@ def test_run_rerun_change_and_force(prefect_harness, corpus, tiny_llama_dir, tmp
     assert all(manifests[r["stage"]]["fingerprint"] == Path(r["directory"]).name for r in reports)
     for stage in DATA_STAGES:
         counts = manifests[stage]["counts"]
-        assert counts["in"] == counts["kept"] + sum(counts["excluded"].values()) + sum(counts["rejected"].values()), stage
+        assert counts["in"] == counts["kept"] + sum(counts["excluded"].values()) + sum(counts["rejected"].values()), (
+            stage
+        )
     # documents flow from one stage to the next, none lost on the way
     assert manifests["quality"]["counts"]["in"] == manifests["clean"]["counts"]["kept"]
     assert manifests["perplexity"]["counts"]["in"] == manifests["quality"]["counts"]["kept"]
@@ -159,7 +181,8 @@ def test_run_rerun_change_and_force(prefect_harness, corpus, tiny_llama_dir, tmp
     # Changing quality's config re-runs quality and what follows; clean stays cached.
     changed = write_config(tmp_path, corpus, tiny_llama_dir, quality={"gopher_quality": {"min_words": 60}})
     assert {row["stage"]: row["state"] for row in stage_status(load_config(changed))} == {
-        "clean": "done", **{stage: "stale" for stage in PIPELINE_STAGES[1:]}
+        "clean": "done",
+        **{stage: "stale" for stage in PIPELINE_STAGES[1:]},
     }
     after_change = run_pipeline(changed, only=list(DATA_STAGES))
     assert [r["state"] for r in after_change] == ["cached", "ran", "ran", "ran", "ran", "not run", "not run", "not run"]

@@ -68,7 +68,10 @@ def test_deep_nesting_huge_integers_and_lone_surrogates_are_rejects_naming_the_f
     assert final[0].documents_in == 6 and final[0].kept == 2 and final[0].balanced()
     found = [(r["line"], r["reason"], r["detail"]) for r in rejects(stage)]
     assert [(line, reason) for line, reason, _ in found] == [
-        (2, "malformed_json"), (3, "malformed_json"), (4, "invalid_unicode"), (5, "invalid_unicode")
+        (2, "malformed_json"),
+        (3, "malformed_json"),
+        (4, "invalid_unicode"),
+        (5, "invalid_unicode"),
     ]
     assert "nested too deeply" in found[0][2] and "4300" in found[1][2]
     assert found[2][2] == "field 'text' holds a lone UTF-16 surrogate"
@@ -77,7 +80,11 @@ def test_deep_nesting_huge_integers_and_lone_surrogates_are_rejects_naming_the_f
 
 def test_an_oversized_line_or_text_file_is_rejected_unread_and_the_next_line_still_counts(tmp_path):
     (tmp_path / "in").mkdir()
-    lines = [json.dumps({"id": "1", "text": GOOD}), json.dumps({"id": "2", "text": "x" * 5000}), json.dumps({"id": "3", "text": GOOD + " 3"})]
+    lines = [
+        json.dumps({"id": "1", "text": GOOD}),
+        json.dumps({"id": "2", "text": "x" * 5000}),
+        json.dumps({"id": "3", "text": GOOD + " 3"}),
+    ]
     (tmp_path / "in" / "a.jsonl").write_text("\n".join(lines) + "\n")
     (tmp_path / "in" / "big.txt").write_text("y" * 5000)
     final, stage = run_clean(tmp_path, CleanConfig(max_record_bytes=1000))
@@ -138,7 +145,11 @@ def test_corrupt_empty_and_binary_files_are_counted_rejects_not_a_crash(tmp_path
     assert total(final, "rejected") == Counter(unreadable_file=4, wrong_type_text_field=2, empty_text=1, invalid_utf8=1)
     assert sum(c.kept for c in final) == 2 and all(c.balanced() for c in final)
     [bad] = [r for r in rejects(stage) if r["reason"] == "invalid_utf8"]
-    assert (Path(bad["file"]).name, bad["line"], bad["detail"]) == ("not_utf8.parquet", 2, "column 'text' holds bytes that are not UTF-8")
+    assert (Path(bad["file"]).name, bad["line"], bad["detail"]) == (
+        "not_utf8.parquet",
+        2,
+        "column 'text' holds bytes that are not UTF-8",
+    )
     by_file = {Path(r["file"]).name: r["detail"] for r in rejects(stage) if r["reason"] == "unreadable_file"}
     assert by_file["cut.parquet"].startswith("cut.parquet: not readable Parquet (ArrowInvalid")
     assert by_file["empty.parquet"].startswith("empty.parquet: not readable Parquet")
@@ -211,10 +222,16 @@ BAD_CONFIGS = {
         "cpt: Value error, embedding_learning_rate (0.0001) must not exceed learning_rate (1e-05)",
     ),
     "seq_len above the context": ({"tokenize__seq_len": 4096}, "tokenize.seq_len = 4096 tokens exceeds the context"),
-    "inverted keep_band": ({"perplexity__keep_band": [90, 10]}, "perplexity.keep_band: Value error, keep_band must satisfy"),
+    "inverted keep_band": (
+        {"perplexity__keep_band": [90, 10]},
+        "perplexity.keep_band: Value error, keep_band must satisfy",
+    ),
     "negative keep_band": ({"perplexity__keep_band": [-5, 50]}, "perplexity.keep_band: Value error"),
     "share above 1": ({"mix__schedule": {"start": 1.5}}, "mix.schedule.start: Input should be less than or equal to 1"),
-    "negative max_document_chars": ({"clean__max_document_chars": -1}, "clean.max_document_chars: Input should be greater than 0"),
+    "negative max_document_chars": (
+        {"clean__max_document_chars": -1},
+        "clean.max_document_chars: Input should be greater than 0",
+    ),
 }
 
 

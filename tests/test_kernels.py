@@ -68,8 +68,9 @@ def rel_err(actual: torch.Tensor, expected: torch.Tensor) -> float:
     return ((actual - expected).norm() / expected.norm().clamp_min(1e-30)).item()
 
 
-def ce_inputs(n=37, hidden=24, vocab=101, *, seed=0, ignored_every=4, dtype=torch.float32,
-              weight_dtype=None, device="cpu"):
+def ce_inputs(
+    n=37, hidden=24, vocab=101, *, seed=0, ignored_every=4, dtype=torch.float32, weight_dtype=None, device="cpu"
+):
     """Random hidden [n, hidden], head weight [vocab, hidden], labels with every k-th token ignored."""
     gen = torch.Generator().manual_seed(seed)
     x = torch.randn(n, hidden, generator=gen)
@@ -122,10 +123,10 @@ def test_fused_ce_softcap_and_bias_match_eager(device):
         assert rel_err(ours, theirs) <= FP32_TOL
 
 
-@pytest.mark.parametrize("weight_dtype,accumulate_fp32",
-                         [(torch.bfloat16, True), (torch.bfloat16, False), (torch.float32, True)])
-def test_fused_ce_bf16_within_tolerance_and_grads_in_input_dtype(device, weight_dtype, accumulate_fp32,
-                                                                 monkeypatch):
+@pytest.mark.parametrize(
+    "weight_dtype,accumulate_fp32", [(torch.bfloat16, True), (torch.bfloat16, False), (torch.float32, True)]
+)
+def test_fused_ce_bf16_within_tolerance_and_grads_in_input_dtype(device, weight_dtype, accumulate_fp32, monkeypatch):
     # 30-row vocabulary slices: the fp32 accumulation goes through its sliced bf16 temporary.
     monkeypatch.setattr(fused_module, "GRAD_WEIGHT_SLICE_BYTES", 30 * 24 * 2)
     x, w, labels = ce_inputs(seed=3, dtype=torch.bfloat16, weight_dtype=weight_dtype, device=device)
@@ -192,8 +193,11 @@ def test_default_chunk_is_a_quarter_of_the_tokens_within_a_1gib_logits_budget():
 
 @pytest.mark.parametrize(
     "dtype,weight_dtype,tol",
-    [(torch.float32, torch.float32, FP32_TOL), (torch.bfloat16, torch.bfloat16, BF16_TOL),
-     (torch.bfloat16, torch.float32, BF16_TOL)],
+    [
+        (torch.float32, torch.float32, FP32_TOL),
+        (torch.bfloat16, torch.bfloat16, BF16_TOL),
+        (torch.bfloat16, torch.float32, BF16_TOL),
+    ],
 )
 def test_rms_norm_matches_hf_llama_rmsnorm(device, dtype, weight_dtype, tol):
     from transformers.models.llama.modeling_llama import LlamaRMSNorm
@@ -269,17 +273,29 @@ def test_dispatch_sends_cpu_tensors_to_pytorch_without_the_interpreter(monkeypat
 
 # --- patch.py: kernels inside real (tiny) Hugging Face models ----------------------------------
 
-TINY = dict(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
-            num_key_value_heads=2, vocab_size=101)
+TINY = dict(
+    hidden_size=32,
+    intermediate_size=64,
+    num_hidden_layers=2,
+    num_attention_heads=4,
+    num_key_value_heads=2,
+    vocab_size=101,
+)
 
 
 def tiny_model(family: str, **overrides):
     import transformers
 
-    config_class = {"llama": transformers.LlamaConfig, "mistral": transformers.MistralConfig,
-                    "qwen2": transformers.Qwen2Config}[family]
-    model_class = {"llama": transformers.LlamaForCausalLM, "mistral": transformers.MistralForCausalLM,
-                   "qwen2": transformers.Qwen2ForCausalLM}[family]
+    config_class = {
+        "llama": transformers.LlamaConfig,
+        "mistral": transformers.MistralConfig,
+        "qwen2": transformers.Qwen2Config,
+    }[family]
+    model_class = {
+        "llama": transformers.LlamaForCausalLM,
+        "mistral": transformers.MistralForCausalLM,
+        "qwen2": transformers.Qwen2ForCausalLM,
+    }[family]
     torch.manual_seed(0)
     model = model_class(config_class(**{**TINY, **overrides}))
     with torch.no_grad():  # norms start at 1.0: make their weight gradients non-trivial
@@ -303,8 +319,11 @@ def test_apply_kernels_keeps_logits_and_grads(device, family):
     eager = tiny_model(family)
     patched = copy.deepcopy(eager)
     report = apply_kernels(patched, rms_norm="on", swiglu="on")
-    assert report == {"family": family, "rms_norm": {"mode": "on", "patched": 5},
-                      "swiglu": {"mode": "on", "patched": 2}}  # 2 layers x 2 norms + final norm; 2 MLPs
+    assert report == {
+        "family": family,
+        "rms_norm": {"mode": "on", "patched": 5},
+        "swiglu": {"mode": "on", "patched": 2},
+    }  # 2 layers x 2 norms + final norm; 2 MLPs
     logits_ref, grads_ref = logits_and_grads(eager, "cpu")
     logits, grads = logits_and_grads(patched, device)
     assert rel_err(logits, logits_ref) <= FP32_TOL
@@ -316,8 +335,13 @@ def test_apply_kernels_keeps_logits_and_grads(device, family):
 def test_apply_kernels_on_lora_wrapped_mlp_keeps_lora_grads(device):
     from peft import LoraConfig, get_peft_model
 
-    lora = LoraConfig(r=4, lora_alpha=8, target_modules=["gate_proj", "up_proj", "down_proj"], lora_dropout=0.0,
-                      init_lora_weights=False)  # non-zero B: the adapters take part in the forward
+    lora = LoraConfig(
+        r=4,
+        lora_alpha=8,
+        target_modules=["gate_proj", "up_proj", "down_proj"],
+        lora_dropout=0.0,
+        init_lora_weights=False,
+    )  # non-zero B: the adapters take part in the forward
     eager = get_peft_model(tiny_model("llama"), lora)
     patched = copy.deepcopy(eager)
     assert apply_kernels(patched)["swiglu"]["patched"] == 2
@@ -378,24 +402,67 @@ def test_kernels_compile_to_h100_machine_code(tmp_path, monkeypatch):
     monkeypatch.setenv("TRITON_CACHE_DIR", str(tmp_path))  # really compile, do not reuse a cache
     monkeypatch.setenv("TRITON_DEFAULT_FP_FUSION", "1")  # the JIT's default; silences Triton 3.9's notice
     kernels_and_signatures = [
-        (fused_module._cross_entropy_rows_kernel,
-         {"Logits": "*bf16", "stride_row": "i64", "Labels": "*i64", "RowLoss": "*fp32", "Scale": "*fp32",
-          "V": "i32", "ignore_index": "i32", "softcap": "fp32"},
-         {"HAS_SOFTCAP": True, "COMPUTE_GRAD": True, "BLOCK_V": 32768}, 32),
-        (_rms_norm_forward_kernel,
-         {"Y": "*bf16", "X": "*bf16", "W": "*bf16", "InvRms": "*fp32", "stride_y": "i32", "stride_x": "i32",
-          "n_cols": "i32", "eps": "fp32"},
-         {"BLOCK": 4096}, 8),
-        (_rms_norm_backward_kernel,
-         {"DX": "*bf16", "DY": "*bf16", "X": "*bf16", "W": "*bf16", "InvRms": "*fp32", "DWPartial": "*fp32",
-          "stride_dx": "i32", "stride_dy": "i32", "stride_x": "i32", "n_rows": "i32", "n_cols": "i32",
-          "rows_per_program": "i32"},
-         {"COMPUTE_DW": True, "BLOCK": 4096}, 8),
-        (_swiglu_forward_kernel, {"Out": "*bf16", "Gate": "*bf16", "Up": "*bf16", "n_elements": "i32"},
-         {"BLOCK": 1024}, 4),
-        (_swiglu_backward_kernel,
-         {"DGate": "*bf16", "DUp": "*bf16", "DOut": "*bf16", "Gate": "*bf16", "Up": "*bf16", "n_elements": "i32"},
-         {"BLOCK": 1024}, 4),
+        (
+            fused_module._cross_entropy_rows_kernel,
+            {
+                "Logits": "*bf16",
+                "stride_row": "i64",
+                "Labels": "*i64",
+                "RowLoss": "*fp32",
+                "Scale": "*fp32",
+                "V": "i32",
+                "ignore_index": "i32",
+                "softcap": "fp32",
+            },
+            {"HAS_SOFTCAP": True, "COMPUTE_GRAD": True, "BLOCK_V": 32768},
+            32,
+        ),
+        (
+            _rms_norm_forward_kernel,
+            {
+                "Y": "*bf16",
+                "X": "*bf16",
+                "W": "*bf16",
+                "InvRms": "*fp32",
+                "stride_y": "i32",
+                "stride_x": "i32",
+                "n_cols": "i32",
+                "eps": "fp32",
+            },
+            {"BLOCK": 4096},
+            8,
+        ),
+        (
+            _rms_norm_backward_kernel,
+            {
+                "DX": "*bf16",
+                "DY": "*bf16",
+                "X": "*bf16",
+                "W": "*bf16",
+                "InvRms": "*fp32",
+                "DWPartial": "*fp32",
+                "stride_dx": "i32",
+                "stride_dy": "i32",
+                "stride_x": "i32",
+                "n_rows": "i32",
+                "n_cols": "i32",
+                "rows_per_program": "i32",
+            },
+            {"COMPUTE_DW": True, "BLOCK": 4096},
+            8,
+        ),
+        (
+            _swiglu_forward_kernel,
+            {"Out": "*bf16", "Gate": "*bf16", "Up": "*bf16", "n_elements": "i32"},
+            {"BLOCK": 1024},
+            4,
+        ),
+        (
+            _swiglu_backward_kernel,
+            {"DGate": "*bf16", "DUp": "*bf16", "DOut": "*bf16", "Gate": "*bf16", "Up": "*bf16", "n_elements": "i32"},
+            {"BLOCK": 1024},
+            4,
+        ),
     ]
     for kernel, signature, constexprs, num_warps in kernels_and_signatures:
         source = ASTSource(kernel, {**signature, **{name: "constexpr" for name in constexprs}}, constexprs=constexprs)
@@ -410,9 +477,24 @@ def test_kernels_compile_to_h100_machine_code(tmp_path, monkeypatch):
 def test_interpreter_child_process_passes():
     env = {**os.environ, "TRITON_INTERPRET": "1"}
     result = subprocess.run(
-        [sys.executable, "-m", "pytest", "-q", "--noconftest", "-p", "no:cacheprovider", "-k", "triton",
-         "-W", "ignore::DeprecationWarning", __file__],
-        env=env, capture_output=True, text=True, timeout=300,
+        [
+            sys.executable,
+            "-m",
+            "pytest",
+            "-q",
+            "--noconftest",
+            "-p",
+            "no:cacheprovider",
+            "-k",
+            "triton",
+            "-W",
+            "ignore::DeprecationWarning",
+            __file__,
+        ],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=300,
     )
     summary = result.stdout.strip().splitlines()[-1] if result.stdout.strip() else ""
     assert result.returncode == 0, result.stdout[-6000:] + result.stderr[-3000:]

@@ -40,7 +40,11 @@ TREE = textwrap.dedent(
 # ignores SIGTERM (hung in a collective), so only SIGKILL to it, found as a descendant, ends it.
 STUBBORN_TREE = TREE.replace(
     'grandchild = subprocess.Popen([sys.executable, "-P", "-c", "import time; time.sleep(600)"])',
-    'grandchild = subprocess.Popen([sys.executable, "-P", "-c", "import signal, time; signal.signal(signal.SIGTERM, signal.SIG_IGN); time.sleep(600)"], start_new_session=True)',
+    (
+        'grandchild = subprocess.Popen([sys.executable, "-P", "-c", '
+        '"import signal, time; signal.signal(signal.SIGTERM, signal.SIG_IGN); time.sleep(600)"], '
+        "start_new_session=True)"
+    ),
 )
 
 
@@ -97,7 +101,9 @@ def test_output_is_streamed_line_by_line_and_events_reach_the_reporter():
 
 def test_a_failing_process_raises_with_its_last_lines():
     with pytest.raises(TrainingProcessError, match=r"exited with code 3(.|\n)*CUDA out of memory"):
-        run_process_tree([sys.executable, "-P", "-c", "print('CUDA out of memory'); raise SystemExit(3)"], on_line=lambda line: None)
+        run_process_tree(
+            [sys.executable, "-P", "-c", "print('CUDA out of memory'); raise SystemExit(3)"], on_line=lambda line: None
+        )
 
 
 def test_a_timeout_kills_the_whole_process_tree_even_workers_in_their_own_session(tmp_path):
@@ -105,7 +111,9 @@ def test_a_timeout_kills_the_whole_process_tree_even_workers_in_their_own_sessio
     pids = tmp_path / "pids"
     started = time.monotonic()
     with pytest.raises(TrainingTimeout, match="timeout"):
-        run_process_tree([sys.executable, "-P", "-c", STUBBORN_TREE, str(pids)], on_line=lambda line: None, timeout_seconds=3)
+        run_process_tree(
+            [sys.executable, "-P", "-c", STUBBORN_TREE, str(pids)], on_line=lambda line: None, timeout_seconds=3
+        )
     assert time.monotonic() - started < 30
     child, grandchild = map(int, pids.read_text().split())
     assert not alive(child) and not alive(grandchild)
@@ -121,7 +129,9 @@ def test_sigterm_to_the_launching_process_kills_the_whole_process_tree(tmp_path)
         run_process_tree([sys.executable, "-P", "-c", {TREE!r}, {str(pids)!r}], on_line=print)
         """
     )
-    parent = subprocess.Popen([sys.executable, "-P", "-c", launcher], cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    parent = subprocess.Popen(
+        [sys.executable, "-P", "-c", launcher], cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True
+    )
     child, grandchild = map(int, wait_for(pids).split())
     assert alive(child) and alive(grandchild)
     parent.send_signal(signal.SIGTERM)
@@ -136,7 +146,10 @@ def test_sigterm_to_the_launching_process_kills_the_whole_process_tree(tmp_path)
 def test_a_sigkilled_launching_process_still_takes_the_launcher_down(tmp_path):
     """Not even a chance to clean up: the kernel sends the launcher SIGTERM (PR_SET_PDEATHSIG)."""
     pids = tmp_path / "pids"
-    launcher = f"from cptflow.training_process import run_process_tree; import sys; run_process_tree([sys.executable, '-c', {TREE!r}, {str(pids)!r}], on_line=print)"
+    launcher = (
+        "from cptflow.training_process import run_process_tree; import sys; "
+        f"run_process_tree([sys.executable, '-c', {TREE!r}, {str(pids)!r}], on_line=print)"
+    )
     parent = subprocess.Popen([sys.executable, "-P", "-c", launcher], cwd=REPO, stdout=subprocess.DEVNULL)
     child, _ = map(int, wait_for(pids).split())
     parent.kill()
@@ -151,14 +164,48 @@ def test_launch_commands_for_torchrun_and_accelerate(tmp_path):
     from cptflow.config import PipelineConfig
 
     def config(**launch):
-        return PipelineConfig(name="x", base_model="m", sources=[{"name": "d", "role": "domain", "paths": ["in"]}], launch=launch, base_dir=str(tmp_path))
+        return PipelineConfig(
+            name="x",
+            base_model="m",
+            sources=[{"name": "d", "role": "domain", "paths": ["in"]}],
+            launch=launch,
+            base_dir=str(tmp_path),
+        )
 
     spec = tmp_path / "launch.json"
     torchrun = launch_command(config(launcher="torchrun", num_processes=4), spec, 4)
-    assert torchrun[:3] == [sys.executable, "-m", "torch.distributed.run"] and "--nproc-per-node=4" in torchrun and "--standalone" in torchrun
+    assert (
+        torchrun[:3] == [sys.executable, "-m", "torch.distributed.run"]
+        and "--nproc-per-node=4" in torchrun
+        and "--standalone" in torchrun
+    )
     assert torchrun[-4:] == ["-m", "cptflow.launch", "--spec", str(spec)]
     accelerate = launch_command(config(launcher="accelerate", num_processes=2, accelerate_config="acc.yaml"), spec, 2)
     assert accelerate[:3] == [sys.executable, "-m", "accelerate.commands.launch"]
-    assert "--num_processes=2" in accelerate and "--multi_gpu" in accelerate and str(tmp_path / "acc.yaml") in accelerate
+    assert (
+        "--num_processes=2" in accelerate and "--multi_gpu" in accelerate and str(tmp_path / "acc.yaml") in accelerate
+    )
     with pytest.raises(ValueError, match="inline"):
         config(launcher="inline", num_processes=2)
+
+
+def test_library_deprecation_warnings_stay_out_of_the_run_log(monkeypatch):
+    """Each training stage is a fresh process: transformers' FutureWarnings would repeat in every run
+    log. They are filtered in the child; ours are not; CPTFLOW_LIBRARY_WARNINGS=1 shows them all."""
+    import warnings
+
+    from cptflow.launch import quiet_library_warnings
+
+    def shown(module: str) -> list[str]:
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            quiet_library_warnings()
+            for category in (FutureWarning, DeprecationWarning):
+                warnings.warn_explicit("old api", category, filename="x.py", lineno=1, module=module)
+        return [type(w.message).__name__ for w in caught]
+
+    monkeypatch.delenv("CPTFLOW_LIBRARY_WARNINGS", raising=False)
+    assert shown("transformers.modeling_utils") == [] and shown("peft.tuners.lora") == []
+    assert shown("cptflow.training") == ["FutureWarning", "DeprecationWarning"]
+    monkeypatch.setenv("CPTFLOW_LIBRARY_WARNINGS", "1")
+    assert shown("transformers.modeling_utils") == ["FutureWarning", "DeprecationWarning"]

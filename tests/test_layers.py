@@ -88,7 +88,9 @@ def violations(modules: dict[str, Path]) -> list[str]:
         for line, imported in imports_of(path, module):
             top = imported.split(".")[0]
             if top in ("tasks", "flows", "kernels"):
-                problems.append(f"{where}:{line}: imports the folder '{imported}' as a top-level package (use cptflow.{imported})")
+                problems.append(
+                    f"{where}:{line}: imports the folder '{imported}' as a top-level package (use cptflow.{imported})"
+                )
             if top == "prefect" and layer not in ("flows",):
                 problems.append(f"{where}:{line}: imports prefect outside cptflow.flows")
             if top != "cptflow" or imported not in modules:
@@ -118,7 +120,13 @@ def function_local_project_imports(modules: dict[str, Path]) -> list[str]:
             if not isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef)):
                 continue
             for inner in ast.walk(node):
-                names = [inner.module or ""] if isinstance(inner, ast.ImportFrom) else [a.name for a in getattr(inner, "names", [])] if isinstance(inner, ast.Import) else []
+                names = (
+                    [inner.module or ""]
+                    if isinstance(inner, ast.ImportFrom)
+                    else [a.name for a in getattr(inner, "names", [])]
+                    if isinstance(inner, ast.Import)
+                    else []
+                )
                 if any(name.split(".")[0] == "cptflow" for name in names):
                     found.append(f"{path.relative_to(REPO)}:{inner.lineno}: {ast.unparse(inner)}")
     return found

@@ -84,7 +84,9 @@ def test_realised_domain_share_within_two_points_in_every_200_document_window(ki
         assert largest_window_error(stream, schedule, budget, window) <= 0.02
     rows = schedule_table(stream, 200)
     assert all(abs(r["target"] - r["realised"]) <= 0.02 for r in rows if r["documents"] == 200)
-    assert sum(r["documents"] for r in rows) == len(stream) and sum(r["tokens"] for r in rows) == sum(e.tokens for e in stream)
+    assert sum(r["documents"] for r in rows) == len(stream) and sum(r["tokens"] for r in rows) == sum(
+        e.tokens for e in stream
+    )
 
 
 def test_stream_meets_budget_and_new_epochs_reshuffle():
@@ -139,11 +141,15 @@ def test_held_out_choice_depends_on_ids_not_order():
 def test_excess_epochs_warns_or_errors_naming_role_and_remedy():
     cfg = MixConfig(budget_tokens=1000, max_epochs=2)
     with pytest.warns(MixEpochsWarning, match=r"general training data .* repeated 3\.50 epochs.*max_epochs=2"):
-        messages = mix.check_epochs({"domain": 1.0, "general": 3.5}, cfg, {"domain": 10, "general": 10}, {"domain": 100, "general": 100})
+        messages = mix.check_epochs(
+            {"domain": 1.0, "general": 3.5}, cfg, {"domain": 10, "general": 10}, {"domain": 100, "general": 100}
+        )
     assert len(messages) == 1 and "raise mix.max_epochs" in messages[0]
     strict = MixConfig(budget_tokens=1000, max_epochs=2, on_excess_epochs="error")
     with pytest.raises(MixEpochsError, match=r"domain training data .* 5\.00 epochs.*Add domain data"):
-        mix.check_epochs({"domain": 5.0, "general": 1.0}, strict, {"domain": 10, "general": 10}, {"domain": 100, "general": 100})
+        mix.check_epochs(
+            {"domain": 5.0, "general": 1.0}, strict, {"domain": 10, "general": 10}, {"domain": 100, "general": 100}
+        )
 
 
 # ---------------------------------------------------------------------------------------------
@@ -219,9 +225,14 @@ def write_upstream(directory: Path, docs: list[dict], shards_per_source: int = 2
 def stage_config(tokenizer_dir: Path, seed: int = 0, **mix_fields):
     from cptflow.tasks.clean import SourceConfig
 
-    sources = [SourceConfig(name="papers", role="domain", paths=["x"]), SourceConfig(name="web", role="general", paths=["y"])]
+    sources = [
+        SourceConfig(name="papers", role="domain", paths=["x"]),
+        SourceConfig(name="web", role="general", paths=["y"]),
+    ]
     mix_cfg = MixConfig.model_validate({"domain_eval_documents": 20, "general_eval_documents": 25, **mix_fields})
-    return types.SimpleNamespace(mix=mix_cfg, sources=sources, seed=seed, base_model=str(tokenizer_dir), trust_remote_code=False)
+    return types.SimpleNamespace(
+        mix=mix_cfg, sources=sources, seed=seed, base_model=str(tokenizer_dir), trust_remote_code=False
+    )
 
 
 def run_stage(directory: Path, upstream: Path, cfg) -> dict:
@@ -333,7 +344,9 @@ def test_budget_tokens_bounds_the_stream(upstream, tiny_llama_dir, tmp_path):
     assert manifest["counts"]["excluded"]["unused_within_budget"] > 0
 
 
-def test_same_inputs_give_identical_bytes_and_other_seed_another_order(upstream, docs, committed, tiny_llama_dir, tmp_path):
+def test_same_inputs_give_identical_bytes_and_other_seed_another_order(
+    upstream, docs, committed, tiny_llama_dir, tmp_path
+):
     directory, _, cfg = committed
     again = run_stage(tmp_path / "again", upstream, cfg)
     assert again["counts"] == committed[1]["counts"]
@@ -355,7 +368,9 @@ def test_rerun_of_finished_work_item_is_a_no_op(upstream, tiny_llama_dir, tmp_pa
     from cptflow.plan import StageRun
 
     cfg = stage_config(tiny_llama_dir, budget_tokens=3000)
-    run = StageRun(stage="mix", fingerprint="f", directory=str(tmp_path / "mix"), upstream_directory=str(upstream), payload={})
+    run = StageRun(
+        stage="mix", fingerprint="f", directory=str(tmp_path / "mix"), upstream_directory=str(upstream), payload={}
+    )
     first = mix.process(run, cfg, {"shard": "mix", "source": "all"})
     assert first.balanced() and first.documents_in == 600
     assert mix.process(run, cfg, {"shard": "mix", "source": "all"}).as_dict() == first.as_dict()

@@ -76,24 +76,18 @@ def test_different_seed_gives_different_build(tiny_corpus_files):
     )
 
 
-def test_second_call_returns_cached_path_without_rebuilding(
-    tiny_corpus_files, tiny_llama_dir, monkeypatch
-):
+def test_second_call_returns_cached_path_without_rebuilding(tiny_corpus_files, tiny_llama_dir, monkeypatch):
     def fail(*args, **kwargs):
         raise AssertionError("rebuilt a cached model")
 
     monkeypatch.setattr(tiny_model, "_build_into", fail)
-    assert build_tiny_llama(tiny_corpus_files, tiny_llama_dir.parent, spec=TINY_TEST_SPEC) == (
-        tiny_llama_dir
-    )
+    assert build_tiny_llama(tiny_corpus_files, tiny_llama_dir.parent, spec=TINY_TEST_SPEC) == (tiny_llama_dir)
 
 
 def test_cache_dir_holds_only_the_finished_build(tiny_llama_dir):
     leftovers = [p.name for p in tiny_llama_dir.parent.iterdir() if p.name.startswith(".tmp-")]
     assert leftovers == []
-    fingerprint = build_fingerprint(
-        [Path(p) for p in _corpus_of(tiny_llama_dir)], TINY_TEST_SPEC, 0
-    )
+    fingerprint = build_fingerprint([Path(p) for p in _corpus_of(tiny_llama_dir)], TINY_TEST_SPEC, 0)
     assert tiny_llama_dir.name == f"tiny-llama-{fingerprint[:16]}"
 
 
@@ -155,9 +149,7 @@ def test_chat_template_closes_assistant_turns_with_eos(tiny_llama_dir):
     chat = [{"role": "user", "content": "Hi?"}, {"role": "assistant", "content": "Hello."}]
     text = tokenizer.apply_chat_template(chat, tokenize=False)
     assert text == "<s><|user|>\nHi?\n<|assistant|>\nHello.</s>\n"
-    encoded = tokenizer.apply_chat_template(
-        chat, tokenize=True, return_dict=True, return_assistant_tokens_mask=True
-    )
+    encoded = tokenizer.apply_chat_template(chat, tokenize=True, return_dict=True, return_assistant_tokens_mask=True)
     assistant_ids = [i for i, m in zip(encoded["input_ids"], encoded["assistant_masks"]) if m]
     assert tokenizer.decode(assistant_ids) == "Hello.</s>"
     prompt = tokenizer.apply_chat_template(chat[:1], tokenize=False, add_generation_prompt=True)
@@ -249,9 +241,7 @@ def test_default_build_is_cached_and_finds_general_text_easier_than_domain_text(
 ):
     started = time.perf_counter()
     cache_dir = builtin_tiny_llama_dir.parent
-    assert resolve_model_path("builtin:tiny-llama", cache_dir=cache_dir) == str(
-        builtin_tiny_llama_dir
-    )
+    assert resolve_model_path("builtin:tiny-llama", cache_dir=cache_dir) == str(builtin_tiny_llama_dir)
     assert time.perf_counter() - started < 5
     model = load_causal_lm("builtin:tiny-llama", device="cpu", cache_dir=cache_dir)
     tokenizer = load_tokenizer("builtin:tiny-llama", cache_dir=cache_dir)

@@ -30,7 +30,11 @@ REPO = Path(__file__).resolve().parents[1]
 
 
 def minimal_config(directory: Path, **overrides) -> Path:
-    config = {"name": "ops", "base_model": "builtin:tiny-llama", "sources": [{"name": "d", "role": "domain", "paths": ["in"]}]}
+    config = {
+        "name": "ops",
+        "base_model": "builtin:tiny-llama",
+        "sources": [{"name": "d", "role": "domain", "paths": ["in"]}],
+    }
     config.update(overrides)
     directory.mkdir(parents=True, exist_ok=True)
     path = directory / "pipeline.yaml"
@@ -91,7 +95,11 @@ def test_serve_without_a_server_says_how_to_start_one(tmp_path):
     env = {k: v for k, v in os.environ.items() if k != "PREFECT_API_URL"}
     result = subprocess.run(
         [sys.executable, "-m", "cptflow.cli", "serve", str(minimal_config(tmp_path)), "--cron", "0 2 * * *"],
-        cwd=REPO, env=env, capture_output=True, text=True, timeout=120,
+        cwd=REPO,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=120,
     )
     assert result.returncode == 2
     assert "PREFECT_API_URL is not set" in result.stderr and "cptflow ui" in result.stderr
@@ -117,7 +125,12 @@ def test_served_stage_deployment_runs_the_stage(prefect_harness, corpus, tiny_ll
     env = dict(os.environ, PREFECT_API_URL=PREFECT_API_URL.value(), PREFECT_RUNNER_POLL_FREQUENCY="2")
     server = subprocess.Popen(
         [sys.executable, "-m", "cptflow.cli", "serve", str(config), "--work-dir", str(tmp_path / "served")],
-        cwd=tmp_path, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, start_new_session=True,
+        cwd=tmp_path,
+        env=env,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+        start_new_session=True,
     )
     try:
         with get_client(sync_client=True) as client:
@@ -127,7 +140,9 @@ def test_served_stage_deployment_runs_the_stage(prefect_harness, corpus, tiny_ll
                     deployment = client.read_deployment_by_name("cptflow-pipeline/flow-test-clean")
                     break
                 except Exception:
-                    assert server.poll() is None and time.monotonic() < deadline, "serve did not register its deployments"
+                    assert server.poll() is None and time.monotonic() < deadline, (
+                        "serve did not register its deployments"
+                    )
                     time.sleep(1)
             flow_run = client.create_flow_run_from_deployment(deployment.id)
             deadline = time.monotonic() + 300
@@ -138,7 +153,9 @@ def test_served_stage_deployment_runs_the_stage(prefect_harness, corpus, tiny_ll
             # The config travels to the stage subflow as a parameter; the UI shows it, never the webhook URL.
             subflows = [run for run in client.read_flow_runs() if run.parent_task_run_id and run.name == "clean"]
             shown = [json.dumps(run.parameters, default=str) for run in subflows]
-            assert any('"webhook_url": "**********"' in params for params in shown) and not any(secret in params for params in shown)
+            assert any('"webhook_url": "**********"' in params for params in shown) and not any(
+                secret in params for params in shown
+            )
     finally:
         log = stop_serving(server)
     runs = plan_pipeline(load_config(config, tmp_path / "served"))
@@ -173,7 +190,11 @@ def test_ui_serves_health_on_loopback_and_stops_on_ctrl_c(tmp_path):
     env.pop("PREFECT_API_URL", None)
     ui = subprocess.Popen(
         [sys.executable, "-m", "cptflow.cli", "ui", "--port", str(port)],
-        cwd=tmp_path, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+        cwd=tmp_path,
+        env=env,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
     )
     try:
         deadline, healthy = time.monotonic() + 60, False
@@ -235,7 +256,9 @@ class Webhook:
 
         class Handler(BaseHTTPRequestHandler):
             def do_POST(self):
-                received.append({"path": self.path, "json": json.loads(self.rfile.read(int(self.headers["Content-Length"])))})
+                received.append(
+                    {"path": self.path, "json": json.loads(self.rfile.read(int(self.headers["Content-Length"])))}
+                )
                 self.send_response(answer)
                 self.end_headers()
 
@@ -269,7 +292,9 @@ def test_failure_artifact_names_stage_error_and_rerun_command(prefect_harness, w
 
     @flow
     def failing_pipeline() -> dict:  # where the pipeline flow calls it: inside its run
-        return publish_failure(cfg, "quality", RuntimeError("langdetect profile missing"), config_path="configs/my run.yaml")
+        return publish_failure(
+            cfg, "quality", RuntimeError("langdetect profile missing"), config_path="configs/my run.yaml"
+        )
 
     caplog.set_level(logging.DEBUG)  # every logger at every level: httpx logs request URLs at INFO
     cfg = load_config(minimal_config(tmp_path, notify={"webhook_url": webhook.url}))
@@ -278,8 +303,13 @@ def test_failure_artifact_names_stage_error_and_rerun_command(prefect_harness, w
     command = "cptflow run 'configs/my run.yaml' --from quality"
     assert payload["command"] == command and payload["flow_run_id"]
     assert [r["json"] for r in webhook.received] == [
-        {"pipeline": "ops", "stage": "quality", "error": "RuntimeError: langdetect profile missing", "command": command,
-         "flow_run_id": payload["flow_run_id"]}
+        {
+            "pipeline": "ops",
+            "stage": "quality",
+            "error": "RuntimeError: langdetect profile missing",
+            "command": command,
+            "flow_run_id": payload["flow_run_id"],
+        }
     ]
     assert webhook.received[0]["path"].endswith(webhook.secret)  # the URL was really used...
     assert webhook.secret not in caplog.text  # ...and never logged
@@ -287,7 +317,9 @@ def test_failure_artifact_names_stage_error_and_rerun_command(prefect_harness, w
 
     with get_client(sync_client=True) as client:
         artifact = client.read_artifacts(
-            artifact_filter=ArtifactFilter(key=ArtifactFilterKey(any_=["pipeline-failure"])), sort=ArtifactSort.CREATED_DESC, limit=1
+            artifact_filter=ArtifactFilter(key=ArtifactFilterKey(any_=["pipeline-failure"])),
+            sort=ArtifactSort.CREATED_DESC,
+            limit=1,
         )[0]
     assert "stage **quality**" in artifact.data and "RuntimeError: langdetect profile missing" in artifact.data
     assert command in artifact.data and webhook.secret not in artifact.data
@@ -305,7 +337,9 @@ def test_failure_notification_problems_are_logged_without_the_url(prefect_harnes
     finally:
         refusing.close()
     assert "failure webhook answered HTTP 500" in caplog.text
-    cfg = load_config(minimal_config(tmp_path, notify={"webhook_url": f"http://127.0.0.1:{free_port()}/{refusing.secret}"}))
+    cfg = load_config(
+        minimal_config(tmp_path, notify={"webhook_url": f"http://127.0.0.1:{free_port()}/{refusing.secret}"})
+    )
     publish_failure(cfg, "cpt", ValueError("out of memory"))
     assert "failure webhook not reached: ConnectError" in caplog.text
     assert refusing.secret not in caplog.text
@@ -317,11 +351,16 @@ def test_failure_notification_through_a_prefect_block(prefect_harness, webhook, 
     from cptflow.flows.failure import publish_failure
 
     caplog.set_level(logging.DEBUG)
-    CustomWebhookNotificationBlock(name="ops", url=webhook.url, json_data={"text": "{{subject}}: {{body}}"}).save("ops-alerts", overwrite=True)
+    CustomWebhookNotificationBlock(name="ops", url=webhook.url, json_data={"text": "{{subject}}: {{body}}"}).save(
+        "ops-alerts", overwrite=True
+    )
     cfg = load_config(minimal_config(tmp_path, notify={"prefect_block": "custom-webhook/ops-alerts"}))
     publish_failure(cfg, "sft", RuntimeError("nan loss"), config_path="p.yaml")
     [received] = webhook.received
-    assert received["json"]["text"] == "cptflow ops failed in sft: RuntimeError: nan loss\n\nRerun: cptflow run p.yaml --from sft"
+    assert (
+        received["json"]["text"]
+        == "cptflow ops failed in sft: RuntimeError: nan loss\n\nRerun: cptflow run p.yaml --from sft"
+    )
     assert webhook.secret not in caplog.text
 
 
@@ -366,7 +405,9 @@ def test_compose_stack_has_healthchecks_gpu_and_a_loopback_only_ui():
     assert worker["command"][:2] == ["cptflow", "serve"]
     assert worker["environment"]["PREFECT_API_URL"] == "http://prefect-server:4200/api"
     assert worker["depends_on"]["prefect-server"]["condition"] == "service_healthy"
-    assert worker["deploy"]["resources"]["reservations"]["devices"] == [{"driver": "nvidia", "count": 1, "capabilities": ["gpu"]}]
+    assert worker["deploy"]["resources"]["reservations"]["devices"] == [
+        {"driver": "nvidia", "count": 1, "capabilities": ["gpu"]}
+    ]
     targets = {volume.split(":")[1] for volume in worker["volumes"]}
     assert {"/data/work", "/data/results", "/data/hf-cache"} <= targets
     for service in services.values():  # no port of the stack open beyond this machine
@@ -380,8 +421,12 @@ def test_dockerfile_runs_as_non_root_and_fetches_nothing_by_add():
     users = [line.split()[1] for line in instructions if line.startswith("USER ")]
     assert users and users[-1].split(":")[0] not in ("root", "0")
     assert not [line for line in instructions if line.startswith("ADD ") and "://" in line]
-    assert not [line for line in instructions if ("curl " in line or "wget " in line) and "| sh" in line.replace("|sh", "| sh")]
-    assert any(line.startswith("VOLUME ") and "/data/work" in line and "/data/hf-cache" in line for line in instructions)
+    assert not [
+        line for line in instructions if ("curl " in line or "wget " in line) and "| sh" in line.replace("|sh", "| sh")
+    ]
+    assert any(
+        line.startswith("VOLUME ") and "/data/work" in line and "/data/hf-cache" in line for line in instructions
+    )
     assert any('"cptflow' in line for line in instructions if line.startswith(("CMD", "ENTRYPOINT")))
     for path in ("cptflow", "flows", "tasks", "pyproject.toml"):  # the image builds from this checkout
         assert any(line.startswith(f"COPY {path}") for line in instructions), path
@@ -399,11 +444,15 @@ def test_result_storage_is_a_local_path_or_a_prefect_storage_block(prefect_harne
     assert [p.name for p in (tmp_path / "local" / "prefect-results").iterdir()]
 
     LocalFileSystem(basepath=str(tmp_path / "bucket")).save("cptflow-test-results", overwrite=True)
-    block = write_config(tmp_path / "block", corpus, tiny_llama_dir, results={"block": "local-file-system/cptflow-test-results"})
+    block = write_config(
+        tmp_path / "block", corpus, tiny_llama_dir, results={"block": "local-file-system/cptflow-test-results"}
+    )
     pipeline.run_pipeline(block, only=["clean"])
     assert [p.name for p in (tmp_path / "bucket").iterdir()]
     with pytest.raises(ValueError, match="not both"):
-        load_config(write_config(tmp_path / "both", corpus, tiny_llama_dir, results={"local_path": "x", "block": "s3-bucket/y"}))
+        load_config(
+            write_config(tmp_path / "both", corpus, tiny_llama_dir, results={"local_path": "x", "block": "s3-bucket/y"})
+        )
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -416,7 +465,11 @@ def training_processes(marker: str) -> dict[int, list[str]]:
     found = {}
     for process in psutil.process_iter(["pid", "cmdline", "status"]):
         cmdline = process.info["cmdline"] or []
-        if "cptflow.launch" in cmdline and any(marker in arg for arg in cmdline) and process.info["status"] != psutil.STATUS_ZOMBIE:
+        if (
+            "cptflow.launch" in cmdline
+            and any(marker in arg for arg in cmdline)
+            and process.info["status"] != psutil.STATUS_ZOMBIE
+        ):
             found[process.info["pid"]] = cmdline
     return found
 
@@ -430,7 +483,12 @@ def wait_until(predicate, seconds: float, what: str, server: subprocess.Popen):
     return value
 
 
-def test_retry_reruns_only_the_failed_stage_onward_and_cancel_kills_training(prefect_harness, corpus, tiny_llama_dir, tmp_path):  # noqa: F811
+def test_retry_reruns_only_the_failed_stage_onward_and_cancel_kills_training(
+    prefect_harness,
+    corpus,  # noqa: F811  (the fixture imported from test_flow)
+    tiny_llama_dir,
+    tmp_path,
+):
     """Served deployments, as in production. (1) cpt's worker dies (an OOM kill) after its first
     checkpoint and the run fails; `prefect flow-run retry` re-runs it: the data stages come back cached
     (untouched), cpt resumes from its checkpoint, sft and evaluate follow. (2) A run cancelled while cpt
@@ -441,7 +499,14 @@ def test_retry_reruns_only_the_failed_stage_onward_and_cancel_kills_training(pre
     from prefect.states import Cancelling
 
     # Its own name: deployments outlive `serve`, and the other served test registered `flow-test`'s.
-    config = write_config(tmp_path, corpus, tiny_llama_dir, name="served-retry", gpu_concurrency={"name": "gpu-served-test"}, launch={"launcher": "torchrun"})
+    config = write_config(
+        tmp_path,
+        corpus,
+        tiny_llama_dir,
+        name="served-retry",
+        gpu_concurrency={"name": "gpu-served-test"},
+        launch={"launcher": "torchrun"},
+    )
     data = yaml.safe_load(config.read_text())
     data["cpt"].update(max_steps=24, save_steps=4, eval_steps=4, retries=0)
     data["evaluate"]["export"] = {"merged": False}  # the merge is tested elsewhere
@@ -450,7 +515,12 @@ def test_retry_reruns_only_the_failed_stage_onward_and_cancel_kills_training(pre
     env = dict(os.environ, PREFECT_API_URL=PREFECT_API_URL.value(), PREFECT_RUNNER_POLL_FREQUENCY="2")
     server = subprocess.Popen(
         [sys.executable, "-m", "cptflow.cli", "serve", str(config), "--work-dir", str(work)],
-        cwd=tmp_path, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, start_new_session=True,
+        cwd=tmp_path,
+        env=env,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+        start_new_session=True,
     )
     runs = plan_pipeline(load_config(config, work))
     checkpoints = runs["cpt"].path / "checkpoints"
@@ -464,12 +534,22 @@ def test_retry_reruns_only_the_failed_stage_onward_and_cancel_kills_training(pre
                     return None
 
             def final_state(flow_run_id, seconds=420):
-                return wait_until(lambda: (s := client.read_flow_run(flow_run_id).state).is_final() and s, seconds, "the flow run to end", server)
+                return wait_until(
+                    lambda: (s := client.read_flow_run(flow_run_id).state).is_final() and s,
+                    seconds,
+                    "the flow run to end",
+                    server,
+                )
 
             pipeline = wait_until(lambda: deployment("served-retry"), 120, "the deployments", server)
             flow_run = client.create_flow_run_from_deployment(pipeline.id)
             workers = wait_until(
-                lambda: [pid for pid, cmd in training_processes(str(work)).items() if "torch.distributed.run" not in cmd], 300, "cpt's worker", server
+                lambda: [
+                    pid for pid, cmd in training_processes(str(work)).items() if "torch.distributed.run" not in cmd
+                ],
+                300,
+                "cpt's worker",
+                server,
             )
             deadline = time.monotonic() + 300
             while not any(checkpoints.glob("step-*")):  # polled tightly: the tiny model trains fast
@@ -481,11 +561,19 @@ def test_retry_reruns_only_the_failed_stage_onward_and_cancel_kills_training(pre
             assert not runs["cpt"].is_done() and not training_processes(str(work))
             data_manifests = {stage: (runs[stage].path / "manifest.json").stat().st_mtime_ns for stage in DATA_STAGES}
 
-            retry = subprocess.run([str(Path(sys.executable).parent / "prefect"), "flow-run", "retry", str(flow_run.id)], env=env, capture_output=True, text=True, timeout=120)
+            retry = subprocess.run(
+                [str(Path(sys.executable).parent / "prefect"), "flow-run", "retry", str(flow_run.id)],
+                env=env,
+                capture_output=True,
+                text=True,
+                timeout=120,
+            )
             assert retry.returncode == 0, retry.stdout + retry.stderr
             retried = final_state(flow_run.id)
             assert retried.is_completed(), retried.message
-            assert {stage: (runs[stage].path / "manifest.json").stat().st_mtime_ns for stage in DATA_STAGES} == data_manifests
+            assert {
+                stage: (runs[stage].path / "manifest.json").stat().st_mtime_ns for stage in DATA_STAGES
+            } == data_manifests
             cpt = read_manifest(runs["cpt"].path)
             assert cpt["train"]["resumed_from"].startswith("step-") and cpt["train"]["steps"] == 24
             assert runs["sft"].is_done() and runs["evaluate"].is_done()
@@ -501,10 +589,18 @@ def test_retry_reruns_only_the_failed_stage_onward_and_cancel_kills_training(pre
 
             # (2) cancel while cpt trains: nothing of the training tree survives
             stage_deployment = deployment("served-retry-cpt")
-            again = client.create_flow_run_from_deployment(stage_deployment.id, parameters={**stage_deployment.parameters, "force": ["cpt"]})
+            again = client.create_flow_run_from_deployment(
+                stage_deployment.id, parameters={**stage_deployment.parameters, "force": ["cpt"]}
+            )
             tree = wait_until(
-                lambda: (found := training_processes(str(work))) and any("torch.distributed.run" not in c for c in found.values()) and found,
-                300, "cpt's training processes", server,
+                lambda: (
+                    (found := training_processes(str(work)))
+                    and any("torch.distributed.run" not in c for c in found.values())
+                    and found
+                ),
+                300,
+                "cpt's training processes",
+                server,
             )
             for pid, cmd in tree.items():  # a worker hung in a collective ignores SIGTERM: SIGKILL must follow
                 if "torch.distributed.run" not in cmd:
@@ -542,7 +638,9 @@ def test_without_a_server_the_gpu_slot_is_a_lock_that_dies_with_its_holder(tmp_p
             time.sleep(600)
         """
     )
-    other = subprocess.Popen([sys.executable, "-P", "-c", holder, str(tmp_path)], cwd=REPO, stdout=subprocess.PIPE, text=True)
+    other = subprocess.Popen(
+        [sys.executable, "-P", "-c", holder, str(tmp_path)], cwd=REPO, stdout=subprocess.PIPE, text=True
+    )
     assert other.stdout.readline().strip() == "holding"
     waits, got = [], []
 

@@ -28,7 +28,10 @@ def wheel(tmp_path_factory) -> Path:
             (source / name).parent.mkdir(parents=True, exist_ok=True)
             shutil.copy2(REPO / name, source / name)
     subprocess.run(
-        [sys.executable, "-m", "pip", "wheel", "--quiet", "--no-deps", "--no-build-isolation", "-w", str(root), str(source)],
+        [
+            sys.executable, "-m", "pip", "wheel", "--quiet", "--no-deps", "--no-build-isolation",
+            "-w", str(root), str(source),
+        ],
         check=True, capture_output=True, cwd=root,
     )  # fmt: skip
     (built,) = root.glob("cptflow-*.whl")
@@ -45,7 +48,9 @@ def venv(wheel, tmp_path_factory) -> Path:
     site = subprocess.run([str(python), "-c", "import sysconfig; print(sysconfig.get_paths()['purelib'])"],
                           capture_output=True, text=True, check=True).stdout.strip()  # fmt: skip
     (Path(site) / "cptflow-test-deps.pth").write_text(sysconfig.get_paths()["purelib"] + "\n")
-    subprocess.run([str(python), "-m", "pip", "install", "--quiet", "--no-deps", str(wheel)], check=True, capture_output=True)
+    subprocess.run(
+        [str(python), "-m", "pip", "install", "--quiet", "--no-deps", str(wheel)], check=True, capture_output=True
+    )
     return root
 
 
@@ -99,7 +104,9 @@ def test_demo_runs_from_the_wheel_outside_the_checkout(venv, tmp_path):
     settings["sft"].update(epochs=1, max_steps=2)
     settings["evaluate"]["prompts"] = settings["evaluate"]["prompts"][:1]
     config.write_text(yaml.safe_dump(settings, sort_keys=False))
-    result = subprocess.run([cptflow, "run", str(config)], cwd=tmp_path, env=_env(), capture_output=True, text=True, timeout=1200)
+    result = subprocess.run(
+        [cptflow, "run", str(config)], cwd=tmp_path, env=_env(), capture_output=True, text=True, timeout=1200
+    )
     output = result.stdout + result.stderr
     assert result.returncode == 0, output[-4000:]
     assert BNB_KERNELS_WARNING not in output, output[-4000:]

@@ -75,9 +75,7 @@ def random_llama(bpe_tokenizer):
 def fitted_llama(bpe_tokenizer):
     """The tiny Llama after ~60 Adam steps on everyday-English docs: enough to prefer real word order."""
     model = _tiny_llama(len(bpe_tokenizer), seed=1)
-    ids = bpe_tokenizer(everyday_english_docs(64, seed=3), truncation=True, max_length=64)[
-        "input_ids"
-    ]
+    ids = bpe_tokenizer(everyday_english_docs(64, seed=3), truncation=True, max_length=64)["input_ids"]
     batch = torch.tensor([row for row in ids if len(row) == 64])
     optimizer = torch.optim.AdamW(model.parameters(), lr=1e-2)
     model.train()
@@ -122,9 +120,7 @@ def test_batched_scores_match_one_document_at_a_time(random_llama, bpe_tokenizer
     lengths = [s.tokens for s in batched]
     assert lengths[2] == 95 and lengths[5] == 95  # truncated to max_length, minus the first token
     assert lengths[1] == 0 and math.isnan(batched[1].perplexity)
-    assert keep_reason(batched[1].perplexity, None, None, PerplexityConfig(max_perplexity=1e9)) == (
-        REASON_UNSCORABLE
-    )
+    assert keep_reason(batched[1].perplexity, None, None, PerplexityConfig(max_perplexity=1e9)) == (REASON_UNSCORABLE)
 
 
 def test_input_order_is_preserved_whatever_the_batching(random_llama, bpe_tokenizer):
@@ -159,9 +155,7 @@ def test_bfloat16_model_scores_close_to_float32(random_llama, bpe_tokenizer):
         assert low.perplexity == pytest.approx(high.perplexity, rel=0.05)
 
 
-def test_fitted_model_finds_real_text_less_perplexing_than_shuffled_words(
-    fitted_llama, bpe_tokenizer
-):
+def test_fitted_model_finds_real_text_less_perplexing_than_shuffled_words(fitted_llama, bpe_tokenizer):
     real = everyday_english_docs(16, seed=99)
     rng = random.Random(5)
     shuffled = []
@@ -265,9 +259,7 @@ def test_config_rejects_band_out_of_range(band):
         PerplexityConfig(keep_band=band)
 
 
-@pytest.mark.parametrize(
-    "field", [{"max_length": 0}, {"batch_tokens": 0}, {"max_perplexity": -1.0}, {"device": "tpu"}]
-)
+@pytest.mark.parametrize("field", [{"max_length": 0}, {"batch_tokens": 0}, {"max_perplexity": -1.0}, {"device": "tpu"}])
 def test_config_rejects_non_positive_sizes_and_unknown_choices(field):
     with pytest.raises(ValidationError):
         PerplexityConfig(**field)

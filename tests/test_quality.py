@@ -105,7 +105,9 @@ def test_filters_are_ordered_language_first_and_picklable():
 
 def test_first_failing_filter_gives_the_reason():
     # German and too few sentences: the language filter runs first.
-    keep, reason, _ = run_all("Das ist ein kurzer deutscher Text ohne viele Sätze, aber er ist lang genug, damit die Sprache erkannt wird")
+    keep, reason, _ = run_all(
+        "Das ist ein kurzer deutscher Text ohne viele Sätze, aber er ist lang genug, damit die Sprache erkannt wird"
+    )
     assert (keep, reason) == (False, "language_not_allowed")
 
 
@@ -177,9 +179,14 @@ def test_ngram_extraction_matches_langdetect_detector():
 
     model = _language_model()
     texts = [
-        ENGLISH, GERMAN, CHINESE, "NASA and the UN met McDonald's CEO; ABc DEF  über-Straße 123.",
-        "mail test@example.com or see https://example.com/a?b=1 now", "Ünïcode ÇA VA? Ça va.  \n\t fin",
-        "Я читаю книгу. Это русский текст с латиницей ABC.", "Tiếng Việt có dấu: người, được, những.",
+        ENGLISH,
+        GERMAN,
+        CHINESE,
+        "NASA and the UN met McDonald's CEO; ABc DEF  über-Straße 123.",
+        "mail test@example.com or see https://example.com/a?b=1 now",
+        "Ünïcode ÇA VA? Ça va.  \n\t fin",
+        "Я читаю книгу. Это русский текст с латиницей ABC.",
+        "Tiếng Việt có dấu: người, được, những.",
     ]
     for text in texts:
         detector = model.factory.create()
@@ -221,7 +228,10 @@ def test_gopher_quality_passes_normal_text():
         (ENGLISH + " " + " ".join(f"#{w}" for w in filler_words(20)), "gopher_symbol_ratio"),
         (ENGLISH + " " + "wait… " * 20 + "done.", "gopher_symbol_ratio"),
         ("\n".join(f"- item {w} with the lamp and a chair" for w in filler_words(30)), "gopher_bullet_lines"),
-        ("\n".join(f"The {w} of the story was long and then they all went home..." for w in filler_words(30)), "gopher_ellipsis_lines"),
+        (
+            "\n".join(f"The {w} of the story was long and then they all went home..." for w in filler_words(30)),
+            "gopher_ellipsis_lines",
+        ),
         (ENGLISH + " " + " ".join(str(1000 + i) for i in range(60)), "gopher_alpha_words"),
         (" ".join(filler_words(80)) + ".", "gopher_stop_words"),
     ],
@@ -314,8 +324,16 @@ def test_repetition_drops_duplicated_ngrams(n):
 def test_repetition_fast_path_agrees_with_reference():
     rng = random.Random(0)
     tops, dups = [1, 2, 3, 4], [5, 6, 7, 8, 9, 10]
-    cases = [[], ["a"], ["a", "a"], "a b a b a b a b a b a b".split(), ENGLISH.split(), GERMAN.split(),
-             split_words(CHINESE, True), ENGLISH.split() * 3]
+    cases = [
+        [],
+        ["a"],
+        ["a", "a"],
+        "a b a b a b a b a b a b".split(),
+        ENGLISH.split(),
+        GERMAN.split(),
+        split_words(CHINESE, True),
+        ENGLISH.split() * 3,
+    ]
     for _ in range(300):
         vocab = filler_words(rng.randint(1, 30), seed=rng.randint(0, 10**6))
         cases.append([rng.choice(vocab) for _ in range(rng.randint(0, 250))])

@@ -17,7 +17,8 @@ NOT_GENERATED = {"generate.py", "README.md"}
 
 def _generated_files(root: Path) -> list[str]:
     return sorted(
-        str(p.relative_to(root)) for p in root.rglob("*")
+        str(p.relative_to(root))
+        for p in root.rglob("*")
         if p.is_file() and p.name not in NOT_GENERATED and "__pycache__" not in p.parts
     )
 
@@ -98,7 +99,11 @@ def test_dirty_file_has_each_malformed_line_where_the_readme_says():
     assert parsed(7)["content"] == "" and parsed(8)["content"].strip() == ""
     assert parsed(10)["content"] == 42 and isinstance(parsed(11)["content"], list) and parsed(18)["content"] is None
     assert isinstance(parsed(14), list) and isinstance(parsed(20), str)
-    valid = [n for n in (1, 3, 6, 9, 13, 15, 17, 19, 22, 23) if isinstance(parsed(n).get("content"), str) and parsed(n)["content"].strip()]
+    valid = [
+        n
+        for n in (1, 3, 6, 9, 13, 15, 17, 19, 22, 23)
+        if isinstance(parsed(n).get("content"), str) and parsed(n)["content"].strip()
+    ]
     assert len(valid) == 10
 
 

@@ -10,10 +10,9 @@ import pytest
 import yaml
 
 from cptflow.config import ConfigError, load_config
+from drills.security import check_source, quick_secret_scan, runtime_findings, static_findings, ui_argv
 
 REPO = Path(__file__).resolve().parents[1]
-
-from drills.security import check_source, quick_secret_scan, runtime_findings, static_findings, ui_argv
 
 
 # --- static checks --------------------------------------------------------------------------------------
@@ -43,8 +42,14 @@ class Cfg:
 """
     found = [(f.line, f.rule) for f in check_source(unsafe, "unsafe.py")]
     assert sorted(found) == [
-        (4, "torch-load"), (5, "torch-load"), (7, "yaml-load"), (8, "yaml-load"),
-        (11, "safetensors"), (11, "trust-remote-code"), (15, "trust-remote-code"), (17, "trust-remote-code"),
+        (4, "torch-load"),
+        (5, "torch-load"),
+        (7, "yaml-load"),
+        (8, "yaml-load"),
+        (11, "safetensors"),
+        (11, "trust-remote-code"),
+        (15, "trust-remote-code"),
+        (17, "trust-remote-code"),
     ]
 
 
@@ -71,10 +76,15 @@ def test_defaults_are_safe_and_the_ui_binds_loopback_unless_told_otherwise():
 def _config(tmp_path: Path, source_name: str, name: str = "t") -> Path:
     (tmp_path / "docs.jsonl").write_text(json.dumps({"id": "1", "text": "hello"}) + "\n")
     path = tmp_path / "pipeline.yaml"
-    path.write_text(yaml.safe_dump({
-        "name": name, "base_model": "builtin:tiny-llama",
-        "sources": [{"name": source_name, "role": "general", "paths": ["docs.jsonl"]}],
-    }))
+    path.write_text(
+        yaml.safe_dump(
+            {
+                "name": name,
+                "base_model": "builtin:tiny-llama",
+                "sources": [{"name": source_name, "role": "general", "paths": ["docs.jsonl"]}],
+            }
+        )
+    )
     return path
 
 

@@ -14,20 +14,40 @@ SEQ_LEN = 16
 FINGERPRINT = "tok-abc123"
 
 
-METADATA = {"tokenizer_fingerprint": FINGERPRINT, "vocab_size": 100, "eos_id": 2, "bos_id": 1, "pad_id": 3,
-            "seq_len": SEQ_LEN, "seed": 0, "version": "0.1.0"}
+METADATA = {
+    "tokenizer_fingerprint": FINGERPRINT,
+    "vocab_size": 100,
+    "eos_id": 2,
+    "bos_id": 1,
+    "pad_id": 3,
+    "seq_len": SEQ_LEN,
+    "seed": 0,
+    "version": "0.1.0",
+}
 
 
-def write_shard(path: Path, rows: np.ndarray, *, valid=None, doc_starts=None, fingerprint=FINGERPRINT,
-                rows_per_batch=4, file_format=False) -> Path:
+def write_shard(
+    path: Path,
+    rows: np.ndarray,
+    *,
+    valid=None,
+    doc_starts=None,
+    fingerprint=FINGERPRINT,
+    rows_per_batch=4,
+    file_format=False,
+) -> Path:
     """A token shard written by the tokenize stage's writer; `file_format` rewrites it as an IPC file."""
     from cptflow.token_shards import write_token_shard
 
     n, seq_len = rows.shape
     write_token_shard(
-        path, rows, np.full(n, seq_len) if valid is None else np.asarray(valid),
-        [np.array([0])] * n if doc_starts is None else [np.array(s) for s in doc_starts], np.zeros(n),
-        dict(METADATA, tokenizer_fingerprint=fingerprint, seq_len=seq_len), rows_per_batch=rows_per_batch,
+        path,
+        rows,
+        np.full(n, seq_len) if valid is None else np.asarray(valid),
+        [np.array([0])] * n if doc_starts is None else [np.array(s) for s in doc_starts],
+        np.zeros(n),
+        dict(METADATA, tokenizer_fingerprint=fingerprint, seq_len=seq_len),
+        rows_per_batch=rows_per_batch,
     )
     if file_format:
         batches = list(pa.ipc.open_stream(path.read_bytes()))
@@ -93,7 +113,7 @@ def test_shuffle_window_keeps_samples_in_their_window_and_is_deterministic(shard
     order = ids_of(TokenShardDataset(shards, shuffle_window=8, seed=7))
     assert order != list(range(30))
     for start in range(0, 30, 8):
-        assert sorted(order[start:start + 8]) == list(range(start, min(start + 8, 30)))
+        assert sorted(order[start : start + 8]) == list(range(start, min(start + 8, 30)))
     assert order == ids_of(TokenShardDataset(shards, shuffle_window=8, seed=7))
     assert order != ids_of(TokenShardDataset(shards, shuffle_window=8, seed=8))
 
@@ -109,8 +129,14 @@ def test_resume_yields_exactly_the_remaining_samples(shards, consumed, world_siz
     from cptflow.token_reader import TokenShardDataset
 
     def make():
-        return TokenShardDataset(shards, rank=world_size - 1, world_size=world_size,
-                                 shuffle_window=shuffle_window, seed=3, document_mask=True)
+        return TokenShardDataset(
+            shards,
+            rank=world_size - 1,
+            world_size=world_size,
+            shuffle_window=shuffle_window,
+            seed=3,
+            document_mask=True,
+        )
 
     reference = make()
     uninterrupted = list(reference)
@@ -294,16 +320,34 @@ def test_hf_trainer_trains_on_the_dataset(tmp_path):
     from cptflow.token_reader import TokenShardDataset
 
     rng = np.random.default_rng(0)
-    paths = [write_shard(tmp_path / f"tokens-{i:05d}.arrow", rng.integers(4, 100, (6, SEQ_LEN)), valid=[SEQ_LEN] * 5 + [9])
-             for i in range(2)]
+    paths = [
+        write_shard(tmp_path / f"tokens-{i:05d}.arrow", rng.integers(4, 100, (6, SEQ_LEN)), valid=[SEQ_LEN] * 5 + [9])
+        for i in range(2)
+    ]
     torch.manual_seed(0)
-    model = LlamaForCausalLM(LlamaConfig(vocab_size=100, hidden_size=16, intermediate_size=32, num_hidden_layers=1,
-                                         num_attention_heads=2, num_key_value_heads=2, max_position_embeddings=64))
+    model = LlamaForCausalLM(
+        LlamaConfig(
+            vocab_size=100,
+            hidden_size=16,
+            intermediate_size=32,
+            num_hidden_layers=1,
+            num_attention_heads=2,
+            num_key_value_heads=2,
+            max_position_embeddings=64,
+        )
+    )
     for document_mask in (False, True):
         ds = TokenShardDataset(paths, document_mask=document_mask)
-        args = TrainingArguments(output_dir=str(tmp_path / f"out-{document_mask}"), max_steps=2,
-                                 per_device_train_batch_size=4, report_to=[], use_cpu=True, save_strategy="no",
-                                 logging_steps=1, disable_tqdm=True)
+        args = TrainingArguments(
+            output_dir=str(tmp_path / f"out-{document_mask}"),
+            max_steps=2,
+            per_device_train_batch_size=4,
+            report_to=[],
+            use_cpu=True,
+            save_strategy="no",
+            logging_steps=1,
+            disable_tqdm=True,
+        )
         result = Trainer(model=model, args=args, train_dataset=ds).train()
         assert result.global_step == 2 and np.isfinite(result.training_loss)
         assert ds.state_dict()["next_index"] >= 8  # the Trainer read at least 2 batches of 4

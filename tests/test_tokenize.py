@@ -72,7 +72,9 @@ def stage_config(model_dir: Path, **tokenize_options) -> types.SimpleNamespace:
 
 
 def stage_run(directory: Path, upstream: Path) -> StageRun:
-    return StageRun(stage="tokenize", fingerprint="f", directory=str(directory), upstream_directory=str(upstream), payload={})
+    return StageRun(
+        stage="tokenize", fingerprint="f", directory=str(directory), upstream_directory=str(upstream), payload={}
+    )
 
 
 def run_stage(run: StageRun, cfg) -> dict:
@@ -199,7 +201,11 @@ def test_final_block_drop_removes_the_tail_and_counts_it(tiny_llama_dir, upstrea
     lengths = [len(tokenizer(doc["text"])["input_ids"]) + 1 for doc in docs]
     total = sum(lengths)
     # A block length whose dropped tail holds the whole last document ("Hi.") and part of another.
-    seq_len = next(s for s in range(40, 200) if total % s > lengths[-1] + lengths[-2] // 2 and total % s < lengths[-1] + lengths[-2])
+    seq_len = next(
+        s
+        for s in range(40, 200)
+        if total % s > lengths[-1] + lengths[-2] // 2 and total % s < lengths[-1] + lengths[-2]
+    )
     run = stage_run(tmp_path / "drop", upstream)
     manifest = run_stage(run, stage_config(tiny_llama_dir, seq_len=seq_len, final_block="drop"))
     blocks = read_blocks(run, manifest)
@@ -342,7 +348,11 @@ def test_config_rejects_unknown_keys_and_bad_values():
     with pytest.raises(ValidationError):
         TokenizeConfig(final_block="truncate")
     assert TokenizeConfig().model_dump() == {
-        "seq_len": 512, "final_block": "pad", "rows_per_batch": 256, "blocks_per_shard": 2048, "batch_documents": 1000,
+        "seq_len": 512,
+        "final_block": "pad",
+        "rows_per_batch": 256,
+        "blocks_per_shard": 2048,
+        "batch_documents": 1000,
         "encoder": "auto",
     }
     with pytest.raises(ValidationError):
@@ -352,7 +362,7 @@ def test_config_rejects_unknown_keys_and_bad_values():
 def test_literal_special_token_text_is_not_an_injected_eos(tiny_llama_dir):
     from cptflow.models import load_tokenizer
     from cptflow.tasks.mix import document_tokens
-    from cptflow.tasks.tokenize import document_token_ids
+    from cptflow.tokenization import document_token_ids
 
     tokenizer = load_tokenizer(str(tiny_llama_dir))
     texts = ["the page said </s> and then <s> again", "plain"]
@@ -380,7 +390,9 @@ def test_fast_encoder_writes_the_same_shards_as_the_tokenizer(padded, tiny_llama
     assert shard_bytes(slow_run, slow) == shard_bytes(run, manifest)
 
 
-def test_fast_encoder_mismatch_reencodes_the_shard_with_the_tokenizer(padded, tiny_llama_dir, upstream, tmp_path, monkeypatch):
+def test_fast_encoder_mismatch_reencodes_the_shard_with_the_tokenizer(
+    padded, tiny_llama_dir, upstream, tmp_path, monkeypatch
+):
     cfg = stage_config(tiny_llama_dir)
     encoder = tokenize.stage_encoder(cfg)
     assert encoder is not None

@@ -69,7 +69,10 @@ def test_param_groups_by_name_and_both_lrs_follow_the_schedule(tiny_llama_dir):
     groups = {g["name"]: g for g in optimizer.param_groups}
     assert set(groups) == {"lora", "embeddings"}
     assert all("lora_" in n for n in groups["lora"]["param_names"])
-    assert sorted(n.split(".modules_to_save")[0].rsplit(".", 1)[-1] for n in groups["embeddings"]["param_names"]) == ["embed_tokens", "lm_head"]
+    assert sorted(n.split(".modules_to_save")[0].rsplit(".", 1)[-1] for n in groups["embeddings"]["param_names"]) == [
+        "embed_tokens",
+        "lm_head",
+    ]
     assert groups["embeddings"]["weight_decay"] == 0.0 and groups["lora"]["weight_decay"] == tcfg.weight_decay
     # every trainable parameter is in exactly one group
     trainable = {id(p) for p in model.parameters() if p.requires_grad}
@@ -171,7 +174,9 @@ def parameter_deltas_after_one_step(model_dir: Path, micro_batches: list[dict], 
 
 def test_loss_is_normalised_by_tokens_across_the_accumulation_window(tiny_llama_dir):
     """Two micro-batches with different padding step exactly like one batch of all four rows."""
-    tcfg = tiny_config(load_in_4bit=False, optimizer="adamw", max_grad_norm=None, learning_rate=1.0, embedding_learning_rate=1.0)
+    tcfg = tiny_config(
+        load_in_4bit=False, optimizer="adamw", max_grad_norm=None, learning_rate=1.0, embedding_learning_rate=1.0
+    )
     batch = random_batch(300, rows=4, length=24, valid=[24, 20, 6, 3])
     halves = [{k: v[:2] for k, v in batch.items()}, {k: v[2:] for k, v in batch.items()}]
     whole = parameter_deltas_after_one_step(tiny_llama_dir, [batch], tcfg)
@@ -222,8 +227,16 @@ def tied_llama_dir(tiny_llama_dir, tmp_path_factory) -> Path:
 
     tokenizer = AutoTokenizer.from_pretrained(str(tiny_llama_dir))
     config = LlamaConfig(
-        vocab_size=len(tokenizer), hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
-        num_key_value_heads=2, tie_word_embeddings=True, bos_token_id=1, eos_token_id=2, pad_token_id=3,
+        vocab_size=len(tokenizer),
+        hidden_size=32,
+        intermediate_size=64,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        tie_word_embeddings=True,
+        bos_token_id=1,
+        eos_token_id=2,
+        pad_token_id=3,
     )
     torch.manual_seed(0)
     model = LlamaForCausalLM(config)
@@ -236,7 +249,7 @@ def tied_llama_dir(tiny_llama_dir, tmp_path_factory) -> Path:
 def test_tied_embeddings_stay_tied_through_training_saving_and_merging(tied_llama_dir, tmp_path):
     from transformers import AutoModelForCausalLM
 
-    from cptflow.tasks.export import merge_adapter
+    from cptflow.export import merge_adapter
     from cptflow.training import save_adapter
 
     tcfg = tiny_config()
@@ -269,8 +282,14 @@ def test_tied_embeddings_stay_tied_through_training_saving_and_merging(tied_llam
 # ---------------------------------------------------------------------------------------------
 
 CPT_SETTINGS = {
-    "lora": {"r": 4, "alpha": 8}, "learning_rate": 1e-3, "embedding_learning_rate": 2.5e-4,
-    "micro_batch_size": 4, "max_steps": 6, "eval_steps": 2, "save_steps": 2, "log_steps": 1,
+    "lora": {"r": 4, "alpha": 8},
+    "learning_rate": 1e-3,
+    "embedding_learning_rate": 2.5e-4,
+    "micro_batch_size": 4,
+    "max_steps": 6,
+    "eval_steps": 2,
+    "save_steps": 2,
+    "log_steps": 1,
 }
 
 
@@ -344,7 +363,11 @@ def test_killed_cpt_resumes_from_its_checkpoint_and_ends_with_identical_weights(
     killed_dir = work_copy(prepared, tmp_path / "killed")
     result = subprocess.run(
         [sys.executable, "-P", "-c", KILL_AT_STEP, str(prepared), str(killed_dir), "3"],
-        cwd=REPO, env=dict(os.environ), capture_output=True, text=True, timeout=300,
+        cwd=REPO,
+        env=dict(os.environ),
+        capture_output=True,
+        text=True,
+        timeout=300,
     )
     assert result.returncode == -signal.SIGKILL, result.stderr[-2000:]
     run = plan_pipeline(load_config(prepared, killed_dir))["cpt"]
@@ -371,7 +394,9 @@ def test_cpt_learns_and_records_groups_memory_and_best_checkpoint(prepared, tmp_
     import cptflow.tasks.cpt as cpt
 
     work = work_copy(prepared, tmp_path / "work")
-    cfg = load_config(write_variant(prepared, tmp_path / "variant", max_steps=8, kernels={"fused_linear_cross_entropy": "off"}), work)
+    cfg = load_config(
+        write_variant(prepared, tmp_path / "variant", max_steps=8, kernels={"fused_linear_cross_entropy": "off"}), work
+    )
     manifest = cpt.run(plan_pipeline(cfg)["cpt"], cfg)
     evals = manifest["evals"]
     assert evals[-1]["domain_eval"]["perplexity"] < evals[0]["domain_eval"]["perplexity"]
@@ -380,7 +405,10 @@ def test_cpt_learns_and_records_groups_memory_and_best_checkpoint(prepared, tmp_
     assert set(manifest["memory"]) == {"load", "lora_added", "training", "eval"}
     assert all(phase["rss_mib"] > 0 for phase in manifest["memory"].values())
     assert manifest["best_checkpoint"].startswith("checkpoints/step-")
-    history = [json.loads(line) for line in (Path(cfg.work_path) / "cpt" / manifest["fingerprint"] / "train_log.jsonl").read_text().splitlines()]
+    history = [
+        json.loads(line)
+        for line in (Path(cfg.work_path) / "cpt" / manifest["fingerprint"] / "train_log.jsonl").read_text().splitlines()
+    ]
     assert [h["step"] for h in history] == list(range(1, 9)) and set(history[0]["lr"]) == {"lora", "embeddings"}
 
 
@@ -390,7 +418,10 @@ def test_kernels_on_and_off_give_the_same_loss_curve(prepared, tmp_path):
     curves = {}
     for mode in ("on", "off"):
         kernels = {"fused_linear_cross_entropy": mode, "rms_norm": mode, "swiglu": mode}
-        cfg = load_config(write_variant(prepared, tmp_path / mode, max_steps=4, kernels=kernels), work_copy(prepared, tmp_path / f"work-{mode}"))
+        cfg = load_config(
+            write_variant(prepared, tmp_path / mode, max_steps=4, kernels=kernels),
+            work_copy(prepared, tmp_path / f"work-{mode}"),
+        )
         manifest = cpt.run(plan_pipeline(cfg)["cpt"], cfg)
         assert manifest["kernels"]["fused_linear_cross_entropy"] is (mode == "on")
         history = (cfg.work_path / "cpt" / manifest["fingerprint"] / "train_log.jsonl").read_text().splitlines()
@@ -401,16 +432,28 @@ def test_kernels_on_and_off_give_the_same_loss_curve(prepared, tmp_path):
 def test_two_gloo_processes_match_one_process_with_doubled_accumulation(prepared, tmp_path):
     """torchrun, 2 CPU processes (gloo), micro-batch 2 each == 1 process, micro-batch 2, accumulation 2."""
     import cptflow.tasks.cpt as cpt
-    from cptflow.training_process import launch_stage
     from cptflow.training import TrainingReporter
+    from cptflow.training_process import launch_stage
 
     settings = dict(micro_batch_size=2, max_steps=6, eval_steps=3, save_steps=3, log_steps=1)
-    one = load_config(write_variant(prepared, tmp_path / "one", launch={"launcher": "inline"}, gradient_accumulation_steps=2, **settings),
-                      work_copy(prepared, tmp_path / "work-one"))
+    one = load_config(
+        write_variant(
+            prepared, tmp_path / "one", launch={"launcher": "inline"}, gradient_accumulation_steps=2, **settings
+        ),
+        work_copy(prepared, tmp_path / "work-one"),
+    )
     reference = cpt.run(plan_pipeline(one)["cpt"], one)
 
-    two = load_config(write_variant(prepared, tmp_path / "two", launch={"launcher": "torchrun", "num_processes": 2}, gradient_accumulation_steps=1, **settings),
-                      work_copy(prepared, tmp_path / "work-two"))
+    two = load_config(
+        write_variant(
+            prepared,
+            tmp_path / "two",
+            launch={"launcher": "torchrun", "num_processes": 2},
+            gradient_accumulation_steps=1,
+            **settings,
+        ),
+        work_copy(prepared, tmp_path / "work-two"),
+    )
     lines: list[str] = []
     events = []
 
@@ -456,7 +499,10 @@ def test_sft_labels_only_the_answers_each_ending_in_eos(tiny_llama_dir):
         {"role": "user", "content": "And drug B?"},
         {"role": "assistant", "content": "Twelve hours."},
     ]
-    no_eos_template = "{% for m in messages %}{{ m['role'] + ': ' + m['content'] + '\\n' }}{% endfor %}{% if add_generation_prompt %}assistant: {% endif %}"
+    no_eos_template = (
+        "{% for m in messages %}{{ m['role'] + ': ' + m['content'] + '\\n' }}{% endfor %}"
+        "{% if add_generation_prompt %}assistant: {% endif %}"
+    )
     for template in (None, DEFAULT_CHAT_TEMPLATE, no_eos_template):  # the tokenizer's own, ours, one without EOS
         example = tokenize_conversation(messages, tokenizer, template, max_length=512)
         ids, labels = example["input_ids"], example["labels"]
@@ -484,7 +530,9 @@ def test_sft_accounts_for_every_line(tiny_llama_dir, tmp_path):
 
     path = tmp_path / "mixed.jsonl"
     lines = [
-        json.dumps({"instruction": "Define clearance.", "input": "", "output": "Volume of plasma cleared per unit time."}),
+        json.dumps(
+            {"instruction": "Define clearance.", "input": "", "output": "Volume of plasma cleared per unit time."}
+        ),
         json.dumps({"messages": [{"role": "user", "content": "Hi"}, {"role": "assistant", "content": "Hello."}]}),
         "{not json",
         json.dumps({"instruction": "No answer here."}),
@@ -495,14 +543,19 @@ def test_sft_accounts_for_every_line(tiny_llama_dir, tmp_path):
     path.write_text("\n".join(lines) + "\n")
     config_path = tmp_path / "c.yaml"
     config_path.write_text(
-        f"name: t\nbase_model: {tiny_llama_dir}\nsources: [{{name: d, role: domain, paths: [{path}]}}]\nsft: {{data: [{{path: {path}}}], eval_fraction: 0.0}}\n"
+        f"name: t\nbase_model: {tiny_llama_dir}\nsources: [{{name: d, role: domain, paths: [{path}]}}]\n"
+        f"sft: {{data: [{{path: {path}}}], eval_fraction: 0.0}}\n"
     )
     cfg = load_config(config_path)
     tokenizer = AutoTokenizer.from_pretrained(str(tiny_llama_dir))
     train, held, counts = load_examples(cfg, tokenizer, None)
     assert counts["in"] == 7 and counts["train"] == 2 and counts["held_out"] == 0
     assert counts["rejected"] == {
-        "invalid_json": 1, "missing_field:output": 1, "no_assistant_turn": 1, "empty_answer": 1, "not_an_object": 1,
+        "invalid_json": 1,
+        "missing_field:output": 1,
+        "no_assistant_turn": 1,
+        "empty_answer": 1,
+        "not_an_object": 1,
     }
 
 
@@ -516,7 +569,9 @@ def test_sft_continues_from_the_cpt_adapter_with_embeddings_frozen(prepared, tmp
     cpt.run(runs["cpt"], cfg)
     manifest = sft.run(runs["sft"], cfg)
     assert manifest["continued_from"] == str(runs["cpt"].path / "adapter")
-    data = manifest["data"]  # the test tokenizer is tiny: long answers do not fit max_length 96 and are rejected, counted
+    data = manifest[
+        "data"
+    ]  # the test tokenizer is tiny: long answers do not fit max_length 96 and are rejected, counted
     assert data["in"] == 200 == data["train"] + data["held_out"] + sum(data["rejected"].values()) and data["train"] > 20
     assert "sft_eval" in manifest["eval"]
     before, after = weights_of(runs["cpt"].path / "adapter"), weights_of(runs["sft"].path / "adapter")
@@ -583,7 +638,9 @@ def test_training_waits_for_a_slot_of_the_gpu_concurrency_limit(prefect_harness,
     work = work_copy(prepared, tmp_path / "work")
     cpt_dir = plan_pipeline(load_config(prepared, work))["cpt"].path
     result = {}
-    other = threading.Thread(target=lambda: result.update(reports=pipeline.run_pipeline(prepared, work_dir=str(work), only=["cpt"])))
+    other = threading.Thread(
+        target=lambda: result.update(reports=pipeline.run_pipeline(prepared, work_dir=str(work), only=["cpt"]))
+    )
     with concurrency("gpu", occupy=1, strict=True):  # another run is training on the GPU
         other.start()
         time.sleep(10)
@@ -606,6 +663,8 @@ def test_fused_loss_falls_back_to_the_eager_head_where_it_cannot_apply(tiny_llam
     with pytest.raises(ValueError, match="cannot apply"):
         fused_loss_for(model, tiny_config(kl_weight=0.1, kernels={"fused_linear_cross_entropy": "on"}))
     # a LoRA-wrapped head has no single weight to fuse with
-    lora_head = tiny_config(train_embeddings=False, lora=LoraSettings(r=4, alpha=8, target_modules=["q_proj", "lm_head"]))
+    lora_head = tiny_config(
+        train_embeddings=False, lora=LoraSettings(r=4, alpha=8, target_modules=["q_proj", "lm_head"])
+    )
     model = add_adapters(load_base_model(str(tiny_llama_dir), lora_head), lora_head)
     assert fused_loss_for(model, lora_head) is None
