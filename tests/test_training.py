@@ -569,9 +569,8 @@ def test_sft_continues_from_the_cpt_adapter_with_embeddings_frozen(prepared, tmp
     cpt.run(runs["cpt"], cfg)
     manifest = sft.run(runs["sft"], cfg)
     assert manifest["continued_from"] == str(runs["cpt"].path / "adapter")
-    data = manifest[
-        "data"
-    ]  # the test tokenizer is tiny: long answers do not fit max_length 96 and are rejected, counted
+    # The test tokenizer is tiny: long answers do not fit max_length 96 and are rejected, counted.
+    data = manifest["data"]
     assert data["in"] == 200 == data["train"] + data["held_out"] + sum(data["rejected"].values()) and data["train"] > 20
     assert "sft_eval" in manifest["eval"]
     before, after = weights_of(runs["cpt"].path / "adapter"), weights_of(runs["sft"].path / "adapter")
