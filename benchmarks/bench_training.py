@@ -171,7 +171,7 @@ def run_hf(args, model_path: str) -> dict:
     from transformers import AutoModelForCausalLM, BitsAndBytesConfig, Trainer, TrainerCallback, TrainingArguments
 
     from cptflow.models import pick_dtype
-    from cptflow.training import LORA_TARGETS
+    from cptflow.training import lora_targets
 
     tcfg = training_config(args)
     total = args.warmup + args.steps
@@ -201,7 +201,7 @@ def run_hf(args, model_path: str) -> dict:
             lora_alpha=tcfg.lora.alpha,
             lora_dropout=tcfg.lora.dropout,
             use_rslora=tcfg.lora.rslora,
-            target_modules=list(LORA_TARGETS),
+            target_modules=lora_targets(model, tcfg)[0],  # the same layers as ours
             modules_to_save=["embed_tokens", "lm_head"],
             bias="none",
             task_type="CAUSAL_LM",

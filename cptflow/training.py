@@ -36,7 +36,7 @@ from cptflow.tokenization import document_token_ids
 logger = logging.getLogger(__name__)
 
 IGNORE_INDEX = -100
-LORA_TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
+ALL_LINEAR = "all-linear"
 EMBEDDING_MODULES = ("embed_tokens", "lm_head")
 CHECKPOINT_PREFIX = "step-"
 
@@ -54,7 +54,12 @@ class LoraSettings(BaseModel):
         0.0, ge=0, lt=1, description="LoRA dropout (0 keeps resumes bit-exact and is the CPT default)"
     )
     rslora: bool = Field(True, description="Rank-stabilised scaling alpha / sqrt(r) (Kalajdzievski 2023)")
-    target_modules: list[str] = Field(list(LORA_TARGETS), min_length=1, description="Linear layers that get LoRA")
+    target_modules: Literal["all-linear"] | list[str] = Field(
+        ALL_LINEAR,
+        min_length=1,
+        description="'all-linear': every linear layer of the decoder blocks, found in the loaded model (fused "
+        "projections such as Phi-3's qkv_proj and GPT-2's Conv1D included); or the module names to wrap",
+    )
 
 
 class KernelSettings(BaseModel):
@@ -198,6 +203,68 @@ def embeddings_tied(model) -> bool:
     return output is not None and output.weight is model.get_input_embeddings().weight
 
 
+def decoder_blocks(model) -> list:
+    """The repeated decoder blocks: the ModuleList with one entry per hidden layer (else the longest)."""
+    config = model.config.get_text_config() if hasattr(model.config, "get_text_config") else model.config
+    layers = getattr(config, "num_hidden_layers", None) or getattr(config, "n_layer", None)
+    lists = [m for m in model.modules() if isinstance(m, torch.nn.ModuleList) and len(m) > 0]
+    matching = [m for m in lists if len(m) == layers] or lists
+    if not matching:
+        raise ValueError(f"{type(model).__name__}: no decoder blocks (nn.ModuleList) found to put LoRA on")
+    return list(max(matching, key=len))
+
+
+def block_linear_kinds(model) -> dict[str, int]:
+    """The linear layers of one decoder block by their own name (q_proj, qkv_proj, c_attn, ...) → how
+    many of that name a block holds: nn.Linear (bitsandbytes' 4-bit layers subclass it) and GPT-2's
+    Conv1D, found by inspecting the model rather than assumed from a family's names."""
+    from transformers.pytorch_utils import Conv1D  # transformers is loaded with the model already
+
+    counts: dict[str, int] = {}
+    for name, module in decoder_blocks(model)[0].named_modules():
+        parts = name.split(".")
+        if "base_layer" in parts or any(part.startswith("lora_") for part in parts):
+            continue  # inside a LoRA wrapper: the wrapper stands for the layer it wraps
+        if isinstance(getattr(module, "base_layer", module), (torch.nn.Linear, Conv1D)):
+            counts[parts[-1]] = counts.get(parts[-1], 0) + 1
+    return dict(sorted(counts.items()))
+
+
+def lora_targets(model, tcfg: TrainingConfig) -> tuple[list[str], list[str]]:
+    """(module names PEFT wraps, warnings). 'all-linear': every kind `block_linear_kinds` finds. An explicit
+    list must name kinds the blocks have; one that leaves some out is legal, and said."""
+    kinds = block_linear_kinds(model)
+    if tcfg.lora.target_modules == ALL_LINEAR:
+        return list(kinds), []
+    wanted = list(tcfg.lora.target_modules)
+    unknown = [name for name in wanted if name not in kinds]
+    if unknown:
+        raise ValueError(
+            f"lora.target_modules names {unknown}, which the decoder blocks of {type(model).__name__} do not "
+            f"have; their linear layers are {list(kinds)} (or use 'all-linear')"
+        )
+    missing = [kind for kind in kinds if kind not in wanted]
+    notes = [f"lora.target_modules leaves out {missing} of the block's linear layers {list(kinds)}"] if missing else []
+    return wanted, notes
+
+
+def describe_lora_targets(model) -> dict:
+    """What the manifest records about LoRA: how many layers of each wrapped kind a block holds, and the
+    linear kinds left without LoRA (none with 'all-linear')."""
+    blocks = decoder_blocks(model)
+    wrapped: dict[str, int] = {}
+    for name, module in blocks[0].named_modules():
+        if hasattr(module, "lora_A") and hasattr(module, "base_layer"):
+            kind = name.rsplit(".", 1)[-1]
+            wrapped[kind] = wrapped.get(kind, 0) + 1
+    kinds = block_linear_kinds(model)
+    return {
+        "blocks": len(blocks),
+        "per_block": dict(sorted(wrapped.items())),
+        "not_wrapped": [k for k in kinds if k not in wrapped],
+    }
+
+
 def add_adapters(model, tcfg: TrainingConfig, *, adapter_dir: str | Path | None = None, seed: int = 0):
     """Wrap `model` with LoRA on all linear layers and full fp32 copies of embed_tokens/lm_head.
 
@@ -217,7 +284,7 @@ def add_adapters(model, tcfg: TrainingConfig, *, adapter_dir: str | Path | None 
             lora_alpha=tcfg.lora.alpha,
             lora_dropout=tcfg.lora.dropout,
             use_rslora=tcfg.lora.rslora,
-            target_modules=list(tcfg.lora.target_modules),
+            target_modules=lora_targets(model, tcfg)[0],
             modules_to_save=list(EMBEDDING_MODULES) if tcfg.train_embeddings else None,
             ensure_weight_tying=tied and tcfg.train_embeddings,
             bias="none",
@@ -713,6 +780,8 @@ class PreparedModel:
     kernels: dict
     fused_loss: Callable | None
     memory: dict
+    lora_targets: dict = field(default_factory=dict)
+    warnings: list[str] = field(default_factory=list)
 
 
 def prepare_model(
@@ -725,11 +794,16 @@ def prepare_model(
     device = next(model.parameters()).device
     memory = {"load": memory_snapshot(str(device))}
     tied = embeddings_tied(model)
+    notes = lora_targets(model, tcfg)[1] if adapter_dir is None else []  # a continued adapter keeps its own
+    for note in notes:
+        logger.warning(note)
     model = add_adapters(model, tcfg, adapter_dir=adapter_dir, seed=seed)
+    targets = describe_lora_targets(model)
+    logger.info("LoRA on %s per block x %d blocks", targets["per_block"], targets["blocks"])
     kernels = apply_kernel_patches(model, tcfg)
     fused_loss = fused_loss_for(model, tcfg)
     memory["lora_added"] = memory_snapshot(str(device))
-    return PreparedModel(model, device, tied, kernels, fused_loss, memory)
+    return PreparedModel(model, device, tied, kernels, fused_loss, memory, targets, notes)
 
 
 def fused_loss_for(model, tcfg: TrainingConfig):

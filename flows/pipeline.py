@@ -173,6 +173,15 @@ def data_stage(
     return handoff(report)
 
 
+def lora_summary(targets: dict | None) -> str:
+    """'LoRA on 7 layers per block (q_proj, ...) x 2 blocks', and the linear layers left without."""
+    if not targets:
+        return "LoRA continued from the upstream adapter"
+    per_block = targets["per_block"]
+    line = f"LoRA on {sum(per_block.values())} layers per block ({', '.join(per_block)}) x {targets['blocks']} blocks"
+    return line + (f"; not wrapped: {', '.join(targets['not_wrapped'])}" if targets["not_wrapped"] else "")
+
+
 class PrefectTrainingReporter(TrainingReporter):
     """Training progress in the UI: a progress bar updated in place (step, loss, LR per group, tokens/s),
     the optimizer's parameter groups, and every log line in the run log."""
@@ -190,7 +199,7 @@ class PrefectTrainingReporter(TrainingReporter):
         create_table_artifact(
             key=f"{self.stage}-param-groups",
             table=info["param_groups"],
-            description=f"{self.stage}: optimizer parameter groups",
+            description=f"{self.stage}: optimizer parameter groups; {lora_summary(info.get('lora_targets'))}",
         )
         self.logger.info("%s: %d steps; param groups %s", self.stage, info["total_steps"], info["param_groups"])
 

@@ -143,6 +143,7 @@ def run(run, cfg, reporter: TrainingReporter | None = None, *, stop_after_steps:
             "samples": len(dataset),
             "seq_len": dataset.seq_len,
             "param_groups": describe_param_groups(optimizer),
+            "lora_targets": prepared.lora_targets,
         }
     )
 
@@ -182,6 +183,7 @@ def run(run, cfg, reporter: TrainingReporter | None = None, *, stop_after_steps:
         "tied_embeddings": prepared.tied_embeddings,
         "parameters": trainable_parameters(model),
         "param_groups": describe_param_groups(optimizer),
+        "lora_targets": prepared.lora_targets,
         "kernels": {"patched": prepared.kernels, "fused_linear_cross_entropy": fused_loss is not None},
         "train": {
             "steps": result.step,
@@ -196,7 +198,7 @@ def run(run, cfg, reporter: TrainingReporter | None = None, *, stop_after_steps:
         "eval": {name: final_eval[name] for name in EVAL_SETS},
         "evals": result.evals,
         "memory": memory,
-        "warnings": tcfg.warnings(),
+        "warnings": tcfg.warnings() + prepared.warnings,
         "processes": distributed.world_size(),
         "timings": {"finished": now_iso(), "seconds": round(time.time() - started, 3)},
     }

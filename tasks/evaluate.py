@@ -6,6 +6,7 @@ The last stage of the DAG (... -> cpt -> sft -> **evaluate**).
 
 from __future__ import annotations
 
+import gc
 import json
 import logging
 import shutil
@@ -164,9 +165,27 @@ def artifacts(manifest: dict, directory: Path) -> list[Artifact]:
     return found
 
 
-def run(run, cfg, reporter=None) -> dict:
-    from peft import PeftModel
+def load_adapted(base_model: str, tcfg, adapter_dir: Path, *, trust_remote_code: bool = False):
+    """The training base (4-bit NF4 when the stage used QLoRA) with one stage's adapter, eval mode.
 
+    Each adapter goes on a freshly loaded base as its only adapter. Loading sft's next to cpt's
+    (`load_adapter`) loses a tied model's head: PEFT finds no tied modules the second time, so the
+    sft model ran with a trained embedding and the base's head, and every tied family (Qwen2.5,
+    Gemma, SmolLM2, Llama 3.2 1B) got a wrong sft perplexity.
+    """
+    from peft import PeftModel  # peft imports torch and transformers: loaded when a stage trains
+
+    base = load_base_model(base_model, tcfg, trust_remote_code=trust_remote_code)
+    return PeftModel.from_pretrained(base, str(adapter_dir)).eval()
+
+
+def free_model_memory() -> None:
+    gc.collect()
+    if torch.cuda.is_available():
+        torch.cuda.empty_cache()
+
+
+def run(run, cfg, reporter=None) -> dict:
     existing = read_manifest(run.path)
     if existing is not None:
         return existing
@@ -183,25 +202,28 @@ def run(run, cfg, reporter=None) -> dict:
     blocks = eval_blocks(dirs, tokenizer, cfg.tokenize.seq_len)
 
     # All three on the base the adapters were trained on (4-bit NF4 when cpt used QLoRA): the same
-    # frozen weights, so differences come from the adapters alone.
-    base = load_base_model(cfg.base_model, cfg.cpt, trust_remote_code=cfg.trust_remote_code)
-    device = str(next(base.parameters()).device)
-    model = PeftModel.from_pretrained(base, str(adapters["cpt"]), adapter_name="cpt")
-    model.load_adapter(str(adapters["sft"]), adapter_name="sft")
-    model.eval()
+    # frozen weights, so differences come from the adapters alone. The base is measured through the
+    # cpt model with its adapter disabled; sft gets a base of its own (see load_adapted).
     perplexity, generations = {}, {}
-    for name in MODELS:
-        if name == "base":
-            with model.disable_adapter():
-                perplexity[name] = _model_perplexities(model, blocks, section.batch_size)
-                generations[name] = generate(model, tokenizer, section.prompts, section.max_new_tokens)
-        else:
-            model.set_adapter(name)
-            perplexity[name] = _model_perplexities(model, blocks, section.batch_size)
-            generations[name] = generate(model, tokenizer, section.prompts, section.max_new_tokens)
+
+    def measure(name: str, model) -> None:
+        perplexity[name] = _model_perplexities(model, blocks, section.batch_size)
+        generations[name] = generate(model, tokenizer, section.prompts, section.max_new_tokens)
         logger.info("evaluate %s: %s", name, perplexity[name])
+
+    trust = cfg.trust_remote_code
+    model = load_adapted(cfg.base_model, cfg.cpt, adapters["cpt"], trust_remote_code=trust)
+    device = str(next(model.parameters()).device)
+    with model.disable_adapter():
+        measure("base", model)
+    measure("cpt", model)
+    del model
+    free_model_memory()  # one base in memory at a time
+    model = load_adapted(cfg.base_model, cfg.cpt, adapters["sft"], trust_remote_code=trust)
+    measure("sft", model)
     memory = {"eval": memory_snapshot(device)}
-    del model, base
+    del model
+    free_model_memory()
 
     table = format_forgetting_table(perplexity)
     side_by_side = [{"prompt": p, **{m: generations[m][i] for m in MODELS}} for i, p in enumerate(section.prompts)]

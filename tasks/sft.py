@@ -404,6 +404,7 @@ def run(run, cfg, reporter: TrainingReporter | None = None, *, stop_after_steps:
             "total_steps": total_steps,
             "examples": counts,
             "param_groups": describe_param_groups(optimizer),
+            "lora_targets": prepared.lora_targets,
         }
     )
     checkpoints = run.path / "checkpoints"
@@ -444,6 +445,7 @@ def run(run, cfg, reporter: TrainingReporter | None = None, *, stop_after_steps:
         "data": counts,
         "parameters": trainable_parameters(model),
         "param_groups": describe_param_groups(optimizer),
+        "lora_targets": prepared.lora_targets,
         "kernels": {"patched": prepared.kernels, "fused_linear_cross_entropy": fused_loss is not None},
         "train": {
             "steps": result.step,
@@ -457,7 +459,7 @@ def run(run, cfg, reporter: TrainingReporter | None = None, *, stop_after_steps:
         "eval": {k: v for k, v in result.evals[-1].items() if k != "step"},
         "evals": result.evals,
         "memory": memory,
-        "warnings": section.warnings(),
+        "warnings": section.warnings() + prepared.warnings,
         "processes": distributed.world_size(),
         "timings": {"finished": now_iso(), "seconds": round(time.time() - started, 3)},
     }

@@ -162,6 +162,13 @@ def test_run_rerun_change_and_force(prefect_harness, corpus, tiny_llama_dir, tmp
     assert manifests["cpt"]["train"]["steps"] == 4 and manifests["sft"]["train"]["steps"] == 3
     assert manifests["sft"]["continued_from"] == str(Path(reports[5]["directory"]) / "adapter")
     assert set(manifests["evaluate"]["perplexity"]) == {"base", "cpt", "sft"}
+    for stage in ("cpt", "sft"):  # evaluate measures the models each stage ended with, on the same tokens
+        measured = manifests["evaluate"]["perplexity"][stage]
+        own = manifests[stage]["eval"]
+        assert (measured["domain"], measured["general"]) == (
+            own["domain_eval"]["perplexity"],
+            own["general_eval"]["perplexity"],
+        ), stage
     assert (Path(reports[7]["directory"]) / "export" / "merged" / "model.safetensors").is_file()
 
     work = tmp_path / "work"

@@ -153,6 +153,64 @@ def test_base_is_nf4_quantised_and_lora_targets_every_linear_layer(tiny_llama_di
             assert not getattr(module.weight.quant_state, "packing_format_for_cpu", False)
 
 
+def tiny_family_model(family: str, vocab: int, directory: Path) -> Path:
+    """A random 2-block model of another family, saved as safetensors (no tokenizer needed here)."""
+    from transformers import GPT2Config, GPT2LMHeadModel, Phi3Config, Phi3ForCausalLM
+
+    if family == "phi3":  # fused qkv_proj and gate_up_proj
+        config = Phi3Config(
+            vocab_size=vocab, hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
+            num_key_value_heads=4, pad_token_id=0, bos_token_id=1, eos_token_id=2,
+        )  # fmt: skip
+        model = Phi3ForCausalLM(config)
+    else:  # GPT-2: Conv1D c_attn / c_proj / c_fc
+        config = GPT2Config(vocab_size=vocab, n_embd=32, n_layer=2, n_head=4, n_positions=64)
+        model = GPT2LMHeadModel(config)
+    model.save_pretrained(str(directory), safe_serialization=True)
+    return directory
+
+
+@pytest.mark.parametrize(
+    ("family", "kinds"),
+    [
+        ("phi3", {"qkv_proj": 1, "o_proj": 1, "gate_up_proj": 1, "down_proj": 1}),
+        ("gpt2", {"c_attn": 1, "c_proj": 2, "c_fc": 1}),
+    ],
+)
+def test_all_linear_wraps_every_linear_layer_the_model_has(family, kinds, tmp_path):
+    """LoRA targets come from the model: Phi-3's fused projections and GPT-2's Conv1D layers included,
+    4-bit and full precision alike; the manifest's description counts them per block."""
+    from cptflow.training import block_linear_kinds, describe_lora_targets
+
+    directory = tiny_family_model(family, 300, tmp_path / family)
+    for quantize in (True, False):
+        tcfg = tiny_config(load_in_4bit=quantize)
+        base = load_base_model(str(directory), tcfg)
+        assert block_linear_kinds(base) == dict(sorted(kinds.items()))
+        model = add_adapters(base, tcfg)
+        described = describe_lora_targets(model)
+        assert described == {"blocks": 2, "per_block": dict(sorted(kinds.items())), "not_wrapped": []}
+        with torch.no_grad():
+            model(input_ids=torch.tensor([[1, 5, 9, 2]]))
+
+
+def test_an_explicit_target_list_is_checked_against_the_model(tiny_llama_dir, caplog):
+    """A list naming layers the blocks lack is an error that lists theirs; one leaving some out is a warning."""
+    from cptflow.training import lora_targets, prepare_model
+
+    base = load_base_model(str(tiny_llama_dir), tiny_config())
+    with pytest.raises(ValueError, match=r"\['qkv_proj'\].*q_proj"):
+        lora_targets(base, tiny_config(lora=LoraSettings(r=4, alpha=8, target_modules=["q_proj", "qkv_proj"])))
+    partial = tiny_config(lora=LoraSettings(r=4, alpha=8, target_modules=["q_proj", "v_proj"]))
+    with caplog.at_level("WARNING"):
+        prepared = prepare_model(str(tiny_llama_dir), partial)
+    assert prepared.lora_targets["per_block"] == {"q_proj": 1, "v_proj": 1}
+    missing = ["down_proj", "gate_proj", "k_proj", "o_proj", "up_proj"]
+    assert prepared.lora_targets["not_wrapped"] == missing
+    assert prepared.warnings and all(kind in prepared.warnings[0] for kind in missing)
+    assert "leaves out" in caplog.text
+
+
 # ---------------------------------------------------------------------------------------------
 # Loss
 # ---------------------------------------------------------------------------------------------
@@ -275,6 +333,44 @@ def test_tied_embeddings_stay_tied_through_training_saving_and_merging(tied_llam
     merged = AutoModelForCausalLM.from_pretrained(str(tmp_path / "merged"))
     assert merged.get_output_embeddings().weight is merged.get_input_embeddings().weight
     torch.testing.assert_close(merged.get_input_embeddings().weight, embed.detach().float())
+
+
+def test_evaluate_loads_the_sft_model_of_a_tied_base_as_sft_trained_it(tied_llama_dir, tmp_path):
+    """cpt trains, sft continues from its adapter; evaluate's sft model gives the logits of the model
+    sft had in memory (a second adapter loaded next to cpt's lost the tied head: issue 16)."""
+    from transformers import AutoTokenizer
+
+    from cptflow.tasks.evaluate import load_adapted
+    from cptflow.training import save_adapter
+
+    tcfg = tiny_config()
+    tokenizer = AutoTokenizer.from_pretrained(str(tied_llama_dir))
+    vocab = len(tokenizer)
+
+    def train(model, steps: int, seed: int):
+        optimizer = build_optimizer(model, tcfg)
+        scheduler = build_scheduler(optimizer, tcfg, steps)
+        for step in range(steps):
+            train_step(model, optimizer, scheduler, [random_batch(vocab, seed=seed + step)], tcfg)
+        return model
+
+    cpt = train(add_adapters(load_base_model(str(tied_llama_dir), tcfg), tcfg), 3, seed=0)
+    save_adapter(cpt, tokenizer, tmp_path / "cpt")
+    sft_tcfg = tiny_config(train_embeddings=True)
+    sft = add_adapters(load_base_model(str(tied_llama_dir), sft_tcfg), sft_tcfg, adapter_dir=tmp_path / "cpt")
+    sft = train(sft, 2, seed=10)
+    save_adapter(sft, tokenizer, tmp_path / "sft")
+
+    batch = random_batch(vocab, seed=99)
+    with torch.no_grad():
+        trained = sft.eval()(input_ids=batch["input_ids"]).logits
+        loaded = load_adapted(str(tied_llama_dir), tcfg, tmp_path / "sft")(input_ids=batch["input_ids"]).logits
+        base = load_base_model(str(tied_llama_dir), tcfg).eval()(input_ids=batch["input_ids"]).logits
+    assert not torch.allclose(trained, base)  # sft changed the model, so the comparison means something
+    torch.testing.assert_close(loaded, trained)
+    causal_lm = load_adapted(str(tied_llama_dir), tcfg, tmp_path / "sft").get_base_model()
+    head, embed = causal_lm.lm_head, causal_lm.model.embed_tokens
+    assert head.modules_to_save["default"].weight is embed.modules_to_save["default"].weight
 
 
 # ---------------------------------------------------------------------------------------------
