@@ -34,6 +34,10 @@ CONFIG_ARG = typer.Argument(..., exists=False, help="Pipeline YAML, e.g. configs
 WORK_DIR_OPT = typer.Option(None, "--work-dir", help="Override the config's work_dir")
 
 
+def _warn(message: str) -> None:
+    err_console.print(f"[yellow]warning:[/] {message}", highlight=False)
+
+
 def _fail(message: str, code: int = 2) -> None:
     err_console.print(f"[bold red]error:[/] {message}", highlight=False)
     raise typer.Exit(code)
@@ -255,7 +259,7 @@ while the previous one still works waits for it.
         from pydantic import ValidationError
 
         _fail(f"--cron: {err.errors()[0]['msg']}" if isinstance(err, ValidationError) else str(err))
-    serve_deployments(deployments, _load(config, work_dir))
+    serve_deployments(deployments, _load(config, work_dir), warn=_warn)
 
 
 def write_demo(directory: Path, force: bool = False) -> Path:

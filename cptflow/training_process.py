@@ -19,8 +19,10 @@ import collections
 import contextlib
 import ctypes
 import json
+import logging
 import os
 import queue
+import re
 import signal
 import subprocess
 import sys
@@ -244,28 +246,63 @@ def command_name(command: list[str]) -> str:
     )
 
 
-def launch_stage(stage: str, run, cfg, reporter, log: Callable[[str], None]) -> dict:
-    """Run a training stage through the configured launcher; returns its committed manifest."""
+LEVEL_PREFIX = re.compile(r"^(?:\[rank \d+\] )?(DEBUG|INFO|WARNING|ERROR|CRITICAL) ")
+PYTHON_WARNING = re.compile(r"\b[A-Z]\w*Warning: ")
+
+
+class LineLevels:
+    """The logging level of each line the training process prints, so that a WARNING stays a WARNING in
+    the run log (the UI filters by level). The child logs as `LEVEL name: message` (cptflow/launch.py);
+    an unprefixed line continues the line before it (a multi-line message, a traceback), except a
+    traceback's first line (ERROR) and a Python warning (WARNING)."""
+
+    def __init__(self) -> None:
+        self.current = logging.INFO
+
+    def __call__(self, line: str) -> int:
+        match = LEVEL_PREFIX.match(line)
+        if match:
+            self.current = logging.getLevelName(match.group(1))
+        elif line.startswith("Traceback (most recent call last)"):
+            self.current = logging.ERROR
+        elif PYTHON_WARNING.search(line):
+            return logging.WARNING
+        return self.current
+
+    @staticmethod
+    def message(line: str) -> str:
+        """The line without its level word (the run log shows the level): `[rank 1] name: message`."""
+        match = LEVEL_PREFIX.match(line)
+        return line[: match.start(1)] + line[match.end(1) + 1 :] if match else line
+
+
+def launch_stage(stage: str, run, cfg, reporter, log: Callable[[int, str], None]) -> dict:
+    """Run a training stage through the configured launcher; returns its committed manifest.
+
+    `log(level, line)` receives every output line at the level it was logged with (Logger.log will do).
+    """
     processes = 1 if stage == "evaluate" else cfg.launch.num_processes
     spec = write_spec(stage, run, cfg)
     command = launch_command(cfg, spec, processes)
     env = dict(os.environ, PYTHONUNBUFFERED="1", PYTHONIOENCODING="utf-8", TQDM_DISABLE="1")  # progress comes as events
 
+    level_of = LineLevels()
+
     def on_line(line: str) -> None:
         before, marker, payload = line.partition(EVENT_MARKER)  # another writer may have left half a line before it
         if before.strip():
-            log(before)
+            log(level_of(before), level_of.message(before))
         if not marker:
             return
         try:
             event = json.loads(payload)
         except json.JSONDecodeError:
-            log(line)
+            log(logging.INFO, line)
             return
         deliver_event(reporter, event)
 
     timeout = cfg.launch.timeout_minutes * 60 if cfg.launch.timeout_minutes else None
-    log(f"{stage}: {command_name(command)} with {processes} process(es): {' '.join(command)}")
+    log(logging.INFO, f"{stage}: {command_name(command)} with {processes} process(es): {' '.join(command)}")
     run_process_tree(command, on_line=on_line, timeout_seconds=timeout, env=env, cwd=cfg.base_dir)
     manifest = read_manifest(run.path)
     if manifest is None:

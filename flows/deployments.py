@@ -6,12 +6,20 @@ its own process (a Prefect Runner); `build_deployments` is the part without a se
 
 from __future__ import annotations
 
+import contextlib
+import os
+import threading
+import time
 from datetime import timedelta
 from pathlib import Path
+from typing import Callable
 
 from prefect import serve
-from prefect.client.schemas.objects import ConcurrencyLimitConfig, ConcurrencyLimitStrategy
+from prefect.client.orchestration import get_client
+from prefect.client.schemas.filters import DeploymentFilter, FlowRunFilter, FlowRunFilterState
+from prefect.client.schemas.objects import ConcurrencyLimitConfig, ConcurrencyLimitStrategy, StateType
 from prefect.deployments.runner import EntrypointType, RunnerDeployment
+from prefect.exceptions import ObjectNotFound
 from prefect.settings import PREFECT_API_URL
 
 from cptflow.config import PipelineConfig, load_config
@@ -80,8 +88,59 @@ def prefect_api_url() -> str | None:
     return PREFECT_API_URL.value()
 
 
-def serve_deployments(deployments: list[RunnerDeployment], cfg: PipelineConfig) -> None:
+def scheduled_runs(deployment_name: str) -> int | None:
+    """How many runs the server has scheduled for `<flow>/<deployment>` (None: not registered yet)."""
+    with get_client(sync_client=True) as client:
+        try:
+            deployment = client.read_deployment_by_name(deployment_name)
+        except ObjectNotFound:
+            return None
+        runs = client.read_flow_runs(
+            deployment_filter=DeploymentFilter(id={"any_": [deployment.id]}),
+            flow_run_filter=FlowRunFilter(state=FlowRunFilterState(type={"any_": [StateType.SCHEDULED]})),
+            limit=5,
+        )
+        return len(runs)
+
+
+def watch_schedule(deployment_name: str, within_seconds: float, warn: Callable[[str], None]) -> threading.Thread:
+    """Warn once if the server schedules no run of a scheduled deployment within `within_seconds`.
+
+    A server whose scheduler service is off or failing (prefect 3.8 with SQLAlchemy 2.1 logs an error a
+    minute and schedules nothing) shows the schedule in the UI and never fires it; only its own log says.
+    """
+
+    def check() -> None:
+        deadline = time.monotonic() + within_seconds
+        while time.monotonic() < deadline:
+            with contextlib.suppress(Exception):  # the server may still be starting; keep trying
+                if scheduled_runs(deployment_name):
+                    return
+            time.sleep(5)
+        warn(
+            f"the Prefect server at {prefect_api_url()} has scheduled no run of {deployment_name} in "
+            f"{within_seconds:.0f} s: its scheduler service is off or failing, so the schedule will not fire "
+            "(see the server's log; `prefect server start` runs the scheduler, and prefect 3.8 needs SQLAlchemy < 2.1)"
+        )
+
+    thread = threading.Thread(target=check, name="cptflow-schedule-check", daemon=True)
+    thread.start()
+    return thread
+
+
+def serve_deployments(
+    deployments: list[RunnerDeployment], cfg: PipelineConfig, warn: Callable[[str], None] | None = None
+) -> None:
     """Run the deployments' flow runs in this process until Ctrl-C, with the config's result storage
-    (the runner passes these settings to every flow run it starts)."""
+    (the runner passes these settings to every flow run it starts). For a scheduled deployment, a
+    check that the server's scheduler creates its runs (SCHEDULE_CHECK_SECONDS)."""
+    scheduled = [d for d in deployments if d.schedules]
+    if scheduled and warn is not None:
+        watch_schedule(f"{cptflow_pipeline.name}/{scheduled[0].name}", schedule_check_seconds(), warn)
     with result_storage(cfg):
         serve(*deployments)
+
+
+def schedule_check_seconds() -> float:
+    """Two scheduler loops of a default server (60 s each) and some slack; CPTFLOW_SCHEDULE_CHECK_SECONDS."""
+    return float(os.environ.get("CPTFLOW_SCHEDULE_CHECK_SECONDS", "150"))

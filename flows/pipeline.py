@@ -315,7 +315,7 @@ def training_stage(stage: str, run: StageRun, cfg: PipelineConfig, upstream: dic
             if cfg.launch.launcher == "inline":
                 manifest = stage_module(stage).run(run, cfg, reporter=reporter)
             else:
-                manifest = launch_stage(stage, run, cfg, reporter, log=logger.info)
+                manifest = launch_stage(stage, run, cfg, reporter, log=logger.log)
     publish_artifacts(manifest, run.path)
     return handoff({"stage": stage, "fingerprint": run.fingerprint, "state": "ran"})
 

@@ -209,3 +209,27 @@ def test_library_deprecation_warnings_stay_out_of_the_run_log(monkeypatch):
     assert shown("cptflow.training") == ["FutureWarning", "DeprecationWarning"]
     monkeypatch.setenv("CPTFLOW_LIBRARY_WARNINGS", "1")
     assert shown("transformers.modeling_utils") == ["FutureWarning", "DeprecationWarning"]
+
+
+def test_each_line_keeps_the_level_the_training_process_logged_it_with():
+    """WARNING stays WARNING and ERROR stays ERROR in the run log; a traceback is ERROR throughout."""
+    import logging
+
+    from cptflow.training_process import LineLevels
+
+    level_of = LineLevels()
+    lines = [
+        ("INFO cptflow.training: step 5/10 loss 3.2", logging.INFO),
+        ("WARNING cptflow.training: lora.target_modules leaves out ['o_proj']", logging.WARNING),
+        ("  the second line of that warning", logging.WARNING),
+        ("[rank 1] ERROR cptflow.tasks.sft: no usable training example", logging.ERROR),
+        ("[rank 0] INFO cptflow.training: eval at step 10", logging.INFO),
+        ("/x/peft/tuners/lora.py:12: UserWarning: fan_in_fan_out is set", logging.WARNING),
+        ("Traceback (most recent call last):", logging.ERROR),
+        ('  File "/x/cptflow/tasks/sft.py", line 3, in run', logging.ERROR),
+        ("cptflow.tasks.sft.SftDataError: no usable training example", logging.ERROR),
+        ("INFO torch.distributed: shutting down", logging.INFO),
+    ]
+    assert [level_of(line) for line, _ in lines] == [level for _, level in lines]
+    assert level_of.message("[rank 1] ERROR cptflow.tasks.sft: no example") == "[rank 1] cptflow.tasks.sft: no example"
+    assert level_of.message("WARNING x: y") == "x: y" and level_of.message("  File ...") == "  File ..."

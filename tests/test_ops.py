@@ -658,3 +658,115 @@ def test_without_a_server_the_gpu_slot_is_a_lock_that_dies_with_its_holder(tmp_p
     assert got == [1]  # the slot came back with its holder's death
     with local_slot("gpu", 2, lambda: None, directory=tmp_path), local_slot("gpu", 2, lambda: None, directory=tmp_path):
         pass  # a limit of 2: two holders at once
+
+
+# ----------------------------------------------------------------------------------------------------
+# Schedules
+# ----------------------------------------------------------------------------------------------------
+def test_serve_says_so_when_the_server_schedules_nothing(prefect_harness, corpus, tiny_llama_dir, tmp_path):  # noqa: F811
+    """The test harness's temporary server runs no scheduler service, like a server whose scheduler
+    fails: `cptflow serve --interval` warns instead of waiting silently for runs that never come."""
+    from prefect.settings import PREFECT_API_URL
+
+    config = write_config(tmp_path, corpus, tiny_llama_dir)
+    env = dict(os.environ, PREFECT_API_URL=PREFECT_API_URL.value(), CPTFLOW_SCHEDULE_CHECK_SECONDS="5")
+    server = subprocess.Popen(
+        [sys.executable, "-m", "cptflow.cli", "serve", str(config), "--interval", "60"],
+        cwd=tmp_path,
+        env=env,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+        start_new_session=True,
+    )
+    output = []
+    reader = threading.Thread(target=lambda: output.extend(server.stdout), daemon=True)
+    reader.start()
+    try:
+        deadline = time.monotonic() + 120
+        while "has scheduled no run" not in "".join(output):
+            assert server.poll() is None and time.monotonic() < deadline, "".join(output)[-3000:]
+            time.sleep(1)
+    finally:
+        os.killpg(server.pid, signal.SIGINT)
+        server.wait(timeout=30)
+    text = " ".join("".join(output).split())  # rich wraps the line
+    assert "cptflow-pipeline/flow-test" in text and "scheduler service is off or failing" in text
+
+
+def api(base: str, path: str, body: dict | None = None):
+    request = urllib.request.Request(
+        f"{base}{path}",
+        data=json.dumps(body).encode() if body is not None else None,
+        headers={"Content-Type": "application/json"},
+        method="POST" if body is not None else "GET",
+    )
+    with urllib.request.urlopen(request, timeout=30) as response:
+        return json.loads(response.read())
+
+
+@pytest.mark.slow
+def test_a_schedule_fires_on_a_real_server_and_finds_every_stage_cached(corpus, tiny_llama_dir, tmp_path):  # noqa: F811
+    """`prefect server start` (through `cptflow ui`) with its scheduler; the pipeline once, then `cptflow
+    serve --interval`: the scheduler creates runs and one completes having recomputed nothing."""
+    from test_flow import file_times
+
+    port = free_port()
+    base = f"http://127.0.0.1:{port}/api"
+    env = dict(
+        os.environ,
+        PREFECT_HOME=str(tmp_path / "prefect-home"),
+        PREFECT_API_URL=base,
+        PREFECT_SERVER_SERVICES_SCHEDULER_LOOP_SECONDS="5",
+        PREFECT_RUNNER_POLL_FREQUENCY="2",
+    )
+    ui = subprocess.Popen(
+        [sys.executable, "-m", "cptflow.cli", "ui", "--port", str(port)],
+        env=env,
+        stdout=open(tmp_path / "server.log", "w"),
+        stderr=subprocess.STDOUT,
+        start_new_session=True,
+    )
+    served = None
+    try:
+        deadline = time.monotonic() + 180
+        while True:
+            try:
+                if api(base, "/health"):
+                    break
+            except OSError:
+                assert ui.poll() is None and time.monotonic() < deadline, (tmp_path / "server.log").read_text()
+                time.sleep(1)
+        config = write_config(tmp_path, corpus, tiny_llama_dir)
+        work = tmp_path / "work"
+        subprocess.run(
+            [sys.executable, "-m", "cptflow.cli", "run", str(config)], env=env, check=True, timeout=900, cwd=tmp_path
+        )
+        before = file_times(work)
+        served = subprocess.Popen(
+            [sys.executable, "-m", "cptflow.cli", "serve", str(config), "--interval", "15"],
+            env=env,
+            cwd=tmp_path,
+            stdout=open(tmp_path / "serve.log", "w"),
+            stderr=subprocess.STDOUT,
+            start_new_session=True,
+        )
+        deadline = time.monotonic() + 300
+        while True:
+            runs = api(base, "/flow_runs/filter", {"deployments": {"name": {"any_": ["flow-test"]}}})
+            states = [run["state_type"] for run in runs]
+            if "COMPLETED" in states:
+                break
+            assert time.monotonic() < deadline, f"{states}\n{(tmp_path / 'serve.log').read_text()[-3000:]}"
+            assert "FAILED" not in states and "CRASHED" not in states, (tmp_path / "serve.log").read_text()[-3000:]
+            time.sleep(2)
+        assert any(run["auto_scheduled"] for run in runs)  # created by the server's scheduler, not by us
+        assert file_times(work) == before  # every stage came back cached: nothing written
+    finally:
+        for process in (served, ui):
+            if process is not None and process.poll() is None:
+                os.killpg(process.pid, signal.SIGINT)
+                try:
+                    process.wait(timeout=30)
+                except subprocess.TimeoutExpired:
+                    os.killpg(process.pid, signal.SIGKILL)

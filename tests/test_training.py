@@ -557,7 +557,9 @@ def test_two_gloo_processes_match_one_process_with_doubled_accumulation(prepared
         def on_log(self, record):
             events.append(record["step"])
 
-    manifest = launch_stage("cpt", plan_pipeline(two)["cpt"], two, Recorder(), log=lines.append)
+    manifest = launch_stage(
+        "cpt", plan_pipeline(two)["cpt"], two, Recorder(), log=lambda level, line: lines.append(line)
+    )
     assert manifest["processes"] == 2 and reference["processes"] == 1, "\n".join(lines[-30:])
     assert events == list(range(1, 7))  # rank 0's progress reached the parent's reporter
     assert any("[rank 1]" in line for line in lines)  # both ranks' output streamed into the log
