@@ -232,16 +232,20 @@ def block_linear_kinds(model) -> dict[str, int]:
 
 def lora_targets(model, tcfg: TrainingConfig) -> tuple[list[str], list[str]]:
     """(module names PEFT wraps, warnings). 'all-linear': every kind `block_linear_kinds` finds. An explicit
-    list must name kinds the blocks have; one that leaves some out is legal, and said."""
+    list must name linear layers the model has (lm_head too, outside the blocks); one that leaves some of
+    the blocks' layers out is legal, and said."""
+    from transformers.pytorch_utils import Conv1D
+
     kinds = block_linear_kinds(model)
     if tcfg.lora.target_modules == ALL_LINEAR:
         return list(kinds), []
     wanted = list(tcfg.lora.target_modules)
-    unknown = [name for name in wanted if name not in kinds]
+    linear = {name.rsplit(".", 1)[-1] for name, m in model.named_modules() if isinstance(m, (torch.nn.Linear, Conv1D))}
+    unknown = [name for name in wanted if name not in linear]
     if unknown:
         raise ValueError(
-            f"lora.target_modules names {unknown}, which the decoder blocks of {type(model).__name__} do not "
-            f"have; their linear layers are {list(kinds)} (or use 'all-linear')"
+            f"lora.target_modules names {unknown}, which {type(model).__name__} has no linear layer called; "
+            f"its decoder blocks have {list(kinds)} (or use 'all-linear')"
         )
     missing = [kind for kind in kinds if kind not in wanted]
     notes = [f"lora.target_modules leaves out {missing} of the block's linear layers {list(kinds)}"] if missing else []

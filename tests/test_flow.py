@@ -266,6 +266,7 @@ def test_killed_stage_resumes_and_ends_byte_identical(prefect_harness, corpus, t
         assert outputs(read_manifest(Path(res["directory"]))) == outputs(read_manifest(Path(ref["directory"])))
 
 
+@pytest.mark.slow  # minutes on 2 cores: `make test-slow` (CI runs it)
 def test_dask_runner_gives_the_same_bytes_as_threads(prefect_harness, corpus, tiny_llama_dir, tmp_path):
     from cptflow.flows.pipeline import run_pipeline
 

@@ -483,6 +483,7 @@ def wait_until(predicate, seconds: float, what: str, server: subprocess.Popen):
     return value
 
 
+@pytest.mark.slow  # minutes on 2 cores: `make test-slow` (CI runs it)
 def test_retry_reruns_only_the_failed_stage_onward_and_cancel_kills_training(
     prefect_harness,
     corpus,  # noqa: F811  (the fixture imported from test_flow)
