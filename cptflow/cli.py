@@ -126,6 +126,7 @@ def run(
         check_upstreams_available,
         cptflow_pipeline,
         result_storage,
+        run_tags,
         select_stages,
     )
     from cptflow.plan import plan_pipeline
@@ -134,7 +135,7 @@ def run(
         selected, _ = select_stages(only, from_stage, force)
         _preflight(cfg, selected)
         check_upstreams_available(plan_pipeline(cfg), selected)  # before a Prefect server is started
-        with result_storage(cfg):
+        with result_storage(cfg), run_tags(cfg, selected):
             reports = cptflow_pipeline(
                 config_path=str(config),
                 only=only,

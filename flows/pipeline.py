@@ -10,9 +10,12 @@ from __future__ import annotations
 import contextlib
 import fcntl
 import time
+from datetime import datetime, timezone
 from pathlib import Path
+from typing import Literal
 
-from prefect import flow, task, unmapped
+import prefect.runtime
+from prefect import flow, tags, task, unmapped
 from prefect.artifacts import (
     create_link_artifact,
     create_markdown_artifact,
@@ -173,6 +176,21 @@ def data_stage(
     return handoff(report)
 
 
+SPARK_HISTORY = 400  # loss values a progress bar remembers (bounded, whatever the number of steps)
+SPARKS = "▁▂▃▄▅▆▇█"
+
+
+def sparkline(values: list[float], width: int = 40) -> str:
+    """The loss curve in one line of block characters: `width` buckets (means), scaled min → max."""
+    if not values:
+        return ""
+    size = max(1, -(-len(values) // width))
+    means = [sum(chunk) / len(chunk) for chunk in (values[i : i + size] for i in range(0, len(values), size))]
+    low, high = min(means), max(means)
+    span = (high - low) or 1.0
+    return "".join(SPARKS[min(len(SPARKS) - 1, int((v - low) / span * len(SPARKS)))] for v in means)
+
+
 def lora_summary(targets: dict | None) -> str:
     """'LoRA on 7 layers per block (q_proj, ...) x 2 blocks', and the linear layers left without."""
     if not targets:
@@ -204,6 +222,7 @@ class PrefectTrainingReporter(TrainingReporter):
         self.logger.info("%s: %d steps; param groups %s", self.stage, info["total_steps"], info["param_groups"])
 
     def on_log(self, record: dict) -> None:
+        self.losses = [*getattr(self, "losses", []), record["loss"]][-SPARK_HISTORY:]
         lrs = " ".join(f"{group}={lr:.3g}" for group, lr in record["lr"].items())
         line = (
             f"step {record['step']}/{record['total_steps']} loss {record['loss']:.4f} lr {lrs} "
@@ -212,7 +231,9 @@ class PrefectTrainingReporter(TrainingReporter):
         self.logger.info("%s: %s", self.stage, line)
         if self.progress_id is not None:
             update_progress_artifact(
-                self.progress_id, 100.0 * record["step"] / record["total_steps"], description=f"{self.stage}: {line}"
+                self.progress_id,
+                100.0 * record["step"] / record["total_steps"],
+                description=f"{self.stage}: {line} · loss {sparkline(self.losses)}",
             )
 
     # The eval table and the best checkpoint are published once, when the stage commits
@@ -353,12 +374,35 @@ def run_stage(
     return _stage_report(run, "ran" if ran else "cached"), result
 
 
-@flow(name="cptflow-pipeline", log_prints=True)
+# The stage parameters as an enum: the UI's run form offers the stages to pick, in DAG order.
+StageName = Literal[PIPELINE_STAGES]  # type: ignore[valid-type]
+
+
+def pipeline_run_name() -> str:
+    """`<pipeline>-<UTC date and time>` (e.g. demo-20261203-0412), not Prefect's random two words."""
+    stamp = datetime.now(timezone.utc).strftime("%Y%m%d-%H%M%S")
+    parameters = prefect.runtime.flow_run.parameters
+    try:
+        name = load_config(parameters["config_path"], parameters.get("work_dir")).name
+    except Exception:  # a broken config fails the run itself, with its own message: not its name
+        name = "cptflow"
+    return f"{name}-{stamp}"
+
+
+@contextlib.contextmanager
+def run_tags(cfg: PipelineConfig, selected: list[str]):
+    """Tags of a run started here (CLI, Python): the pipeline's name and the stages it runs; a
+    deployment's runs carry its tags already."""
+    with tags("cptflow", cfg.name, *selected):
+        yield
+
+
+@flow(name="cptflow-pipeline", flow_run_name=pipeline_run_name, log_prints=True)
 def cptflow_pipeline(
     config_path: str,
-    only: list[str] | None = None,
-    from_stage: str | None = None,
-    force: list[str] | None = None,
+    only: list[StageName] | None = None,
+    from_stage: StageName | None = None,
+    force: list[StageName] | None = None,
     work_dir: str | None = None,
 ) -> list[dict]:
     """Curate, mix, tokenize, train and evaluate, as configured in `config_path`."""
@@ -453,5 +497,7 @@ def result_storage(cfg: PipelineConfig):
 
 
 def run_pipeline(config_path: str | Path, **options) -> list[dict]:
-    with result_storage(load_config(config_path, options.get("work_dir"))):
+    cfg = load_config(config_path, options.get("work_dir"))
+    selected, _ = select_stages(options.get("only"), options.get("from_stage"), options.get("force"))
+    with result_storage(cfg), run_tags(cfg, selected):
         return cptflow_pipeline(config_path=str(config_path), **options)

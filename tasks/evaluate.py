@@ -130,6 +130,22 @@ def fingerprint_inputs(cfg) -> dict:
     return {"config": cfg.evaluate.model_dump(mode="json"), "seed": cfg.seed, "version": STAGE_VERSION}
 
 
+def markdown_cell(text: str) -> str:
+    """Model output as one table cell that renders as the text it is: no HTML, no markup, no new row."""
+    escaped = text.replace("&", "&amp;").replace("<", "&lt;").replace(">", "&gt;")
+    for char in "\\`*_[]|#":
+        escaped = escaped.replace(char, "\\" + char)
+    return escaped.replace("\r\n", "\n").replace("\n", "<br>") or "(empty)"
+
+
+def generations_markdown(generations: list[dict]) -> str:
+    """The greedy answers as a table, one row per prompt: base, cpt and sft side by side."""
+    lines = ["# Generations (greedy)", "", "| prompt | base | cpt | sft |", "|---|---|---|---|"]
+    for item in generations:
+        lines.append("| " + " | ".join(markdown_cell(item[k] or "") for k in ("prompt", *MODELS)) + " |")
+    return "\n".join(lines)
+
+
 def artifacts(manifest: dict, directory: Path) -> list[Artifact]:
     """The forgetting table, the generations side by side and a link to the export."""
     found = [
@@ -141,15 +157,11 @@ def artifacts(manifest: dict, directory: Path) -> list[Artifact]:
     ]
     generations = json.loads((directory / manifest["generations"]).read_text(encoding="utf-8"))
     if generations:
-        parts = ["# Generations (greedy)", ""]
-        for item in generations:
-            parts += [f"## {item['prompt']}", ""]
-            parts += [f"- **{m}**: {item[m] or '(empty)'}" for m in ("base", "cpt", "sft")] + [""]
         found.append(
             Artifact(
                 key="evaluate-generations",
                 description="base, cpt and sft answers side by side",
-                markdown="\n".join(parts),
+                markdown=generations_markdown(generations),
             )
         )
     merged = (manifest["export"] or {}).get("merged")

@@ -368,3 +368,24 @@ def test_model_card_without_sft_or_generations(tmp_path):
 def test_model_card_next_to_merged_checkpoint_says_transformers(tmp_path):
     (tmp_path / "config.json").write_text("{}")
     assert "library_name: transformers" in _card(tmp_path)
+
+
+def test_generations_render_as_one_escaped_table_row_per_prompt():
+    """Model output is text: a newline stays inside its cell, a pipe or HTML renders as itself."""
+    from cptflow.tasks.evaluate import generations_markdown
+
+    markdown = generations_markdown(
+        [
+            {
+                "prompt": "What is a half-life?",
+                "base": "the the",
+                "cpt": "Half of it\n| decays",
+                "sft": "<script>x</script>",
+            },
+            {"prompt": "Second", "base": "", "cpt": "**bold** _x_", "sft": "ok"},
+        ]
+    )
+    rows = [line for line in markdown.splitlines() if line.startswith("| ") and "---" not in line]
+    assert len(rows) == 3  # the header and one row per prompt
+    assert "Half of it<br>\\| decays" in rows[1] and "&lt;script&gt;" in rows[1] and "<script>" not in markdown
+    assert "(empty)" in rows[2] and "\\*\\*bold\\*\\*" in rows[2]

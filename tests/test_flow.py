@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import gzip
+import json
 import os
+import re
 import subprocess
 import sys
 import textwrap
@@ -96,6 +98,17 @@ def file_times(root: Path) -> dict[str, int]:
     return {str(p.relative_to(root)): p.stat().st_mtime_ns for p in root.rglob("*") if p.is_file()}
 
 
+def latest_pipeline_run():
+    from prefect.client.orchestration import get_client
+    from prefect.client.schemas.filters import FlowFilter
+    from prefect.client.schemas.sorting import FlowRunSort
+
+    with get_client(sync_client=True) as client:
+        flow_filter = FlowFilter(name={"any_": ["cptflow-pipeline"]})
+        (latest,) = client.read_flow_runs(flow_filter=flow_filter, sort=FlowRunSort.START_TIME_DESC, limit=1)
+        return latest
+
+
 def latest_pipeline_run_graph() -> dict:
     """The run graph of the latest cptflow-pipeline run, as the UI gets it (/flow_runs/{id}/graph-v2)."""
     from prefect.client.orchestration import get_client
@@ -140,6 +153,9 @@ def test_run_rerun_change_and_force(prefect_harness, corpus, tiny_llama_dir, tmp
     assert [(r["stage"], r["state"]) for r in reports] == [(s, "ran") for s in PIPELINE_STAGES]
 
     assert_graph_is_the_chain(latest_pipeline_run_graph())
+    latest = latest_pipeline_run()  # named and tagged for the runs list, not Prefect's random two words
+    assert re.fullmatch(r"flow-test-\d{8}-\d{6}", latest.name), latest.name
+    assert {"cptflow", "flow-test", *PIPELINE_STAGES} <= set(latest.tags)
 
     manifests = {r["stage"]: read_manifest(Path(r["directory"])) for r in reports}
     assert all(manifests[r["stage"]]["fingerprint"] == Path(r["directory"]).name for r in reports)
@@ -277,3 +293,22 @@ def test_dask_runner_gives_the_same_bytes_as_threads(prefect_harness, corpus, ti
     for ref, res in zip(by_threads[:2], by_dask[:2]):
         assert res["state"] == "ran" and ref["fingerprint"] == res["fingerprint"]
         assert outputs(read_manifest(Path(res["directory"]))) == outputs(read_manifest(Path(ref["directory"])))
+
+
+def test_the_run_form_offers_the_stages_to_pick():
+    """only / from_stage / force are enums of the stages, in DAG order, in the flow's parameter schema."""
+    from cptflow.flows.pipeline import cptflow_pipeline
+
+    schema = json.dumps(cptflow_pipeline.parameters.model_dump())
+    assert schema.count(json.dumps(list(PIPELINE_STAGES))) >= 1
+    properties = cptflow_pipeline.parameters.model_dump()["properties"]
+    assert set(properties) >= {"only", "from_stage", "force"}
+
+
+def test_training_progress_shows_the_loss_curve():
+    from cptflow.flows.pipeline import SPARKS, sparkline
+
+    falling = sparkline([5.0 - 0.01 * i for i in range(400)], width=40)
+    assert len(falling) == 40 and falling[0] == SPARKS[-1] and falling[-1] == SPARKS[0]
+    assert list(falling) == sorted(falling, reverse=True)
+    assert sparkline([]) == "" and set(sparkline([2.0] * 10)) == {SPARKS[0]}

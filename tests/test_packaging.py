@@ -111,4 +111,5 @@ def test_demo_runs_from_the_wheel_outside_the_checkout(venv, tmp_path):
     assert result.returncode == 0, output[-4000:]
     assert BNB_KERNELS_WARNING not in output, output[-4000:]
     export = list((tmp_path / "demo" / "work" / "demo" / "evaluate").glob("*/export"))
-    assert export and (export[0] / "README.md").is_file(), output[-2000:]
+    assert export and (export[0] / "adapter" / "README.md").is_file(), output[-2000:]  # the model card
+    assert (export[0] / "merged" / "model.safetensors").is_file() and (export[0] / "merged" / "README.md").is_file()
