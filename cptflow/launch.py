@@ -17,7 +17,7 @@ from cptflow import distributed
 from cptflow.config import PipelineConfig
 from cptflow.plan import StageRun, stage_module
 from cptflow.store import read_json
-from cptflow.training_process import EVENT_MARKER
+from cptflow.training_process import EVENT_MARKER, write_error
 
 
 class EventReporter:
@@ -80,7 +80,11 @@ def main(argv: list[str] | None = None) -> int:
     cfg = PipelineConfig.model_validate({**spec["config"], "base_dir": spec["base_dir"]})
     run = StageRun(**spec["run"])
     reporter = EventReporter() if distributed.is_main() else QuietReporter()
-    stage_module(spec["stage"]).run(run, cfg, reporter=reporter)
+    try:
+        stage_module(spec["stage"]).run(run, cfg, reporter=reporter)
+    except Exception as error:  # recorded for the parent, then raised as ever (the traceback goes to the log)
+        write_error(run.path, rank, error)
+        raise
     distributed.shutdown()  # on an error there is no barrier to wait at: torchrun stops the other ranks
     return 0
 

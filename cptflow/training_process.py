@@ -33,7 +33,7 @@ from typing import Callable
 
 import psutil
 
-from cptflow.store import WORK, atomic_write_json, read_manifest
+from cptflow.store import WORK, atomic_write_json, read_json, read_manifest
 
 EVENT_MARKER = "@@cptflow-event@@ "
 KILL_GRACE_SECONDS = 10.0
@@ -45,6 +45,55 @@ class TrainingProcessError(RuntimeError):
 
 class TrainingTimeout(TrainingProcessError):
     pass
+
+
+class TrainingStageError(TrainingProcessError):
+    """The stage's own exception, raised inside the training process and carried out of torchrun: its
+    message leads; `deterministic` says whether a retry would meet it again (bad data, config, template)."""
+
+    def __init__(self, message: str, *, error_type: str, deterministic: bool):
+        super().__init__(message)
+        self.error_type = error_type
+        self.deterministic = deterministic
+
+
+# Errors a retry meets again: the data, the config or a chat template is wrong, not the machine.
+# (jinja2's TemplateError is matched by name: jinja2 comes with transformers, not with this module.)
+DETERMINISTIC_ERRORS = (ValueError, TypeError, LookupError, NotImplementedError, FileNotFoundError)
+DETERMINISTIC_ERROR_NAMES = {"TemplateError", "TemplateSyntaxError", "UndefinedError", "TemplateNotFound"}
+ERROR_FILE_PREFIX = "error-rank"
+
+
+def is_deterministic(error: BaseException) -> bool:
+    """Whether retrying would meet `error` again (a TrainingStageError knows; a crash or kill does not)."""
+    if isinstance(error, TrainingStageError):
+        return error.deterministic
+    if isinstance(error, TrainingProcessError):
+        return False  # killed, out of memory, a timeout: worth the retry that resumes from a checkpoint
+    names = {cls.__name__ for cls in type(error).__mro__}
+    return isinstance(error, DETERMINISTIC_ERRORS) or bool(names & DETERMINISTIC_ERROR_NAMES)
+
+
+def write_error(directory: Path, rank: int, error: BaseException) -> None:
+    """In the child: the exception that ends this rank, for the parent to lead its message with."""
+    record = {
+        "type": type(error).__name__,
+        "message": str(error),
+        "deterministic": is_deterministic(error),
+        "rank": rank,
+    }
+    atomic_write_json(Path(directory) / WORK / f"{ERROR_FILE_PREFIX}{rank}.json", record)
+
+
+def read_errors(directory: Path) -> list[dict]:
+    """The child's error records, lowest rank first."""
+    paths = sorted((Path(directory) / WORK).glob(f"{ERROR_FILE_PREFIX}*.json"))
+    return sorted((read_json(path) for path in paths), key=lambda record: record["rank"])
+
+
+def clear_errors(directory: Path) -> None:
+    for path in (Path(directory) / WORK).glob(f"{ERROR_FILE_PREFIX}*.json"):
+        path.unlink(missing_ok=True)
 
 
 class TrainingCancelled(BaseException):  # like KeyboardInterrupt: not swallowed by `except Exception`
@@ -303,7 +352,23 @@ def launch_stage(stage: str, run, cfg, reporter, log: Callable[[int, str], None]
 
     timeout = cfg.launch.timeout_minutes * 60 if cfg.launch.timeout_minutes else None
     log(logging.INFO, f"{stage}: {command_name(command)} with {processes} process(es): {' '.join(command)}")
-    run_process_tree(command, on_line=on_line, timeout_seconds=timeout, env=env, cwd=cfg.base_dir)
+    clear_errors(run.path)
+    try:
+        run_process_tree(command, on_line=on_line, timeout_seconds=timeout, env=env, cwd=cfg.base_dir)
+    except TrainingTimeout:
+        raise
+    except TrainingProcessError as error:
+        errors = read_errors(run.path)
+        if not errors:
+            raise  # killed or crashed before it could say why: the output tail is the best there is
+        first = errors[0]
+        where = f" (rank {first['rank']})" if processes > 1 else ""
+        raise TrainingStageError(
+            f"{stage}: {first['type']}: {first['message'].removeprefix(f'{stage}: ')}{where}\n"
+            f"({command_name(command)} exited with an error; the whole output is in the run log)",
+            error_type=first["type"],
+            deterministic=first["deterministic"],
+        ) from error
     manifest = read_manifest(run.path)
     if manifest is None:
         raise TrainingProcessError(

@@ -32,7 +32,7 @@ from cptflow.flows.failure import failed_stage, publish_failure
 from cptflow.plan import DATA_STAGES, PIPELINE_STAGES, UPSTREAM, StageRun, plan_pipeline, stage_module
 from cptflow.store import read_manifest, reset_stage_dir, stage_lock
 from cptflow.training import TrainingReporter
-from cptflow.training_process import launch_stage
+from cptflow.training_process import is_deterministic, launch_stage
 
 
 class StageSelectionError(ValueError):
@@ -318,7 +318,20 @@ def gpu_slot(cfg: PipelineConfig, stage: str):
             yield
 
 
-@task(name="train-stage", cache_key_fn=_stage_cache_key, persist_result=True, task_run_name="{stage}")
+def retry_unless_deterministic(task, task_run, state) -> bool:
+    """Prefect's retry condition for a training stage: a retry resumes from the latest checkpoint, which
+    helps after a kill or an out-of-memory, never after bad data, a bad config or a broken template."""
+    error = state.result(raise_on_failure=False)
+    return not (isinstance(error, BaseException) and is_deterministic(error))
+
+
+@task(
+    name="train-stage",
+    cache_key_fn=_stage_cache_key,
+    persist_result=True,
+    task_run_name="{stage}",
+    retry_condition_fn=retry_unless_deterministic,
+)
 def training_stage(stage: str, run: StageRun, cfg: PipelineConfig, upstream: dict | None = None) -> dict:
     """cpt, sft or evaluate; a retry (or a rerun after a crash) resumes from the latest checkpoint.
 

@@ -233,3 +233,24 @@ def test_each_line_keeps_the_level_the_training_process_logged_it_with():
     assert [level_of(line) for line, _ in lines] == [level for _, level in lines]
     assert level_of.message("[rank 1] ERROR cptflow.tasks.sft: no example") == "[rank 1] cptflow.tasks.sft: no example"
     assert level_of.message("WARNING x: y") == "x: y" and level_of.message("  File ...") == "  File ..."
+
+
+def test_deterministic_errors_are_not_retried_and_crashes_are():
+    """Bad data, config or template: a retry meets it again. A killed or crashed process: a retry resumes."""
+    from prefect.states import Failed
+
+    from cptflow.flows.pipeline import retry_unless_deterministic
+    from cptflow.tasks.sft import SftDataError
+    from cptflow.training_process import TrainingStageError, is_deterministic
+
+    class TemplateError(Exception):  # jinja2's, matched by name
+        pass
+
+    assert is_deterministic(SftDataError("no usable training example")) and is_deterministic(TemplateError("x"))
+    assert is_deterministic(TrainingStageError("sft: ...", error_type="SftDataError", deterministic=True))
+    assert not is_deterministic(TrainingStageError("cpt: ...", error_type="OutOfMemoryError", deterministic=False))
+    assert not is_deterministic(TrainingProcessError("torchrun exited with code -9")) and not is_deterministic(
+        RuntimeError("CUDA error")
+    )
+    assert retry_unless_deterministic(None, None, Failed(data=TrainingProcessError("killed"))) is True
+    assert retry_unless_deterministic(None, None, Failed(data=SftDataError("bad"))) is False

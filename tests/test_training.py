@@ -4,6 +4,7 @@ embeddings, loss normalisation, kill-and-resume, KL to the base, kernels on vs o
 from __future__ import annotations
 
 import json
+import logging
 import os
 import shutil
 import signal
@@ -523,6 +524,34 @@ def test_kernels_on_and_off_give_the_same_loss_curve(prepared, tmp_path):
         history = (cfg.work_path / "cpt" / manifest["fingerprint"] / "train_log.jsonl").read_text().splitlines()
         curves[mode] = [json.loads(line)["loss"] for line in history]
     assert curves["on"] == pytest.approx(curves["off"], rel=1e-4)
+
+
+def test_a_failing_training_process_leads_with_the_stages_own_error(prepared, tmp_path):
+    """Bad sft data, through torchrun: the error names the stage and its own exception first (not
+    torchrun's ChildFailedError), and says a retry would not help."""
+    import yaml
+
+    import cptflow.tasks.cpt as cpt
+    from cptflow.training import TrainingReporter
+    from cptflow.training_process import TrainingStageError, launch_stage
+
+    bad = tmp_path / "bad.jsonl"
+    bad.write_text('{"question": "no instruction field"}\n' * 5)
+    data = yaml.safe_load(prepared.read_text())
+    data["sft"] = {**data["sft"], "data": [{"path": str(bad)}]}
+    data["launch"] = {"launcher": "torchrun"}
+    config = tmp_path / "pipeline.yaml"
+    config.write_text(yaml.safe_dump(data))
+    cfg = load_config(config, work_copy(prepared, tmp_path / "work"))
+    runs = plan_pipeline(cfg)
+    cpt.run(runs["cpt"], cfg)
+    lines = []
+    with pytest.raises(TrainingStageError) as caught:
+        launch_stage("sft", runs["sft"], cfg, TrainingReporter(), log=lambda level, line: lines.append((level, line)))
+    message = str(caught.value)
+    assert message.startswith("sft: SftDataError: no usable training example"), message
+    assert "ChildFailedError" not in message and caught.value.deterministic
+    assert any(level >= logging.ERROR for level, _ in lines)  # the traceback is in the log, at ERROR
 
 
 def test_two_gloo_processes_match_one_process_with_doubled_accumulation(prepared, tmp_path):
