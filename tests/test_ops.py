@@ -72,7 +72,10 @@ def test_deployments_register_schedule_and_one_per_stage(prefect_harness, tmp_pa
         # typed parameters: the UI renders a form
         schema = whole.parameter_openapi_schema
         assert schema["required"] == ["config_path"]
-        assert schema["properties"]["only"]["anyOf"][0] == {"items": {"type": "string"}, "type": "array"}
+        assert schema["properties"]["only"]["anyOf"][0] == {
+            "items": {"enum": list(PIPELINE_STAGES), "type": "string"},  # the run form offers the stages
+            "type": "array",
+        }
         for stage in PIPELINE_STAGES:
             one = client.read_deployment_by_name(f"cptflow-pipeline/ops-{stage}")
             assert one.parameters == {**base, "only": [stage]}
