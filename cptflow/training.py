@@ -463,6 +463,13 @@ def _head_weight(head) -> torch.Tensor | None:
     return None
 
 
+def logit_softcap(causal_lm) -> float | None:
+    """`final_logit_softcapping` of the model's config (Gemma 2/3), else None."""
+    config = causal_lm.config.get_text_config() if hasattr(causal_lm.config, "get_text_config") else causal_lm.config
+    cap = getattr(config, "final_logit_softcapping", None)
+    return float(cap) if cap else None
+
+
 def _model_inputs(batch: dict) -> dict:
     return {k: batch[k] for k in ("input_ids", "attention_mask", "position_ids") if k in batch}
 
@@ -482,14 +489,19 @@ def token_loss_sum(model, batch: dict, *, kl_weight: float = 0.0, fused_loss: Ca
     built. KL towards the base runs the same batch with the adapters disabled (no second model).
     """
     causal_lm = _causal_lm(model)
-    hidden = causal_lm.model(**_model_inputs(batch)).last_hidden_state
+    # base_model: the decoder under its family's name (Llama's `model`, GPT-2's `transformer`).
+    hidden = causal_lm.base_model(**_model_inputs(batch)).last_hidden_state
     labels = shift_labels(batch["labels"])
     tokens = int((labels != IGNORE_INDEX).sum())
-    head_weight = _head_weight(causal_lm.lm_head) if fused_loss is not None and kl_weight == 0 else None
+    cap = logit_softcap(causal_lm)
+    fused = fused_loss is not None and kl_weight == 0 and cap is None
+    head_weight = _head_weight(causal_lm.lm_head) if fused else None
     if head_weight is not None:
         ce = fused_loss(hidden, head_weight, labels, reduction="sum")
         return LossParts(ce, float(ce.detach()), 0.0, tokens)
     logits = causal_lm.lm_head(hidden).float()
+    if cap is not None:  # Gemma 2/3: the model's own logits are cap * tanh(logits / cap); train on those
+        logits = cap * torch.tanh(logits / cap)
     ce = F.cross_entropy(logits.flatten(0, -2), labels.flatten(), ignore_index=IGNORE_INDEX, reduction="sum")
     if kl_weight == 0:
         return LossParts(ce, float(ce.detach()), 0.0, tokens)
@@ -819,8 +831,15 @@ def fused_loss_for(model, tcfg: TrainingConfig):
     mode = tcfg.kernels.fused_linear_cross_entropy
     if mode == "off":
         return None
-    if tcfg.kl_weight > 0 or _head_weight(_causal_lm(model).lm_head) is None:
-        reason = "kl_weight > 0 needs the logits" if tcfg.kl_weight > 0 else "lm_head is LoRA-wrapped or has a bias"
+    capped = logit_softcap(_causal_lm(model)) is not None
+    if tcfg.kl_weight > 0 or capped or _head_weight(_causal_lm(model).lm_head) is None:
+        reason = (
+            "kl_weight > 0 needs the logits"
+            if tcfg.kl_weight > 0
+            else "the model soft-caps its logits (final_logit_softcapping), which the fused loss does not"
+            if capped
+            else "lm_head is LoRA-wrapped or has a bias"
+        )
         if mode == "on":
             raise ValueError(f"kernels.fused_linear_cross_entropy: on, but it cannot apply here ({reason})")
         logger.info("fused linear cross-entropy not used: %s; the eager head runs", reason)

@@ -195,6 +195,41 @@ def test_all_linear_wraps_every_linear_layer_the_model_has(family, kinds, tmp_pa
             model(input_ids=torch.tensor([[1, 5, 9, 2]]))
 
 
+@pytest.mark.parametrize("family", ["gemma2", "gpt2"])
+def test_the_training_loss_is_the_models_own_loss(family, tmp_path, caplog):
+    """Our loss (the head run outside the model) equals transformers' own `labels=` loss: Gemma 2's
+    soft-capped logits included (the fused loss steps aside there), GPT-2's decoder under its own name."""
+    from transformers import Gemma2Config, Gemma2ForCausalLM
+
+    from cptflow.training import fused_loss_for, token_loss_sum
+
+    if family == "gemma2":
+        config = Gemma2Config(
+            vocab_size=300, hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
+            num_key_value_heads=2, head_dim=8, final_logit_softcapping=2.0, attn_logit_softcapping=None,
+            pad_token_id=0, bos_token_id=1, eos_token_id=2,
+        )  # fmt: skip
+        torch.manual_seed(0)
+        Gemma2ForCausalLM(config).save_pretrained(str(tmp_path / family), safe_serialization=True)
+        directory = tmp_path / family
+    else:
+        directory = tiny_family_model(family, 300, tmp_path / family)
+    tcfg = tiny_config(load_in_4bit=False)
+    model = load_base_model(str(directory), tcfg).eval()
+    batch = random_batch(300, valid=[24, 20, 24, 12])
+    with torch.no_grad():
+        if family == "gemma2":  # logits far beyond the cap, so that capping decides the loss (uncapped: ~63)
+            model.lm_head.weight.mul_(100)
+        ours = token_loss_sum(model, batch)
+        theirs = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], labels=batch["labels"])
+    assert ours.ce_sum / ours.tokens == pytest.approx(float(theirs.loss), rel=1e-5)
+    assert family != "gemma2" or float(theirs.loss) < 10  # the cap is in play
+    if family == "gemma2":
+        with caplog.at_level("INFO"):
+            assert fused_loss_for(model, tcfg) is None
+        assert "final_logit_softcapping" in caplog.text
+
+
 def test_an_explicit_target_list_is_checked_against_the_model(tiny_llama_dir, caplog):
     """A list naming layers the blocks lack is an error that lists theirs; one leaving some out is a warning."""
     from cptflow.training import lora_targets, prepare_model
