@@ -207,6 +207,7 @@ class PrefectTrainingReporter(TrainingReporter):
     def __init__(self, stage: str):
         self.stage = stage
         self.progress_id = None
+        self.losses: list[float] = []  # the last SPARK_HISTORY losses, for the progress bar's curve
         self.logger = get_run_logger()
 
     def on_start(self, info: dict) -> None:
@@ -222,7 +223,7 @@ class PrefectTrainingReporter(TrainingReporter):
         self.logger.info("%s: %d steps; param groups %s", self.stage, info["total_steps"], info["param_groups"])
 
     def on_log(self, record: dict) -> None:
-        self.losses = [*getattr(self, "losses", []), record["loss"]][-SPARK_HISTORY:]
+        self.losses = [*self.losses, record["loss"]][-SPARK_HISTORY:]
         lrs = " ".join(f"{group}={lr:.3g}" for group, lr in record["lr"].items())
         line = (
             f"step {record['step']}/{record['total_steps']} loss {record['loss']:.4f} lr {lrs} "

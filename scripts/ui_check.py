@@ -29,6 +29,8 @@ from pathlib import Path
 
 import httpx
 
+from cptflow.plan import PIPELINE_STAGES
+
 REPO = Path(__file__).resolve().parents[1]
 EXPECTED = {
     # artifact key: text its rendering must show
@@ -77,7 +79,7 @@ def run_artifacts(api_url: str, flow_run_id: str) -> dict[str, dict]:
     return {a["key"]: a for a in found if a.get("key")}
 
 
-STAGES = ("clean", "quality", "perplexity", "mix", "tokenize", "cpt", "sft", "evaluate")
+STAGES = PIPELINE_STAGES
 
 
 def graph_problems(api_url: str, flow_run_id: str) -> list[str]:

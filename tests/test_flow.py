@@ -112,12 +112,9 @@ def latest_pipeline_run():
 def latest_pipeline_run_graph() -> dict:
     """The run graph of the latest cptflow-pipeline run, as the UI gets it (/flow_runs/{id}/graph-v2)."""
     from prefect.client.orchestration import get_client
-    from prefect.client.schemas.filters import FlowFilter
-    from prefect.client.schemas.sorting import FlowRunSort
 
+    latest = latest_pipeline_run()
     with get_client(sync_client=True) as client:
-        flow_filter = FlowFilter(name={"any_": ["cptflow-pipeline"]})
-        (latest,) = client.read_flow_runs(flow_filter=flow_filter, sort=FlowRunSort.START_TIME_DESC, limit=1)
         response = client._client.get(f"/flow_runs/{latest.id}/graph-v2")
         response.raise_for_status()
         return response.json()
