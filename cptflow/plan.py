@@ -9,6 +9,7 @@ from __future__ import annotations
 import time
 
 from cptflow.config import PipelineConfig
+from cptflow.gates import verdict_line
 from cptflow.stage import StageRun
 from cptflow.store import fingerprint, other_done_fingerprints, read_manifest, reset_stage_dir, stage_dir, stage_lock
 from cptflow.tasks import clean, cpt, evaluate, mix, perplexity, quality, sft, tokenize
@@ -81,9 +82,19 @@ def stage_status(cfg: PipelineConfig) -> list[dict]:
                 "manifest": str(run.path / "manifest.json") if manifest is not None else None,
                 "counts": manifest.get("counts") if manifest else None,
                 "seconds": manifest["timings"]["seconds"] if manifest else None,
+                "gates": verdict_line(gate_summary(stage, manifest, cfg)) if manifest else "",
             }
         )
     return rows
+
+
+def gate_summary(stage: str, manifest: dict, cfg: PipelineConfig) -> dict | None:
+    """A committed stage's gate verdicts: evaluate's judged under the config as it is now (its limits are
+    not in the fingerprint), a training stage's as recorded while it trained."""
+    module = stage_module(stage)
+    if hasattr(module, "gate_verdict"):
+        return module.gate_verdict(manifest, cfg)
+    return manifest.get("gates")
 
 
 def run_data_stage_plain(run: StageRun, cfg: PipelineConfig, force: bool = False) -> str:

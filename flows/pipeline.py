@@ -29,7 +29,8 @@ from prefect.logging import get_run_logger
 from cptflow.config import PipelineConfig, RunnerConfig, load_config
 from cptflow.docshards import ShardCounts
 from cptflow.flows.failure import failed_stage, publish_failure
-from cptflow.plan import DATA_STAGES, PIPELINE_STAGES, UPSTREAM, StageRun, plan_pipeline, stage_module
+from cptflow.gates import enforce
+from cptflow.plan import DATA_STAGES, PIPELINE_STAGES, UPSTREAM, StageRun, gate_summary, plan_pipeline, stage_module
 from cptflow.store import read_manifest, reset_stage_dir, stage_lock
 from cptflow.training import TrainingReporter
 from cptflow.training_process import is_deterministic, launch_stage
@@ -385,7 +386,17 @@ def run_stage(
     result = state.result()
     outcome = result.get("report", result)  # a cache record from before handoff() holds the report itself
     ran = outcome["state"] == "ran" and state.name != "Cached"
+    enforce_gates(stage, run, cfg)
     return _stage_report(run, "ran" if ran else "cached"), result
+
+
+def enforce_gates(stage: str, run: StageRun, cfg: PipelineConfig) -> None:
+    """A committed stage's gates: warn of each breach; fail the run (GateBreach) where they say fail.
+    Run on a cached stage too: evaluate's limits are judged under the config as it is now."""
+    manifest = read_manifest(run.path)
+    summary = gate_summary(stage, manifest, cfg) if manifest else None
+    if summary:
+        enforce(stage, summary, run.directory, warn=get_run_logger().warning)
 
 
 # The stage parameters as an enum: the UI's run form offers the stages to pick, in DAG order.

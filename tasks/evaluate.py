@@ -18,6 +18,7 @@ import torch
 from pydantic import BaseModel, ConfigDict, Field
 
 from cptflow.export import merge_adapter, write_model_card
+from cptflow.gates import EvaluateGates, judge_evaluate
 from cptflow.models import load_tokenizer, resolve_model_path
 from cptflow.stage import Artifact
 from cptflow.store import atomic_write_json, commit_manifest, now_iso, read_manifest
@@ -43,6 +44,9 @@ class EvaluateConfig(BaseModel):
     )
     max_new_tokens: int = Field(48, gt=0, le=1024, description="Generation length bound, in tokens")
     export: ExportSettings = ExportSettings()
+    gates: EvaluateGates = Field(
+        EvaluateGates(), description="Limits on the forgetting table; report-only unless on_breach: fail"
+    )
 
 
 def forgetting_rows(perplexity: dict) -> list[dict]:
@@ -127,7 +131,18 @@ Config = EvaluateConfig
 
 
 def fingerprint_inputs(cfg) -> dict:
-    return {"config": cfg.evaluate.model_dump(mode="json"), "seed": cfg.seed, "version": STAGE_VERSION}
+    # Gates judge what was measured and change nothing measured: a new limit re-judges, never recomputes.
+    return {
+        "config": cfg.evaluate.model_dump(mode="json", exclude={"gates"}),
+        "seed": cfg.seed,
+        "version": STAGE_VERSION,
+    }
+
+
+def gate_verdict(manifest: dict, cfg) -> dict:
+    """The gates of the config as it is now, judged on a committed manifest's perplexities (the manifest's
+    own `gates` holds the verdict of the limits it was computed under)."""
+    return judge_evaluate(manifest["perplexity"], cfg.evaluate.gates)
 
 
 def markdown_cell(text: str) -> str:
@@ -284,6 +299,7 @@ def run(run, cfg, reporter=None) -> dict:
         "perplexity": perplexity,
         "forgetting": forgetting_rows(perplexity),
         "forgetting_table": table,
+        "gates": judge_evaluate(perplexity, section.gates),
         "generations": "generations.json",
         "export": {"adapter": "export/adapter", "merged": merged},
         "data": data,

@@ -193,6 +193,41 @@ def test_run_rerun_change_and_force(prefect_harness, corpus, tiny_llama_dir, tmp
     status = {row["stage"]: row["state"] for row in stage_status(load_config(config))}
     assert status == {s: "done" for s in PIPELINE_STAGES}
 
+    # Gates judge what evaluate measured: a breached limit fails the run without recomputing anything
+    # (limits are not in the fingerprint), names the gate, the value and the limit, and status shows it.
+    from prefect.client.orchestration import get_client
+    from prefect.client.schemas.filters import ArtifactCollectionFilter
+
+    from cptflow.gates import GateBreach
+
+    measured = manifests["evaluate"]["forgetting"][1]["sft_change_pct"]  # general, sft vs base
+    evaluate_settings = {"prompts": ["What is a half-life?"], "max_new_tokens": 8}
+
+    def gated(on_breach: str, limit: float) -> Path:
+        limits = [{"eval_set": "general", "model": "sft", "baseline": "base", "max_increase_pct": limit}]
+        return write_config(
+            tmp_path / f"gated-{on_breach}",
+            corpus,
+            tiny_llama_dir,
+            work_dir=str(work),
+            evaluate={**evaluate_settings, "gates": {"on_breach": on_breach, "limits": limits}},
+        )
+
+    with pytest.raises(GateBreach, match=r"evaluate: gate breached: general perplexity of sft vs base .* \(limit"):
+        run_pipeline(gated("fail", measured - 1))
+    assert file_times(work) == before
+    rows = {row["stage"]: row for row in stage_status(load_config(gated("fail", measured - 1)))}
+    assert rows["evaluate"]["state"] == "done" and rows["evaluate"]["gates"].startswith("FAILED: general perplexity")
+    with get_client(sync_client=True) as client:
+        failure = client.read_latest_artifacts(
+            artifact_filter=ArtifactCollectionFilter(key={"any_": ["pipeline-failure"]})
+        )
+    assert "evaluate" in failure[0].data and f"(limit {measured - 1:+.1f}%)" in failure[0].data
+    reported = run_pipeline(gated("report", measured - 1))  # report-only: a warning, and the run passes
+    assert [r["state"] for r in reported] == ["cached"] * len(PIPELINE_STAGES)
+    run_pipeline(gated("fail", measured + 1))  # within the limit
+    assert file_times(work) == before
+
     # --from recomputes a stage and everything after it; a training stage retrains (same config: same weights).
     from_sft = run_pipeline(config, from_stage="sft")
     assert [r["state"] for r in from_sft] == ["done"] * 5 + ["done", "ran", "ran"]  # earlier ones not looked at
@@ -212,8 +247,6 @@ def test_run_rerun_change_and_force(prefect_harness, corpus, tiny_llama_dir, tmp
     forced = run_pipeline(changed, force=["clean"], only=list(DATA_STAGES))
     assert [r["state"] for r in forced] == ["ran", "cached", "cached", "cached", "cached"] + ["not run"] * 3
     assert outputs(read_manifest(Path(forced[0]["directory"]))) == outputs(manifests["clean"])
-
-    from prefect.client.orchestration import get_client
 
     with get_client(sync_client=True) as client:
         keys = {artifact.key for artifact in client.read_artifacts()}
