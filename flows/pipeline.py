@@ -1,7 +1,8 @@
 """The cptflow DAG as one Prefect flow: clean → quality → perplexity → mix → tokenize → cpt → sft → evaluate.
 
 Stages pass small records (paths, fingerprints, counts). Each data stage is a subflow that maps its
-shards over the configured task runner, then commits with a task cached by the stage fingerprint.
+shards over the configured task runner (then its steps over all shards, such as quality's LSH bands),
+then commits with a task cached by the stage fingerprint.
 Each training stage is one task, cached the same way; a retry resumes from its latest checkpoint.
 """
 
@@ -115,6 +116,12 @@ def process_shard(stage: str, shard_name: str, item: dict, run: StageRun, cfg: P
     return stage_module(stage).process(run, cfg, item)
 
 
+@task(name="reduce", cache_policy=NO_CACHE, persist_result=False, task_run_name="{stage}-{item_name}")
+def reduce_step(stage: str, item_name: str, item: dict, run: StageRun, cfg: PipelineConfig) -> dict:
+    """One step over every shard of a data stage (an LSH band); one finished before a kill is not redone."""
+    return stage_module(stage).reduce(run, cfg, item)
+
+
 def _stage_cache_key(context, parameters) -> str:
     run: StageRun = parameters["run"]
     return f"cptflow-{run.stage}-{run.fingerprint}"  # no RUN_ID: a new flow run hits the cache too
@@ -167,6 +174,16 @@ def data_stage(
                 stage=unmapped(stage), shard_name=names, item=items, run=unmapped(run), cfg=unmapped(cfg)
             )
             shard_counts = [future.result() for future in futures]
+            # Steps over all shards (quality's LSH bands), each a task on the runner; commit finds their results.
+            module = stage_module(stage)
+            reduce_items = module.plan_reduce(run, cfg, shard_counts) if hasattr(module, "plan_reduce") else []
+            if reduce_items:
+                names = [item["name"] for item in reduce_items]
+                reduced = reduce_step.map(
+                    stage=unmapped(stage), item_name=names, item=reduce_items, run=unmapped(run), cfg=unmapped(cfg)
+                )
+                for future in reduced:
+                    future.result()
         # The store is the truth: a stage not committed there is recomputed even if Prefect has a record.
         state = commit_stage.with_options(refresh_cache=not done)(
             stage, run, cfg, shard_counts, started, return_state=True

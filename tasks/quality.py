@@ -16,7 +16,7 @@ from pathlib import Path
 from typing import Literal
 
 import numpy as np
-from datasketch import MinHash, MinHashLSH
+from datasketch import MinHash
 from langdetect import DetectorFactory
 from langdetect.detector import Detector
 from langdetect.detector_factory import PROFILES_DIRECTORY
@@ -32,6 +32,15 @@ from cptflow.docshards import (
     mark_shard_finished,
     read_documents,
     shard_work_file,
+)
+from cptflow.near_dedup import (
+    band_candidate_pairs,
+    duplicates_to_drop,
+    load_shard_arrays,
+    sorted_band_keys,
+    split_positions,
+    write_band_pairs,
+    write_sorted_band_keys,
 )
 from cptflow.stage import Artifact, commit_data_stage, counts_artifact, upstream_shard_path, upstream_shards
 from cptflow.store import atomic_path
@@ -186,6 +195,13 @@ class MinHashConfig(BaseModel):
     )
     rows_per_bucket: int = Field(default=8, ge=1, description="hashes per band")
     seed: int = Field(default=1, description="seed of the MinHash permutations (fixed: signatures are comparable)")
+    jaccard_threshold: float | None = Field(
+        default=None,
+        ge=0,
+        le=1,
+        description="confirm each candidate pair by the estimated Jaccard similarity of its signatures "
+        "(fraction 0-1, NeMo Curator's false-positive check); unset: every pair sharing a band is a duplicate",
+    )
 
 
 class QualityConfig(BaseModel):
@@ -719,26 +735,28 @@ def minhash_signature(text: str, cfg: MinHashConfig) -> np.ndarray:
 
 
 def find_near_duplicates(signatures: Sequence[np.ndarray], cfg: MinHashConfig) -> list[int | None]:
-    """For each signature in order: the smallest index of an earlier signature sharing an LSH band
-    (a near-duplicate candidate, as in DataTrove, without Jaccard verification), else None.
-
-    Every document is indexed, so chains (C ~ B ~ A) are found; the first occurrence is never dropped.
-    """
-    num_perm = cfg.num_buckets * cfg.rows_per_bucket
-    lsh = MinHashLSH(num_perm=num_perm, params=(cfg.num_buckets, cfg.rows_per_bucket))
-    result: list[int | None] = []
-    for index, signature in enumerate(signatures):
-        minhash = MinHash(num_perm=num_perm, seed=cfg.seed, hashvalues=signature, scheme=_MINHASH_SCHEME)
-        candidates = lsh.query(minhash)
-        result.append(min(candidates) if candidates else None)
-        lsh.insert(index, minhash)
+    """In memory, for a few signatures: for each, the index of the first document of its near-duplicate
+    cluster when that is another one, else None (the stage's rule, at any size: cptflow/near_dedup.py)."""
+    if not len(signatures):
+        return []
+    matrix = np.asarray(signatures, dtype=np.uint32)
+    tables = [sorted_band_keys(matrix, cfg.num_buckets, cfg.rows_per_bucket)]
+    pairs = [
+        band_candidate_pairs(tables, band, signatures=[matrix], jaccard_threshold=cfg.jaccard_threshold)
+        for band in range(cfg.num_buckets)
+    ]
+    result: list[int | None] = [None] * len(matrix)
+    for member, first in zip(*duplicates_to_drop(pairs)):
+        result[int(member)] = int(first)
     return result
 
 
 # ---------------------------------------------------------------------------------------------
-# The stage: filter each shard, then one commit that removes near-duplicates across all shards
+# The stage: filter each shard (with its MinHash signatures and sorted band keys), merge each band
+# over all shards into candidate pairs (one task per band), then a commit that clusters the pairs
+# and drops every near-duplicate but the first of its cluster.
 # ---------------------------------------------------------------------------------------------
-STAGE_VERSION = 1
+STAGE_VERSION = 2  # 2: near-duplicates clustered (keep each cluster's first), band by band
 NAME = "quality"
 UPSTREAM = "clean"
 Config = QualityConfig
@@ -782,9 +800,16 @@ def quality_shard(input_path: Path, shard: str, source: str, cfg: QualityConfig,
                 signatures.append(minhash_signature(doc["text"], cfg.minhash))
     if cfg.minhash.enabled:
         width = cfg.minhash.num_buckets * cfg.minhash.rows_per_bucket
+        matrix = np.asarray(signatures, dtype=np.uint32).reshape(len(signatures), width)
         with atomic_path(shard_work_file(stage_directory, shard, "minhash.npy")) as tmp:
             with open(tmp, "wb") as handle:
-                np.save(handle, np.asarray(signatures, dtype=np.uint32).reshape(len(signatures), width))
+                np.save(handle, matrix)
+        write_sorted_band_keys(
+            matrix,
+            cfg.minhash.num_buckets,
+            cfg.minhash.rows_per_bucket,
+            shard_work_file(stage_directory, shard, "bands.npy"),
+        )
     counts.seconds = time.perf_counter() - started
     mark_shard_finished(stage_directory, counts)
     return counts
@@ -795,17 +820,51 @@ def process(run, cfg, item: dict) -> ShardCounts:
     return quality_shard(input_path, item["shard"], item["source"], cfg.quality, run.path)
 
 
+def plan_reduce(run, cfg, shard_counts: list[ShardCounts]) -> list[dict]:
+    """One item per LSH band: each merges that band's keys over every shard (mapped over the runner)."""
+    if not cfg.quality.minhash.enabled:
+        return []
+    return [{"name": f"band-{band:02d}", "band": band} for band in range(cfg.quality.minhash.num_buckets)]
+
+
+def band_pairs_path(stage_directory: Path, band: int) -> Path:
+    return Path(stage_directory) / "_work" / f"near-duplicates-band-{band:02d}.npy"
+
+
+def reduce(run, cfg, item: dict) -> dict:
+    """Candidate pairs of one band over all shards, written to `_work/`; a band finished before a kill
+    is not merged again."""
+    path = band_pairs_path(run.path, item["band"])
+    if not path.is_file():
+        shards = [s["shard"] for s in upstream_shards(run)]
+        tables = load_shard_arrays([shard_work_file(run.path, shard, "bands.npy") for shard in shards])
+        minhash = cfg.quality.minhash
+        signatures = None
+        if minhash.jaccard_threshold is not None:
+            signatures = load_shard_arrays([shard_work_file(run.path, shard, "minhash.npy") for shard in shards])
+        pairs = band_candidate_pairs(
+            tables, item["band"], signatures=signatures, jaccard_threshold=minhash.jaccard_threshold
+        )
+        write_band_pairs(path, pairs)
+    return {"band": item["band"], "pairs": int(np.load(path, mmap_mode="r").shape[0])}
+
+
 def commit(run, cfg, shard_counts: list[ShardCounts], started: float) -> dict:
+    """Cluster the bands' candidate pairs (a band the runner did not merge is merged here) and publish
+    each shard without the near-duplicates."""
     drops: dict[str, dict[int, str]] = {c.shard: {} for c in shard_counts}
+    extra = {}
     if cfg.quality.minhash.enabled:
-        owners: list[tuple[str, int]] = []
-        signatures: list[np.ndarray] = []
-        for counts in shard_counts:
-            matrix = np.load(shard_work_file(run.path, counts.shard, "minhash.npy"))
-            owners += [(counts.shard, i) for i in range(len(matrix))]
-            signatures += list(matrix)
-        for (shard, index), earlier in zip(owners, find_near_duplicates(signatures, cfg.quality.minhash)):
-            if earlier is not None:
-                drops[shard][index] = "near_duplicate"
+        bands = [reduce(run, cfg, item) for item in plan_reduce(run, cfg, shard_counts)]
+        members, _ = duplicates_to_drop([np.load(band_pairs_path(run.path, b["band"])) for b in bands])
+        shards = [c.shard for c in shard_counts]
+        for ordinal, line in split_positions(members):
+            drops[shards[ordinal]][line] = "near_duplicate"
+        extra["near_duplicates"] = {
+            "rule": "clusters of documents sharing an LSH band; each keeps its first document in document order",
+            "jaccard_threshold": cfg.quality.minhash.jaccard_threshold,
+            "candidate_pairs_by_band": [b["pairs"] for b in bands],
+            "dropped": len(members),
+        }
     final = [finalize_shard(run.path, counts, drops[counts.shard]) for counts in shard_counts]
-    return commit_data_stage(run, final, started)
+    return commit_data_stage(run, final, started, extra)

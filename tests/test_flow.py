@@ -283,15 +283,41 @@ KILL_SCRIPT = textwrap.dedent(
 )
 
 
-def test_killed_stage_resumes_and_ends_byte_identical(prefect_harness, corpus, tiny_llama_dir, tmp_path):
+KILL_IN_BAND_SCRIPT = textwrap.dedent(
+    """
+    import os, signal, sys
+    from cptflow.config import load_config
+    from cptflow.plan import plan_pipeline, run_data_stage_plain
+    import cptflow.tasks.quality as quality
+
+    cfg = load_config(sys.argv[1], sys.argv[2])
+    runs = plan_pipeline(cfg)
+    run_data_stage_plain(runs["clean"], cfg)
+
+    # SIGKILL while the quality stage merges its LSH bands: band 06's pairs half written.
+    original = quality.write_band_pairs
+    def dying_write(path, pairs):
+        if path.name.endswith("band-06.npy"):
+            (path.parent / f".{path.name}.tmp-{os.getpid()}").write_bytes(b"half")
+            os.kill(os.getpid(), signal.SIGKILL)
+        original(path, pairs)
+    quality.write_band_pairs = dying_write
+    run_data_stage_plain(runs["quality"], cfg)
+    """
+)
+
+
+@pytest.mark.parametrize("kill_in", ["shard", "band"])
+def test_killed_stage_resumes_and_ends_byte_identical(prefect_harness, corpus, tiny_llama_dir, tmp_path, kill_in):
     from cptflow.flows.pipeline import run_pipeline
 
     config = write_config(tmp_path, corpus, tiny_llama_dir)
     reference = run_pipeline(config, work_dir=str(tmp_path / "reference"), only=list(DATA_STAGES))
 
     killed_dir = tmp_path / "killed"
+    script = KILL_SCRIPT if kill_in == "shard" else KILL_IN_BAND_SCRIPT
     result = subprocess.run(
-        [sys.executable, "-P", "-c", KILL_SCRIPT, str(config), str(killed_dir)],
+        [sys.executable, "-P", "-c", script, str(config), str(killed_dir)],
         cwd=REPO,
         env=dict(os.environ),
         capture_output=True,
@@ -303,7 +329,12 @@ def test_killed_stage_resumes_and_ends_byte_identical(prefect_harness, corpus, t
     quality_dir = runs["quality"].path
     assert not (quality_dir / "manifest.json").exists()
     finished = sorted(p.name for p in (quality_dir / "_work").glob("*.done.json"))
-    assert len(finished) == 2  # two shards survived the kill; the third was half written
+    bands = sorted(p.name for p in (quality_dir / "_work").glob("near-duplicates-band-*.npy"))
+    if kill_in == "shard":
+        assert len(finished) == 2 and not bands  # two shards survived the kill; the third was half written
+    else:  # every shard finished; bands 00-05 merged, 06 half written
+        assert len(finished) == len(read_manifest(runs["clean"].path)["shards"])
+        assert bands == [f"near-duplicates-band-{band:02d}.npy" for band in range(6)]
     assert list((quality_dir / "_work").glob(".*.tmp-*"))
 
     resumed = run_pipeline(config, work_dir=str(killed_dir), only=list(DATA_STAGES))
