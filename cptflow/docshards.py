@@ -157,14 +157,16 @@ def finalize_shard(stage_directory: Path, counts: ShardCounts, drops: dict[int, 
         with open(shard_work_file(directory, counts.shard, "excluded.jsonl"), encoding="utf-8") as handle:
             for line in handle:
                 excluded.handle.write(line)
-        for index, doc in enumerate(read_documents(shard_work_file(directory, counts.shard, "kept.jsonl"))):
-            reason = drops.get(index)
-            if reason is None:
-                kept.write(doc)
-            else:
-                excluded.write(dict(doc, reason=reason))
-                counts.kept -= 1
-                counts.excluded[reason] += 1
+        with open(shard_work_file(directory, counts.shard, "kept.jsonl"), encoding="utf-8") as handle:
+            for index, line in enumerate(handle):
+                reason = drops.get(index)
+                if reason is None:  # the line as the stage wrote it (dumps_document): no parse, same bytes
+                    kept.handle.write(line)
+                    kept.count += 1
+                else:
+                    excluded.write(dict(json.loads(line), reason=reason))
+                    counts.kept -= 1
+                    counts.excluded[reason] += 1
     rejected_work = shard_work_file(directory, counts.shard, "rejected.jsonl")
     if rejected_work.is_file():
         with (

@@ -16,9 +16,10 @@ from cptflow.tasks import clean, cpt, evaluate, mix, perplexity, quality, sft, t
 
 # The pipeline, in DAG order: each stage module declares NAME, UPSTREAM, STAGE_VERSION, Config,
 # fingerprint_inputs(cfg) and artifacts(manifest, directory), and does its work with plan / process /
-# commit (a data stage, sharded over the runner; optionally plan_reduce / reduce, steps over all shards
-# mapped over the runner before the commit) or run (a training stage, one job). A new stage is
-# one module, one line here and its typed section in PipelineConfig (tests/test_layers.py checks the three agree).
+# commit (a data stage, sharded over the runner; optionally REDUCE_ROUNDS and reduce: rounds of steps
+# after the shards, such as publishing each shard, mapped over the runner before the commit) or run
+# (a training stage, one job). A new stage is one module, one line here and its typed section in
+# PipelineConfig (tests/test_layers.py checks the three agree).
 STAGE_MODULES = (clean, quality, perplexity, mix, tokenize, cpt, sft, evaluate)
 
 PIPELINE_STAGES = tuple(module.NAME for module in STAGE_MODULES)
@@ -111,7 +112,8 @@ def run_data_stage_plain(run: StageRun, cfg: PipelineConfig, force: bool = False
         module = stage_module(run.stage)
         started = time.time()
         counts = [module.process(run, cfg, item) for item in module.plan(run, cfg)]
-        for item in module.plan_reduce(run, cfg, counts) if hasattr(module, "plan_reduce") else []:
-            module.reduce(run, cfg, item)
+        for plan_round in getattr(module, "REDUCE_ROUNDS", ()):
+            for item in plan_round(run, cfg, counts):
+                module.reduce(run, cfg, item)
         module.commit(run, cfg, counts, started)
         return "ran"

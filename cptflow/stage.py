@@ -5,12 +5,13 @@ shards its upstream committed, and how it commits its own manifest.
 from __future__ import annotations
 
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
 from cptflow import __version__
-from cptflow.docshards import ShardCounts, counts_by_source, total_counts
-from cptflow.store import commit_manifest, now_iso, read_manifest
+from cptflow.docshards import ShardCounts, counts_by_source, finalize_shard, shard_work_file, total_counts
+from cptflow.store import WORK, atomic_write_json, commit_manifest, file_entry, now_iso, read_json, read_manifest
 
 
 @dataclass(frozen=True)
@@ -34,7 +35,11 @@ class StageRun:
 
 
 def commit_data_stage(
-    run: StageRun, shard_counts: list[ShardCounts], started: float, extra: dict | None = None
+    run: StageRun,
+    shard_counts: list[ShardCounts],
+    started: float,
+    extra: dict | None = None,
+    known_outputs: dict[str, dict] | None = None,
 ) -> dict:
     """Write the manifest of a data stage: config, inputs, counts (total, per source, per shard), timings."""
     for counts in shard_counts:
@@ -64,7 +69,58 @@ def commit_data_stage(
         },
     }
     manifest.update(extra or {})
-    return commit_manifest(run.path, manifest)
+    return commit_manifest(run.path, manifest, known_outputs)
+
+
+# ---------------------------------------------------------------------------------------------
+# Commits decide, workers write: a stage-wide decision (which documents to drop) is made once from
+# per-shard summaries and kept in `_work/`; publishing each shard (dropping the decided documents,
+# hashing the outputs) is one `finalize` item per shard, mapped over the runner like the shards.
+# ---------------------------------------------------------------------------------------------
+FINALIZE = "finalize"
+
+
+def _decision_path(run: StageRun) -> Path:
+    return run.path / WORK / "decision.json"
+
+
+def plan_finalize(
+    run: StageRun, shard_counts: list[ShardCounts], decide: Callable[[], tuple[dict, dict]]
+) -> list[dict]:
+    """One finalize item per shard. `decide()` -> ({shard: {kept-line index: reason}}, manifest extras) runs
+    once: its drops go to `_work/<shard>.drops.json`, its extras to `_work/decision.json`, written last."""
+    if not _decision_path(run).is_file():
+        drops, extra = decide()
+        for counts in shard_counts:
+            decided = {str(index): reason for index, reason in sorted(drops.get(counts.shard, {}).items())}
+            atomic_write_json(shard_work_file(run.path, counts.shard, "drops.json"), decided)
+        atomic_write_json(_decision_path(run), extra)
+    return [{"step": FINALIZE, "name": c.shard, "counts": c.as_dict()} for c in shard_counts]
+
+
+def finalize_item(run: StageRun, item: dict) -> dict:
+    """Publish one shard without its decided drops; returns (and keeps in `_work/`) its final counts and
+    the entries of the files it wrote. A shard finished before a kill is not written again."""
+    shard = item["name"]
+    record_path = shard_work_file(run.path, shard, "final.json")
+    if record_path.is_file():
+        return read_json(record_path)
+    drops = {int(index): reason for index, reason in read_json(shard_work_file(run.path, shard, "drops.json")).items()}
+    final = finalize_shard(run.path, ShardCounts.from_dict(item["counts"]), drops)
+    written = [run.path / kind / f"{shard}.jsonl" for kind in ("shards", "excluded", "rejected")]
+    record = {"counts": final.as_dict(), "outputs": [file_entry(p, run.path) for p in written if p.is_file()]}
+    atomic_write_json(record_path, record)
+    return record
+
+
+def commit_finalized(run: StageRun, shard_counts: list[ShardCounts], started: float) -> dict:
+    """The manifest of a stage whose shards went through finalize (any not yet published is published here,
+    as when the stage runs without a runner: plan.run_data_stage_plain)."""
+    items = [{"step": FINALIZE, "name": c.shard, "counts": c.as_dict()} for c in shard_counts]
+    records = [finalize_item(run, item) for item in items]
+    known = {entry["path"]: entry for record in records for entry in record["outputs"]}
+    final = [ShardCounts.from_dict(record["counts"]) for record in records]
+    return commit_data_stage(run, final, started, read_json(_decision_path(run)), known_outputs=known)
 
 
 def upstream_shard_path(run: StageRun, shard: str) -> Path:

@@ -89,9 +89,14 @@ def file_entry(path: Path, root: Path) -> dict:
     return {"path": str(Path(path).relative_to(root)), "bytes": Path(path).stat().st_size, "sha256": sha256_file(path)}
 
 
-def commit_manifest(directory: Path, manifest: dict) -> dict:
-    """Record every output file with its sha256, then write the manifest (the commit point)."""
+def commit_manifest(directory: Path, manifest: dict, known_outputs: dict[str, dict] | None = None) -> dict:
+    """Record every output file with its sha256, then write the manifest (the commit point).
+
+    `known_outputs` ({relative path: file_entry}) are entries the workers that wrote the files made: their
+    hash is not computed again here (a file whose size differs from its entry is hashed anew).
+    """
     directory = Path(directory)
+    known_outputs = known_outputs or {}
     # Left by a writer that was killed: files (atomic_path, JsonlWriter) and whole directories (an
     # adapter or checkpoint saved into `.<name>.tmp-<pid>/` before its rename). A directory has to go
     # with rmtree: unlink() raised IsADirectoryError and the stage could never commit again.
@@ -105,7 +110,11 @@ def commit_manifest(directory: Path, manifest: dict) -> dict:
         for p in directory.rglob("*")
         if p.is_file() and WORK not in p.relative_to(directory).parts and p.name != MANIFEST
     )
-    manifest = dict(manifest, outputs=[file_entry(p, directory) for p in outputs])
+    entries = []
+    for path in outputs:
+        known = known_outputs.get(str(path.relative_to(directory)))
+        entries.append(known if known and known["bytes"] == path.stat().st_size else file_entry(path, directory))
+    manifest = dict(manifest, outputs=entries)
     atomic_write_json(directory / MANIFEST, manifest)
     shutil.rmtree(directory / WORK, ignore_errors=True)
     return manifest

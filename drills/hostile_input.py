@@ -597,7 +597,10 @@ def check_accounting(directories: dict[str, str]) -> list[str]:
 
 def _case_of(text: str, cases: list[Case]) -> str | None:
     for case in cases:
-        if f"{case.name}#" in text or any(f"/{name}" in text or text.endswith(name) for name in case.files):
+        # A file appears as a path (rejects: "dir/name") or, in ids made from file and line, as "source:name:line".
+        if f"{case.name}#" in text or any(
+            f"/{name}" in text or f":{name}:" in text or text.endswith(name) for name in case.files
+        ):
             return case.name
     return None
 

@@ -12,6 +12,8 @@ import glob
 import gzip
 import hashlib
 import json
+import os
+import posixpath
 import re
 import time
 import unicodedata
@@ -21,18 +23,18 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Iterator, Literal
 
+import numpy as np
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 from cptflow.docshards import (
     JsonlWriter,
     ShardCounts,
-    finalize_shard,
     load_finished_shard,
     mark_shard_finished,
     shard_work_file,
 )
-from cptflow.stage import Artifact, commit_data_stage, counts_artifact
-from cptflow.store import file_fingerprint
+from cptflow.stage import Artifact, commit_finalized, counts_artifact, finalize_item, plan_finalize
+from cptflow.store import atomic_path, file_fingerprint
 
 DEFAULT_MAX_RECORD_BYTES = 64 * 2**20
 
@@ -50,10 +52,14 @@ class MetadataFilter(BaseModel):
 
 
 class HFDatasetSource(BaseModel):
-    """A Hugging Face dataset, loaded with `datasets.load_dataset` only when a config names one."""
+    """A Hugging Face dataset, read without loading it whole: a `save_to_disk` directory memory-mapped,
+    Parquet files by row groups, anything else with `streaming=True` (see `_plan_hf`)."""
 
     model_config = ConfigDict(extra="forbid")
-    path: str = Field(description="Hub id or local dataset script/directory")
+    path: str = Field(
+        description="Hub id, a packaged builder ('json', 'parquet', ... with data_files), a local dataset "
+        "directory or a directory written by Dataset.save_to_disk (local paths relative to the config file)"
+    )
     name: str | None = None
     split: str = "train"
     data_files: str | list[str] | None = Field(None, description="For builder datasets such as 'json' or 'parquet'")
@@ -73,7 +79,17 @@ class SourceConfig(BaseModel):
     hf: HFDatasetSource | None = None
     format: Literal["auto", "jsonl", "parquet", "text"] = "auto"
     text_field: str = "text"
-    id_field: str | None = Field("id", description="None: ids are made from file and line")
+    id_field: str | None = Field(
+        "id",
+        description="None (or a record without one): ids are '<source>:<file>:<line>', the file named "
+        "relative to its configured path (a glob's directory before the first wildcard, a file's directory, "
+        "a directory itself), so ids do not depend on where the data lives",
+    )
+    meta_fields: list[str] | None = Field(
+        None,
+        description="Record fields kept in each document's meta; None: every field but the text and id. "
+        "Parquet and Hugging Face sources then read only these columns (plus text, id and filter fields)",
+    )
     metadata_filters: list[MetadataFilter] = Field(default_factory=list)
     code: bool = Field(False, description="Python source: keep indentation, require that it parses")
     documents_per_shard: int = Field(
@@ -154,17 +170,41 @@ class InputError(ValueError):
     """A problem with the inputs found before any work starts."""
 
 
+# Parquet and Arrow are handed to Python this many rows at a time, and Parquet column chunks are read
+# through a buffer of this many bytes instead of whole: a worker's memory is bounded by these, not by
+# the size of a file or of its row groups (benchmarks/bench_clean_reader.py measures it).
+ARROW_BATCH_ROWS = 1024
+PARQUET_READ_BUFFER_BYTES = 1 << 20
+
+
+@dataclass(frozen=True)
+class InputFile:
+    """One input file: where it is read, and the two location-free names outputs know it by."""
+
+    path: str  # where it is read (absolute, or a URL such as hf://...)
+    name: str  # relative to its source's root, '/'-separated: the file part of path-made document ids
+    label: str  # as the config names it, normalised (root as written + name): rejects, meta, fingerprints
+
+
 @dataclass(frozen=True)
 class InputShard:
     """A slice of one source that a worker reads on its own (small and picklable)."""
 
     name: str
     source: str
-    kind: Literal["jsonl", "parquet", "text", "hf"]
-    files: tuple[str, ...]
-    start: int = 0  # jsonl: byte offset; parquet: first row group; hf: first row
-    stop: int | None = None  # exclusive
+    kind: Literal["jsonl", "parquet", "text", "hf_disk", "hf_stream"]
+    files: tuple[str, ...]  # where to read: paths, URLs, or a save_to_disk directory
+    start: int = 0  # jsonl: byte offset; parquet: first row group; hf_disk: first row; hf_stream: shard index
+    stop: int | None = None  # exclusive; hf_stream: the number of stream shards
     first_line: int = 1  # jsonl: line number at `start`
+    names: tuple[str, ...] = ()  # per file: InputFile.name (default: the file's name)
+    labels: tuple[str, ...] = ()  # per file: InputFile.label (default: the path)
+
+    def __post_init__(self) -> None:
+        if not self.names:
+            object.__setattr__(self, "names", tuple(Path(f).name for f in self.files))
+        if not self.labels:
+            object.__setattr__(self, "labels", tuple(self.files))
 
 
 def _format_of(path: Path, declared: str) -> str:
@@ -180,24 +220,73 @@ def _format_of(path: Path, declared: str) -> str:
     raise InputError(f"{path}: unknown input format (set 'format' on the source)")
 
 
-def list_input_files(source: SourceConfig, base_dir: Path) -> list[Path]:
-    """Expand a source's paths (files, directories, globs) into a sorted list of files; missing → error."""
-    files: list[Path] = []
+def _configured_root(entry: str, match: Path) -> str:
+    """The directory an entry's files are named relative to, as the config writes it: a glob's
+    directory before its first wildcard, a file's directory, a directory itself ('' = the config's)."""
+    if glob.has_magic(entry):
+        literal: list[str] = []
+        for part in entry.split("/"):
+            if glob.has_magic(part):
+                break
+            literal.append(part)
+        return "/".join(literal) if literal != [""] else "/"
+    return entry if match.is_dir() else os.path.dirname(entry)
+
+
+def _relative_name(path: str, root: str) -> str:
+    return os.path.relpath(path, root).replace(os.sep, "/")
+
+
+def _as_configured(root: str, name: str) -> str:
+    return posixpath.normpath(posixpath.join(root, name)) if root else name
+
+
+def list_input_files(source: SourceConfig, base_dir: Path) -> list[InputFile]:
+    """Expand a source's paths (files, directories, globs) into its files, in a fixed order; missing → error.
+
+    A file's name (in document ids) is relative to the root of the entry that found it, so ids do not
+    depend on where the data or the checkout lives. When two different files of one source would get
+    the same name (two directories both holding part-0.jsonl), every name of the source is taken
+    relative to the common directory of its roots instead.
+    """
+    found: list[tuple[str, str, Path]] = []  # (root as configured, root on disk, file)
     for entry in source.paths:
         pattern = entry if Path(entry).is_absolute() else str(base_dir / entry)
         matches = sorted(Path(p) for p in glob.glob(pattern, recursive=True))
         if not matches:
             raise InputError(f"source '{source.name}': input path '{entry}' does not exist (looked for {pattern})")
         for match in matches:
+            root = _configured_root(entry, match)
+            on_disk = root if os.path.isabs(root) else os.path.join(base_dir, root)
             if match.is_dir():
-                files.extend(sorted(p for p in match.rglob("*") if p.is_file() and not p.name.startswith(".")))
+                files = sorted(p for p in match.rglob("*") if p.is_file() and not p.name.startswith("."))
             else:
-                files.append(match)
-    return files
+                files = [match]
+            found.extend((root, on_disk, file) for file in files)
+    below_root = [_relative_name(str(file), on_disk) for _, on_disk, file in found]
+    labels = [_as_configured(root, name) for (root, _, _), name in zip(found, below_root)]
+    names = below_root
+    if _names_collide(names, [file for _, _, file in found]):
+        common = os.path.commonpath([os.path.abspath(on_disk) for _, on_disk, _ in found])
+        names = [_relative_name(str(file), common) for _, _, file in found]
+    return [InputFile(str(file), name, label) for (_, _, file), name, label in zip(found, names, labels)]
+
+
+def _names_collide(names: list[str], files: list[Path]) -> bool:
+    """True if one name stands for two different files (the same file listed twice is not a collision)."""
+    first: dict[str, Path] = {}
+    for name, file in zip(names, files):
+        if name in first and os.path.realpath(first[name]) != os.path.realpath(file):
+            return True
+        first.setdefault(name, file)
+    return False
 
 
 def input_file_fingerprints(source: SourceConfig, base_dir: Path, mode: Literal["mtime", "content"]) -> list[dict]:
-    return [file_fingerprint(path, mode) for path in (list_input_files(source, base_dir) if source.paths else [])]
+    """Each input file's size and mtime (or sha256), under its configured name: no absolute path, so
+    the same config and data in another directory have the same fingerprint."""
+    files = list_input_files(source, base_dir) if source.paths else _local_hf_files(source.hf, base_dir)
+    return [dict(file_fingerprint(Path(file.path), mode), path=file.label) for file in files]
 
 
 def _open_binary(path: Path):
@@ -219,43 +308,56 @@ def _jsonl_line_offsets(path: Path, every: int) -> list[tuple[int, int]]:
     return offsets
 
 
+# (kind, files, names, labels, start, stop, first_line): one InputShard before it is numbered
+_Spec = tuple[str, tuple[str, ...], tuple[str, ...], tuple[str, ...], int, int | None, int]
+
+
+def _parquet_specs(file: InputFile, size: int) -> list[_Spec]:
+    """Shards of whole row groups, about `size` rows each (a row group is never split: decoding part of
+    one means decoding it from its start). An unreadable file still gets one shard: its reader rejects it."""
+    group_rows = _parquet_row_groups(file.path) or []
+    specs: list[_Spec] = []
+    groups, start = len(group_rows), 0
+    while start < max(groups, 1):
+        stop, rows = start, 0
+        while stop < groups and (rows == 0 or rows < size):
+            rows += group_rows[stop]
+            stop += 1
+        specs.append(("parquet", (file.path,), (file.name,), (file.label,), start, max(stop, start + 1), 1))
+        start = max(stop, start + 1)
+    return specs
+
+
 def plan_input_shards(source: SourceConfig, base_dir: Path) -> list[InputShard]:
     """Split a source into shards of about `documents_per_shard` documents, in a fixed order."""
     size = source.documents_per_shard
-    specs: list[tuple[str, tuple[str, ...], int, int | None, int]] = []
+    specs: list[_Spec] = []
     if source.hf:
-        rows = len(_load_hf_dataset(source.hf))
-        specs = [("hf", (), start, min(start + size, rows), 1) for start in range(0, rows, size)]
+        specs = _plan_hf(source, base_dir)
     else:
-        text_files: list[str] = []
-        for path in list_input_files(source, base_dir):
+        text_files: list[InputFile] = []
+        for file in list_input_files(source, base_dir):
+            path = Path(file.path)
             kind = _format_of(path, source.format)
+            one = ((file.path,), (file.name,), (file.label,))
             if kind == "text":
-                text_files.append(str(path))
+                text_files.append(file)
             elif kind == "jsonl" and not path.name.endswith(".gz"):
                 offsets = _jsonl_line_offsets(path, size)
                 for i, (start, line) in enumerate(offsets):
                     stop = offsets[i + 1][0] if i + 1 < len(offsets) else None
-                    specs.append(("jsonl", (str(path),), start, stop, line))
+                    specs.append(("jsonl", *one, start, stop, line))
             elif kind == "jsonl":
-                specs.append(("jsonl", (str(path),), 0, None, 1))
+                specs.append(("jsonl", *one, 0, None, 1))
             else:
-                # An unreadable file still gets one shard: its reader rejects it with a reason.
-                group_rows = _parquet_row_groups(path) or []
-                groups = len(group_rows)
-                start = 0
-                while start < max(groups, 1):
-                    stop, rows = start, 0
-                    while stop < groups and (rows == 0 or rows < size):
-                        rows += group_rows[stop]
-                        stop += 1
-                    specs.append(("parquet", (str(path),), start, max(stop, start + 1), 1))
-                    start = max(stop, start + 1)
+                specs.extend(_parquet_specs(file, size))
         for i in range(0, len(text_files), size):
-            specs.append(("text", tuple(text_files[i : i + size]), 0, None, 1))
+            group = text_files[i : i + size]
+            paths, names, labels = (tuple(getattr(f, a) for f in group) for a in ("path", "name", "label"))
+            specs.append(("text", paths, names, labels, 0, None, 1))
     return [
-        InputShard(f"{source.name}-{i:05d}", source.name, kind, files, start, stop, line)
-        for i, (kind, files, start, stop, line) in enumerate(specs)
+        InputShard(f"{source.name}-{i:05d}", source.name, kind, files, start, stop, line, names, labels)
+        for i, (kind, files, names, labels, start, stop, line) in enumerate(specs)
     ]
 
 
@@ -263,12 +365,13 @@ def plan_input_shards(source: SourceConfig, base_dir: Path) -> list[InputShard]:
 class RawRecord:
     """A record as read, or the reason it could not be read (`reject`)."""
 
-    file: str
+    file: str  # the file as the config names it (InputFile.label)
     line: int
     record: dict | None = None
     reject: str | None = None
     detail: str = ""
     raw: str = ""
+    name: str = ""  # the file relative to its source root (InputFile.name), for ids made from file and line
 
 
 def _bounded_lines(handle, limit: int) -> Iterator[tuple[bytes | None, int]]:
@@ -285,7 +388,7 @@ def _bounded_lines(handle, limit: int) -> Iterator[tuple[bytes | None, int]]:
 
 
 def _iter_jsonl(shard: InputShard, max_record_bytes: int = DEFAULT_MAX_RECORD_BYTES) -> Iterator[RawRecord]:
-    path = Path(shard.files[0])
+    path, name, label = Path(shard.files[0]), shard.names[0], shard.labels[0]
     with _open_binary(path) as handle:
         if shard.start:
             handle.seek(shard.start)
@@ -297,9 +400,9 @@ def _iter_jsonl(shard: InputShard, max_record_bytes: int = DEFAULT_MAX_RECORD_BY
                 position += size
                 if raw is None:
                     detail = f"line of {size:,} bytes, above clean.max_record_bytes ({max_record_bytes:,})"
-                    yield RawRecord(str(path), line, reject="record_too_large", detail=detail)
+                    yield RawRecord(label, line, reject="record_too_large", detail=detail, name=name)
                 else:
-                    yield _parse_json_line(str(path), line, raw)
+                    yield _parse_json_line(label, line, raw, name)
                 line += 1
         except (
             EOFError,
@@ -310,25 +413,34 @@ def _iter_jsonl(shard: InputShard, max_record_bytes: int = DEFAULT_MAX_RECORD_BY
                 f"{path.name}: unreadable after line {line - 1} ({type(err).__name__}: {err}); "
                 "the rest of the file is lost"
             )
-            yield RawRecord(str(path), line, reject="unreadable_file", detail=detail)
+            yield RawRecord(
+                label, line, reject="unreadable_file", detail=_path_as_configured(detail, path, label), name=name
+            )
 
 
-def _parse_json_line(file: str, line: int, raw: bytes) -> RawRecord:
+def _path_as_configured(detail: str, path: Path | str, label: str) -> str:
+    """An error message with the file's absolute path replaced by its configured name (rejects are outputs)."""
+    return detail.replace(str(path), label)
+
+
+def _parse_json_line(file: str, line: int, raw: bytes, name: str = "") -> RawRecord:
     preview = raw[:200].decode("utf-8", "replace")
     try:
         text = raw.decode("utf-8")
     except UnicodeDecodeError as err:
-        return RawRecord(file, line, reject="invalid_utf8", detail=str(err), raw=preview)
+        return RawRecord(file, line, reject="invalid_utf8", detail=str(err), raw=preview, name=name)
     if not text.strip():
-        return RawRecord(file, line, reject="blank_line")
+        return RawRecord(file, line, reject="blank_line", name=name)
     try:
         record = json.loads(text)
     except RecursionError:
-        return RawRecord(file, line, reject="malformed_json", detail="nested too deeply to parse", raw=preview)
+        return RawRecord(
+            file, line, reject="malformed_json", detail="nested too deeply to parse", raw=preview, name=name
+        )
     except ValueError as err:  # JSONDecodeError, and integers longer than Python's 4300-digit limit
-        return RawRecord(file, line, reject="malformed_json", detail=str(err), raw=preview)
+        return RawRecord(file, line, reject="malformed_json", detail=str(err), raw=preview, name=name)
     if not isinstance(record, dict):
-        return RawRecord(file, line, reject="not_an_object", detail=type(record).__name__, raw=preview)
+        return RawRecord(file, line, reject="not_an_object", detail=type(record).__name__, raw=preview, name=name)
     # A "\ud800" escape decodes to a lone surrogate, which no UTF-8 writer accepts: reject it here, by field.
     if _SURROGATE_ESCAPE.search(raw):
         field_path = _unencodable_field(record)
@@ -339,8 +451,9 @@ def _parse_json_line(file: str, line: int, raw: bytes) -> RawRecord:
                 reject="invalid_unicode",
                 detail=f"field '{field_path}' holds a lone UTF-16 surrogate",
                 raw=preview,
+                name=name,
             )
-    return RawRecord(file, line, record=record)
+    return RawRecord(file, line, record=record, name=name)
 
 
 _SURROGATE_ESCAPE = re.compile(rb"\\u[dD][89a-fA-F][0-9a-fA-F]{2}")
@@ -368,136 +481,337 @@ def _unencodable_field(record: dict) -> str | None:
 def _iter_text_files(
     shard: InputShard, text_field: str, max_record_bytes: int = DEFAULT_MAX_RECORD_BYTES
 ) -> Iterator[RawRecord]:
-    for file in shard.files:
+    for file, name, label in zip(shard.files, shard.names, shard.labels):
         try:
             size = Path(file).stat().st_size
             if size > max_record_bytes:
                 detail = f"file of {size:,} bytes, above clean.max_record_bytes ({max_record_bytes:,})"
-                yield RawRecord(file, 1, reject="record_too_large", detail=detail)
+                yield RawRecord(label, 1, reject="record_too_large", detail=detail, name=name)
                 continue
             data = Path(file).read_bytes()
             text = data.decode("utf-8")
         except UnicodeDecodeError as err:
-            yield RawRecord(file, 1, reject="invalid_utf8", detail=str(err), raw=data[:200].decode("utf-8", "replace"))
+            preview = data[:200].decode("utf-8", "replace")
+            yield RawRecord(label, 1, reject="invalid_utf8", detail=str(err), raw=preview, name=name)
             continue
         except OSError as err:
-            yield RawRecord(file, 1, reject="unreadable_file", detail=str(err))
+            yield RawRecord(
+                label, 1, reject="unreadable_file", detail=_path_as_configured(str(err), file, label), name=name
+            )
             continue
-        yield RawRecord(file, 1, record={text_field: text, "path": file})
+        yield RawRecord(label, 1, record={text_field: text, "path": label}, name=name)
 
 
-def _parquet_row_groups(path: Path) -> list[int] | None:
-    """Rows per row group, or None when the file is not readable Parquet (empty, cut short, not Parquet)."""
-    import pyarrow as pa
+def _open_parquet(path: str):
+    """A ParquetFile that streams column chunks through a bounded buffer; local paths or fsspec URLs."""
     import pyarrow.parquet as pq
 
+    source = path
+    if "://" in path:  # hf://datasets/..., s3://...: fsspec file objects with range requests
+        import fsspec
+
+        source = fsspec.open(path, "rb").open()
+    return pq.ParquetFile(source, buffer_size=PARQUET_READ_BUFFER_BYTES, pre_buffer=False)
+
+
+def _parquet_row_groups(path: str) -> list[int] | None:
+    """Rows per row group, or None when the file is not readable Parquet (empty, cut short, not Parquet)."""
+    import pyarrow as pa
+
     try:
-        metadata = pq.ParquetFile(path).metadata
+        metadata = _open_parquet(path).metadata
     except (pa.ArrowException, OSError):
         return None
     return [metadata.row_group(g).num_rows for g in range(metadata.num_row_groups)]
 
 
-def _iter_parquet(shard: InputShard) -> Iterator[RawRecord]:
+def _wanted_columns(names: list[str], source: SourceConfig) -> list[str] | None:
+    """The columns a reader needs (in file order), or None for all: without `meta_fields` every field
+    goes into the document's meta."""
+    if source.meta_fields is None:
+        return None
+    wanted = {source.text_field, source.id_field, *source.meta_fields, *(f.field for f in source.metadata_filters)}
+    return [name for name in names if name in wanted]
+
+
+def _iter_parquet(shard: InputShard, source: SourceConfig) -> Iterator[RawRecord]:
+    """Rows of the shard's row groups, ARROW_BATCH_ROWS at a time (line = row number in the file, from 1)."""
     import pyarrow as pa
-    import pyarrow.parquet as pq
 
-    file = shard.files[0]
+    file, name, label = shard.files[0], shard.names[0], shard.labels[0]
     try:
-        parquet = pq.ParquetFile(file)
+        parquet = _open_parquet(file)
+        metadata = parquet.metadata
     except (pa.ArrowException, OSError) as err:
-        detail = f"{Path(file).name}: not readable Parquet ({type(err).__name__}: {err})"
-        yield RawRecord(file, 1, reject="unreadable_file", detail=detail)
+        detail = _path_as_configured(
+            f"{Path(file).name}: not readable Parquet ({type(err).__name__}: {err})", file, label
+        )
+        yield RawRecord(label, 1, reject="unreadable_file", detail=detail, name=name)
         return
-    row = 1 + sum(parquet.metadata.row_group(g).num_rows for g in range(shard.start))
-    for group in range(shard.start, min(shard.stop or parquet.num_row_groups, parquet.num_row_groups)):
+    columns = _wanted_columns(parquet.schema_arrow.names, source)
+    row = 1 + sum(metadata.row_group(g).num_rows for g in range(shard.start))
+    for group in range(shard.start, min(shard.stop or metadata.num_row_groups, metadata.num_row_groups)):
+        rows, done, error = metadata.row_group(group).num_rows, 0, None
         try:
-            table = parquet.read_row_group(group)
-        except (pa.ArrowException, OSError) as err:  # a corrupt page: this group's rows are one reject
-            rows = parquet.metadata.row_group(group).num_rows
-            detail = f"{Path(file).name}: row group {group} ({rows} rows) not readable ({type(err).__name__}: {err})"
-            yield RawRecord(file, row, reject="unreadable_file", detail=detail)
-            row += rows
-            continue
-        for record, bad_column in _parquet_rows(table):
-            if bad_column is None:
-                yield RawRecord(file, row, record=record)
-            else:
-                yield RawRecord(
-                    file, row, reject="invalid_utf8", detail=f"column '{bad_column}' holds bytes that are not UTF-8"
-                )
-            row += 1
+            batches = parquet.iter_batches(
+                batch_size=ARROW_BATCH_ROWS, row_groups=[group], columns=columns, use_threads=False
+            )
+            for batch in batches:
+                for record, bad_column in _arrow_records(batch):
+                    yield _arrow_record(label, row + done, record, bad_column, name)
+                    done += 1
+        except (pa.ArrowException, OSError) as err:  # a corrupt page: the group's remaining rows are one reject
+            error = f"{type(err).__name__}: {err}"
+        if done < rows:
+            detail = (
+                f"{Path(file).name}: row group {group}, rows {row + done}-{row + rows - 1} ({rows - done} rows) "
+                f"not readable ({error or 'fewer rows than the footer says'})"
+            )
+            yield RawRecord(
+                label, row + done, reject="unreadable_file", detail=_path_as_configured(detail, file, label), name=name
+            )
+        row += rows
 
 
-def _parquet_rows(table) -> Iterator[tuple[dict | None, str | None]]:
-    """(record, None) per row, or (None, column) for a row whose string column is not UTF-8: Arrow does not
-    validate strings on read, and one bad value would make the whole group's to_pylist() raise."""
+def _arrow_record(label: str, line: int, record: dict | None, bad_column: str | None, name: str) -> RawRecord:
+    if bad_column is None:
+        return RawRecord(label, line, record=record, name=name)
+    detail = f"column '{bad_column}' holds bytes that are not UTF-8"
+    return RawRecord(label, line, reject="invalid_utf8", detail=detail, name=name)
+
+
+def _arrow_records(table) -> Iterator[tuple[dict | None, str | None]]:
+    """(record, None) per row of an Arrow batch or table, or (None, column) for a row whose string column
+    is not UTF-8: Arrow does not validate strings on read, and one bad value makes to_pylist() raise."""
     try:
-        yield from ((record, None) for record in table.to_pylist())
-        return
+        records = table.to_pylist()
     except UnicodeDecodeError:
-        pass
-    for index in range(table.num_rows):
-        record: dict = {}
-        for name in table.column_names:
+        records = None
+    if records is not None:
+        yield from ((record, None) for record in records)
+        return
+    names = table.column_names
+    columns: dict[str, list] = {}
+    bad_rows: dict[int, str] = {}  # row -> first column (in order) that does not decode
+    for column_name in names:
+        column = table.column(column_name)
+        try:
+            columns[column_name] = column.to_pylist()
+            continue
+        except UnicodeDecodeError:
+            pass
+        values = []
+        for index in range(len(column)):  # only this batch's rows of this one column
             try:
-                record[name] = table.column(name)[index].as_py()
+                values.append(column[index].as_py())
             except UnicodeDecodeError:
-                yield None, name
-                break
+                values.append(None)
+                bad_rows.setdefault(index, column_name)
+        columns[column_name] = values
+    for index in range(table.num_rows):
+        if index in bad_rows:
+            yield None, bad_rows[index]
         else:
-            yield record, None
+            yield {column_name: columns[column_name][index] for column_name in names}, None
 
 
-def _load_hf_dataset(hf: HFDatasetSource):
+# Hugging Face datasets, three ways, none of which loads a whole dataset per shard:
+#   a directory written by `Dataset.save_to_disk` → load_from_disk (memory-mapped Arrow), shards of rows;
+#   a dataset whose split is Parquet files (most of the Hub, a local folder of .parquet) → each file read
+#     like a local Parquet file, by row groups (hf:// URLs read by range requests);
+#   anything else (json, csv, ...) → `streaming=True`, one input shard per stream shard (data file).
+def _local_hf_path(hf: HFDatasetSource, base_dir: Path) -> Path | None:
+    """The dataset's local directory or file (relative to the config file), or None for a Hub id or builder."""
+    candidate = Path(hf.path).expanduser()
+    candidate = candidate if candidate.is_absolute() else base_dir / candidate
+    return candidate if candidate.exists() else None
+
+
+def _saved_to_disk(path: Path | None) -> bool:
+    return path is not None and path.is_dir() and any((path / n).is_file() for n in ("state.json", "dataset_dict.json"))
+
+
+def _resolved_data_files(hf: HFDatasetSource, base_dir: Path) -> str | list[str] | None:
+    """data_files of a packaged builder ('json', 'parquet', ...) relative to the config file; a local
+    dataset directory or a Hub dataset resolves its own data_files."""
+    if hf.data_files is None or "/" in hf.path or _local_hf_path(hf, base_dir) is not None:
+        return hf.data_files
+
+    def resolve(entry: str) -> str:
+        return entry if "://" in entry or Path(entry).is_absolute() else str(base_dir / entry)
+
+    return resolve(hf.data_files) if isinstance(hf.data_files, str) else [resolve(e) for e in hf.data_files]
+
+
+def _local_hf_files(hf: HFDatasetSource | None, base_dir: Path) -> list[InputFile]:
+    """The local files behind a Hugging Face source (for its fingerprint); none for a Hub dataset."""
+    if hf is None:
+        return []
+    local = _local_hf_path(hf, base_dir)
+    if local is not None and local.is_dir():
+        paths = [str(p) for p in sorted(local.rglob("*")) if p.is_file() and not p.name.startswith(".")]
+        names = [_relative_name(p, str(local)) for p in paths]
+    elif local is not None:
+        paths, names = [str(local)], [local.name]
+    else:  # a packaged builder's local data_files (globs allowed)
+        data_files = _resolved_data_files(hf, base_dir)
+        entries = [data_files] if isinstance(data_files, str) else list(data_files or [])
+        paths = [
+            p for e in entries if "://" not in e for p in sorted(glob.glob(e, recursive=True)) if Path(p).is_file()
+        ]
+        names = _common_relative_names(paths)
+    return [InputFile(path, name, f"hf:{hf.path}:{name}") for path, name in zip(paths, names)]
+
+
+def _common_relative_names(paths: list[str]) -> list[str]:
+    """Each path (or URL) relative to the deepest directory all of them share: a lone file keeps its name."""
+    parts = [p.split("/") for p in paths]
+    if not parts:
+        return []
+    common = 0
+    shortest = min(len(p) for p in parts) - 1  # the last part is a file name, never shared
+    while common < shortest and all(p[common] == parts[0][common] for p in parts):
+        common += 1
+    return ["/".join(p[common:]) for p in parts]
+
+
+def _load_hf_disk(path: str, split: str):
     import datasets
 
-    options = {"data_files": hf.data_files} if hf.data_files else {}
+    dataset = datasets.load_from_disk(path)
+    if isinstance(dataset, datasets.DatasetDict):
+        if split not in dataset:
+            raise InputError(f"{path}: no split '{split}' (splits: {', '.join(dataset)})")
+        dataset = dataset[split]
+    return dataset
+
+
+def _hf_builder(hf: HFDatasetSource, base_dir: Path):
+    import datasets
+
+    local = _local_hf_path(hf, base_dir)
+    options: dict[str, Any] = {}
+    data_files = _resolved_data_files(hf, base_dir)
+    if data_files:
+        options["data_files"] = data_files
     if hf.trust_remote_code:  # off unless the config asks for it
         options["trust_remote_code"] = True
-    return datasets.load_dataset(hf.path, hf.name, split=hf.split, revision=hf.revision, **options)
+    return datasets.load_dataset_builder(str(local) if local else hf.path, hf.name, revision=hf.revision, **options)
 
 
-def _iter_hf(shard: InputShard, source: SourceConfig) -> Iterator[RawRecord]:
-    dataset = _load_hf_dataset(source.hf).select(range(shard.start, shard.stop))
-    label = f"hf:{source.hf.path}/{source.hf.name or ''}:{source.hf.split}"
-    for offset, record in enumerate(dataset):
-        yield RawRecord(label, shard.start + offset + 1, record=dict(record))
+def _hf_split_files(builder, hf: HFDatasetSource) -> list[str] | None:
+    data_files = builder.config.data_files
+    if not data_files:
+        return None
+    if hf.split not in data_files:
+        raise InputError(f"dataset '{hf.path}': no split '{hf.split}' (splits: {', '.join(data_files)})")
+    return [str(f) for f in data_files[hf.split]]
+
+
+def _plan_hf(source: SourceConfig, base_dir: Path) -> list[_Spec]:
+    hf, size = source.hf, source.documents_per_shard
+    local = _local_hf_path(hf, base_dir)
+    if _saved_to_disk(local):
+        rows = len(_load_hf_disk(str(local), hf.split))
+        label = f"hf:{hf.path}:{hf.split}"
+        return [
+            ("hf_disk", (str(local),), (hf.split,), (label,), i, min(i + size, rows), 1) for i in range(0, rows, size)
+        ]
+    builder = _hf_builder(hf, base_dir)
+    files = _hf_split_files(builder, hf)
+    if builder.name == "parquet" and files:
+        names = _common_relative_names(files)
+        return [s for f, n in zip(files, names) for s in _parquet_specs(InputFile(f, n, f"hf:{hf.path}:{n}"), size)]
+    shards = builder.as_streaming_dataset(split=hf.split).num_shards
+    names = (
+        _common_relative_names(files)
+        if files and len(files) == shards
+        else [f"{hf.split}-{i:05d}" for i in range(shards)]
+    )
+    return [("hf_stream", (hf.path,), (name,), (f"hf:{hf.path}:{name}",), i, shards, 1) for i, name in enumerate(names)]
+
+
+def _iter_hf_disk(shard: InputShard, source: SourceConfig) -> Iterator[RawRecord]:
+    """Rows [start, stop) of a save_to_disk dataset, as Arrow slices of the memory-mapped files."""
+    dataset = _load_hf_disk(shard.files[0], source.hf.split)
+    columns = _wanted_columns(dataset.column_names, source)
+    if columns is not None:
+        dataset = dataset.select_columns(columns)
+    rows = dataset.with_format("arrow")
+    for begin in range(shard.start, shard.stop, ARROW_BATCH_ROWS):
+        table = rows[begin : min(begin + ARROW_BATCH_ROWS, shard.stop)]
+        for offset, (record, bad_column) in enumerate(_arrow_records(table)):
+            yield _arrow_record(shard.labels[0], begin + offset + 1, record, bad_column, shard.names[0])
+
+
+def _iter_hf_stream(shard: InputShard, source: SourceConfig, base_dir: Path) -> Iterator[RawRecord]:
+    """One stream shard (data file) of a streamed dataset; line = row in the shard, from 1."""
+    import pyarrow as pa
+
+    stream = _hf_builder(source.hf, base_dir).as_streaming_dataset(split=source.hf.split)
+    known = stream.column_names
+    columns = _wanted_columns(known, source) if known else None
+    if columns is not None:
+        stream = stream.select_columns(columns)
+    label, name, line = shard.labels[0], shard.names[0], 1
+    try:
+        for record in stream.shard(num_shards=shard.stop, index=shard.start):
+            yield RawRecord(label, line, record=dict(record), name=name)
+            line += 1
+    except (pa.ArrowException, OSError, ValueError) as err:  # a corrupt or cut-off data file
+        detail = f"{name}: unreadable after row {line - 1} ({type(err).__name__}: {err}); the rest of the shard is lost"
+        yield RawRecord(label, line, reject="unreadable_file", detail=detail, name=name)
 
 
 def read_raw_records(
-    shard: InputShard, source: SourceConfig, max_record_bytes: int = DEFAULT_MAX_RECORD_BYTES
+    shard: InputShard,
+    source: SourceConfig,
+    max_record_bytes: int = DEFAULT_MAX_RECORD_BYTES,
+    base_dir: Path = Path("."),
 ) -> Iterator[RawRecord]:
+    """The records of one input shard, in order; `base_dir` (the config's directory) locates local HF datasets."""
     if shard.kind == "jsonl":
         return _iter_jsonl(shard, max_record_bytes)
     if shard.kind == "text":
         return _iter_text_files(shard, source.text_field, max_record_bytes)
     if shard.kind == "parquet":
-        return _iter_parquet(shard)
-    return _iter_hf(shard, source)
+        return _iter_parquet(shard, source)
+    if shard.kind == "hf_disk":
+        return _iter_hf_disk(shard, source)
+    return _iter_hf_stream(shard, source, Path(base_dir))
 
 
 def check_text_field(source: SourceConfig, base_dir: Path, sample: int = 200) -> None:
-    """Fail before any work if a JSONL/Parquet file has no record with the configured text field."""
+    """Fail before any work if a JSONL/Parquet file has no record with the configured text field.
+
+    Reads at most `sample` records from the start of each file (not a plan of the source: that scans
+    every JSONL file for its line offsets).
+    """
     if source.hf or source.format == "text":
         return
-    for shard in plan_input_shards(source.model_copy(update={"documents_per_shard": sample}), base_dir):
-        if shard.kind == "text" or shard.start != 0:
+    source = source.model_copy(update={"meta_fields": None})  # every column, for the message's "fields seen"
+    for file in list_input_files(source, base_dir):
+        kind = _format_of(Path(file.path), source.format)
+        if kind == "text":
             continue
+        stop = 1 if kind == "parquet" else None  # the first row group; a JSONL file is read lazily
+        shard = InputShard(
+            "check", source.name, kind, (file.path,), stop=stop, names=(file.name,), labels=(file.label,)
+        )
         seen: Counter = Counter()
         found = parsed = 0
         # Field names are all this needs: records above 1 MiB are skipped, not parsed (a 50 MB line would be).
-        for raw in read_raw_records(shard, source, max_record_bytes=2**20):
+        for read, raw in enumerate(read_raw_records(shard, source, max_record_bytes=2**20), start=1):
             if raw.record is not None:
                 parsed += 1
                 seen.update(raw.record.keys())
                 found += source.text_field in raw.record
-            if parsed >= sample or found:
+            if read >= sample or found:
                 break
         if parsed and not found:
             fields = ", ".join(name for name, _ in seen.most_common(8))
             raise InputError(
-                f"source '{source.name}': no record in {shard.files[0]} has the text field "
+                f"source '{source.name}': no record in {file.label} has the text field "
                 f"'{source.text_field}' (fields seen: {fields}); set 'text_field' on the source"
             )
 
@@ -773,15 +1087,7 @@ def metadata_reason(record: dict, filters: list[MetadataFilter]) -> str | None:
     return None
 
 
-@functools.lru_cache(maxsize=4096)
-def _relative(file: str, base_dir: Path) -> str:
-    try:
-        return str(Path(file).resolve().relative_to(base_dir.resolve()))
-    except ValueError:
-        return file
-
-
-def _to_document(raw: RawRecord, source: SourceConfig, base_dir: Path) -> tuple[dict | None, str | None, str]:
+def _to_document(raw: RawRecord, source: SourceConfig) -> tuple[dict | None, str | None, str]:
     """A document from a parsed record, or (None, reject reason, detail) naming the field."""
     record = raw.record
     text = record.get(source.text_field)
@@ -793,8 +1099,9 @@ def _to_document(raw: RawRecord, source: SourceConfig, base_dir: Path) -> tuple[
         return None, "empty_text", f"field '{source.text_field}' is empty"
     doc_id = record.get(source.id_field) if source.id_field else None
     if isinstance(doc_id, (dict, list)) or doc_id is None or doc_id == "":
-        doc_id = f"{source.name}:{_relative(raw.file, base_dir)}:{raw.line}"
-    meta = {k: v for k, v in record.items() if k not in (source.text_field, source.id_field)}
+        doc_id = f"{source.name}:{raw.name}:{raw.line}"  # the file relative to its source root: no location
+    named = record if source.meta_fields is None else {k: record[k] for k in source.meta_fields if k in record}
+    meta = {k: v for k, v in named.items() if k not in (source.text_field, source.id_field)}
     return {"id": str(doc_id), "source": source.name, "text": text, "meta": meta}, None, ""
 
 
@@ -816,11 +1123,11 @@ def clean_shard(
         JsonlWriter(work("kept.jsonl")) as kept,
         JsonlWriter(work("excluded.jsonl")) as excluded,
         JsonlWriter(work("rejected.jsonl")) as rejected,
-        JsonlWriter(work("keys.jsonl")) as keys,
     ):
-        for raw in read_raw_records(shard, source, cfg.max_record_bytes):
+        keys: list[bytes] = []  # per kept document: its dedup key and its id, 16 + 16 bytes
+        for raw in read_raw_records(shard, source, cfg.max_record_bytes, base_dir):
             counts.documents_in += 1
-            doc, reason, detail = (None, raw.reject, raw.detail) if raw.reject else _to_document(raw, source, base_dir)
+            doc, reason, detail = (None, raw.reject, raw.detail) if raw.reject else _to_document(raw, source)
             if doc is None:
                 counts.rejected[reason] += 1
                 rejected.write(
@@ -845,36 +1152,70 @@ def clean_shard(
                 continue
             counts.kept += 1
             kept.write(doc)
-            keys.write({"id": doc["id"], "key": dedup_key(doc["text"])})
+            keys.append(bytes.fromhex(dedup_key(doc["text"])) + id_digest(doc["id"]))
+    with atomic_path(work("keys.npy")) as tmp, open(tmp, "wb") as handle:
+        np.save(handle, np.frombuffer(b"".join(keys), dtype="<u8").reshape(len(keys), 4))
     counts.seconds = time.perf_counter() - started
     mark_shard_finished(stage_directory, counts)
     return counts
 
 
+def id_digest(doc_id: str) -> bytes:
+    return hashlib.blake2b(doc_id.encode("utf-8", "surrogatepass"), digest_size=16).digest()
+
+
+def _repeated(columns: np.ndarray) -> np.ndarray:
+    """For (n, 2) uint64 rows: which rows occur more than once (a sort, no hash set of every row)."""
+    order = np.lexsort((columns[:, 1], columns[:, 0]))
+    ordered = columns[order]
+    same_as_next = (ordered[1:] == ordered[:-1]).all(axis=1)
+    repeated = np.zeros(len(columns), dtype=bool)
+    repeated[1:] |= same_as_next
+    repeated[:-1] |= same_as_next
+    mask = np.empty(len(columns), dtype=bool)
+    mask[order] = repeated
+    return mask
+
+
 def duplicate_decisions(stage_directory: Path, shard_names: list[str], dedup: bool) -> dict[str, dict[int, str]]:
-    """For each shard, the kept-line numbers to drop: exact duplicates and re-used ids (first one wins)."""
-    seen_keys: set[str] = set()
-    seen_ids: set[str] = set()
-    drops: dict[str, dict[int, str]] = {}
-    for shard in shard_names:
-        drops[shard] = {}
-        with open(shard_work_file(stage_directory, shard, "keys.jsonl"), encoding="utf-8") as handle:
-            for index, line in enumerate(handle):
-                entry = json.loads(line)
-                if dedup and entry["key"] in seen_keys:
-                    drops[shard][index] = "exact_duplicate"
-                elif entry["id"] in seen_ids:
-                    drops[shard][index] = "duplicate_id"
-                else:
-                    seen_keys.add(entry["key"])
-                    seen_ids.add(entry["id"])
+    """For each shard, the kept-line numbers to drop: exact duplicates and re-used ids (the first one kept
+    wins: a document is dropped when its text or its id is that of an earlier document that was kept).
+
+    Works from the shards' 32-byte summaries (dedup key and id digest per document): a sort finds the
+    documents whose key or id occurs more than once, and only those go through the first-wins pass in
+    document order (the others can neither drop nor be dropped)."""
+    paths = [shard_work_file(stage_directory, shard, "keys.npy") for shard in shard_names]
+    sizes = [np.load(path, mmap_mode="r").shape[0] for path in paths]
+    involved = np.zeros(sum(sizes), dtype=bool)
+    for first_column in (0, 2) if dedup else (2,):  # the text keys, then the ids
+        columns = np.concatenate([np.load(path, mmap_mode="r")[:, first_column : first_column + 2] for path in paths])
+        involved |= _repeated(columns)
+        del columns
+    drops: dict[str, dict[int, str]] = {shard: {} for shard in shard_names}
+    seen_keys: set[tuple[int, int]] = set()
+    seen_ids: set[tuple[int, int]] = set()
+    offsets = np.cumsum([0, *sizes])
+    for ordinal, (shard, path) in enumerate(zip(shard_names, paths)):
+        lines = np.nonzero(involved[offsets[ordinal] : offsets[ordinal + 1]])[0]
+        if not len(lines):
+            continue
+        rows = np.load(path, mmap_mode="r")[lines].tolist()
+        for line, (key_hi, key_lo, id_hi, id_lo) in zip(lines.tolist(), rows):
+            key, doc_id = (key_hi, key_lo), (id_hi, id_lo)
+            if dedup and key in seen_keys:
+                drops[shard][line] = "exact_duplicate"
+            elif doc_id in seen_ids:
+                drops[shard][line] = "duplicate_id"
+            else:
+                seen_keys.add(key)
+                seen_ids.add(doc_id)
     return drops
 
 
 # ---------------------------------------------------------------------------------------------
 # The stage, as the pipeline sees it (cptflow/plan.py lists the stage modules in DAG order)
 # ---------------------------------------------------------------------------------------------
-STAGE_VERSION = 1
+STAGE_VERSION = 2  # 2: ids and file names relative to the source root (issue 14)
 NAME = "clean"
 UPSTREAM = None  # the first stage: reads the configured sources
 Config = CleanConfig  # the `clean:` section of the pipeline YAML
@@ -910,7 +1251,18 @@ def process(run, cfg, item: dict) -> ShardCounts:
     return clean_shard(item["input"], source, cfg.clean, run.path, Path(cfg.base_dir))
 
 
+def plan_publish(run, cfg, shard_counts: list[ShardCounts]) -> list[dict]:
+    shards = [c.shard for c in shard_counts]
+    return plan_finalize(run, shard_counts, lambda: (duplicate_decisions(run.path, shards, cfg.clean.dedup), {}))
+
+
+REDUCE_ROUNDS = (plan_publish,)  # after the shards: publish each (one task each) without its duplicates
+
+
+def reduce(run, cfg, item: dict) -> dict:
+    return finalize_item(run, item)
+
+
 def commit(run, cfg, shard_counts: list[ShardCounts], started: float) -> dict:
-    drops = duplicate_decisions(run.path, [c.shard for c in shard_counts], cfg.clean.dedup)
-    final = [finalize_shard(run.path, counts, drops[counts.shard]) for counts in shard_counts]
-    return commit_data_stage(run, final, started)
+    plan_publish(run, cfg, shard_counts)
+    return commit_finalized(run, shard_counts, started)

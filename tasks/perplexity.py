@@ -23,14 +23,21 @@ from pydantic import BaseModel, ConfigDict, Field, field_validator
 from cptflow.docshards import (
     JsonlWriter,
     ShardCounts,
-    finalize_shard,
     load_finished_shard,
     mark_shard_finished,
     read_documents,
     shard_work_file,
 )
 from cptflow.models import load_causal_lm, load_tokenizer, model_fingerprint, resolve_model_path
-from cptflow.stage import Artifact, commit_data_stage, counts_artifact, upstream_shard_path, upstream_shards
+from cptflow.stage import (
+    Artifact,
+    commit_finalized,
+    counts_artifact,
+    finalize_item,
+    plan_finalize,
+    upstream_shard_path,
+    upstream_shards,
+)
 from cptflow.store import atomic_write_json, read_json
 
 REASON_ABOVE_MAX = "perplexity_above_max"
@@ -380,20 +387,31 @@ def process(run, cfg, item: dict) -> ShardCounts:
     return perplexity_shard(input_path, item["shard"], item["source"], cfg, run.path)
 
 
-def commit(run, cfg, shard_counts: list[ShardCounts], started: float) -> dict:
+def shard_scores(run, shard: str) -> list[float | None]:
+    return read_json(shard_work_file(run.path, shard, "scores.json"))
+
+
+def perplexity_decision(run, cfg, shard_counts: list[ShardCounts]) -> tuple[dict, dict]:
     """Bands are percentiles of each source's own scores: a domain corpus is more perplexing to a
-    general model than general text, and one global band would drop mostly domain documents."""
+    general model than general text, and one global band would drop mostly domain documents.
+
+    Works from the shards' scores alone: 8 bytes per scored document of one source in memory, one
+    shard's score list at a time."""
     section: PerplexityConfig = cfg.perplexity
-    scores = {c.shard: read_json(shard_work_file(run.path, c.shard, "scores.json")) for c in shard_counts}
     thresholds: dict[str, dict] = {}
     for source in sorted({c.source for c in shard_counts}):
-        values = [s for c in shard_counts if c.source == source for s in scores[c.shard] if s is not None]
+        parts = [
+            np.asarray([s for s in shard_scores(run, c.shard) if s is not None], dtype=np.float64)
+            for c in shard_counts
+            if c.source == source
+        ]
+        values = np.concatenate(parts) if parts else np.zeros(0)
         low, high = band_thresholds(values, section) if section.applies_to(source) else (None, None)
         thresholds[source] = {
             "low": low,
             "high": high,
-            "documents": len(values),
-            "median": float(np.median(values)) if values else None,
+            "documents": int(values.size),
+            "median": float(np.median(values)) if values.size else None,
         }
     drops: dict[str, dict[int, str]] = {}
     for counts in shard_counts:
@@ -401,11 +419,24 @@ def commit(run, cfg, shard_counts: list[ShardCounts], started: float) -> dict:
         drops[counts.shard] = {}
         if not section.applies_to(counts.source):
             continue
-        for index, ppl in enumerate(scores[counts.shard]):
+        for index, ppl in enumerate(shard_scores(run, counts.shard)):
             reason = keep_reason(float("nan") if ppl is None else ppl, limits["low"], limits["high"], section)
             if reason:
                 drops[counts.shard][index] = reason
-    final = [finalize_shard(run.path, counts, drops[counts.shard]) for counts in shard_counts]
-    return commit_data_stage(
-        run, final, started, extra={"thresholds": thresholds, "scoring_model": scoring_model_name(cfg)}
-    )
+    return drops, {"thresholds": thresholds, "scoring_model": scoring_model_name(cfg)}
+
+
+def plan_publish(run, cfg, shard_counts: list[ShardCounts]) -> list[dict]:
+    return plan_finalize(run, shard_counts, lambda: perplexity_decision(run, cfg, shard_counts))
+
+
+REDUCE_ROUNDS = (plan_publish,)  # after the shards: publish each (one task each) under the bands
+
+
+def reduce(run, cfg, item: dict) -> dict:
+    return finalize_item(run, item)
+
+
+def commit(run, cfg, shard_counts: list[ShardCounts], started: float) -> dict:
+    plan_publish(run, cfg, shard_counts)
+    return commit_finalized(run, shard_counts, started)

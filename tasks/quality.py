@@ -27,7 +27,6 @@ from pydantic import BaseModel, ConfigDict, Field
 from cptflow.docshards import (
     JsonlWriter,
     ShardCounts,
-    finalize_shard,
     load_finished_shard,
     mark_shard_finished,
     read_documents,
@@ -42,7 +41,16 @@ from cptflow.near_dedup import (
     write_band_pairs,
     write_sorted_band_keys,
 )
-from cptflow.stage import Artifact, commit_data_stage, counts_artifact, upstream_shard_path, upstream_shards
+from cptflow.stage import (
+    FINALIZE,
+    Artifact,
+    commit_finalized,
+    counts_artifact,
+    finalize_item,
+    plan_finalize,
+    upstream_shard_path,
+    upstream_shards,
+)
 from cptflow.store import atomic_path
 
 # Unseeded langdetect is random ("Hello world, ok" -> nl in 49/50 runs). Our own factory below also
@@ -820,21 +828,23 @@ def process(run, cfg, item: dict) -> ShardCounts:
     return quality_shard(input_path, item["shard"], item["source"], cfg.quality, run.path)
 
 
-def plan_reduce(run, cfg, shard_counts: list[ShardCounts]) -> list[dict]:
+def plan_bands(run, cfg, shard_counts: list[ShardCounts]) -> list[dict]:
     """One item per LSH band: each merges that band's keys over every shard (mapped over the runner)."""
     if not cfg.quality.minhash.enabled:
         return []
-    return [{"name": f"band-{band:02d}", "band": band} for band in range(cfg.quality.minhash.num_buckets)]
+    return [
+        {"step": "band", "name": f"band-{band:02d}", "band": band} for band in range(cfg.quality.minhash.num_buckets)
+    ]
 
 
 def band_pairs_path(stage_directory: Path, band: int) -> Path:
     return Path(stage_directory) / "_work" / f"near-duplicates-band-{band:02d}.npy"
 
 
-def reduce(run, cfg, item: dict) -> dict:
+def merge_band(run, cfg, band: int) -> int:
     """Candidate pairs of one band over all shards, written to `_work/`; a band finished before a kill
-    is not merged again."""
-    path = band_pairs_path(run.path, item["band"])
+    is not merged again. Returns the number of pairs."""
+    path = band_pairs_path(run.path, band)
     if not path.is_file():
         shards = [s["shard"] for s in upstream_shards(run)]
         tables = load_shard_arrays([shard_work_file(run.path, shard, "bands.npy") for shard in shards])
@@ -842,29 +852,45 @@ def reduce(run, cfg, item: dict) -> dict:
         signatures = None
         if minhash.jaccard_threshold is not None:
             signatures = load_shard_arrays([shard_work_file(run.path, shard, "minhash.npy") for shard in shards])
-        pairs = band_candidate_pairs(
-            tables, item["band"], signatures=signatures, jaccard_threshold=minhash.jaccard_threshold
-        )
+        pairs = band_candidate_pairs(tables, band, signatures=signatures, jaccard_threshold=minhash.jaccard_threshold)
         write_band_pairs(path, pairs)
-    return {"band": item["band"], "pairs": int(np.load(path, mmap_mode="r").shape[0])}
+    return int(np.load(path, mmap_mode="r").shape[0])
+
+
+def near_duplicate_decision(run, cfg, shard_counts: list[ShardCounts]) -> tuple[dict, dict]:
+    """Cluster the bands' candidate pairs (a band the runner did not merge is merged here): the documents
+    to drop, by shard, and the manifest's `near_duplicates` summary."""
+    drops: dict[str, dict[int, str]] = {c.shard: {} for c in shard_counts}
+    if not cfg.quality.minhash.enabled:
+        return drops, {}
+    pairs = [merge_band(run, cfg, item["band"]) for item in plan_bands(run, cfg, shard_counts)]
+    members, _ = duplicates_to_drop([np.load(band_pairs_path(run.path, band)) for band in range(len(pairs))])
+    shards = [c.shard for c in shard_counts]
+    for ordinal, line in split_positions(members):
+        drops[shards[ordinal]][line] = "near_duplicate"
+    summary = {
+        "rule": "clusters of documents sharing an LSH band; each keeps its first document in document order",
+        "jaccard_threshold": cfg.quality.minhash.jaccard_threshold,
+        "candidate_pairs_by_band": pairs,
+        "dropped": len(members),
+    }
+    return drops, {"near_duplicates": summary}
+
+
+def plan_publish(run, cfg, shard_counts: list[ShardCounts]) -> list[dict]:
+    return plan_finalize(run, shard_counts, lambda: near_duplicate_decision(run, cfg, shard_counts))
+
+
+# After the shards: merge the bands (one task each), then publish the shards (one task each).
+REDUCE_ROUNDS = (plan_bands, plan_publish)
+
+
+def reduce(run, cfg, item: dict) -> dict:
+    if item["step"] == FINALIZE:
+        return finalize_item(run, item)
+    return {"band": item["band"], "pairs": merge_band(run, cfg, item["band"])}
 
 
 def commit(run, cfg, shard_counts: list[ShardCounts], started: float) -> dict:
-    """Cluster the bands' candidate pairs (a band the runner did not merge is merged here) and publish
-    each shard without the near-duplicates."""
-    drops: dict[str, dict[int, str]] = {c.shard: {} for c in shard_counts}
-    extra = {}
-    if cfg.quality.minhash.enabled:
-        bands = [reduce(run, cfg, item) for item in plan_reduce(run, cfg, shard_counts)]
-        members, _ = duplicates_to_drop([np.load(band_pairs_path(run.path, b["band"])) for b in bands])
-        shards = [c.shard for c in shard_counts]
-        for ordinal, line in split_positions(members):
-            drops[shards[ordinal]][line] = "near_duplicate"
-        extra["near_duplicates"] = {
-            "rule": "clusters of documents sharing an LSH band; each keeps its first document in document order",
-            "jaccard_threshold": cfg.quality.minhash.jaccard_threshold,
-            "candidate_pairs_by_band": [b["pairs"] for b in bands],
-            "dropped": len(members),
-        }
-    final = [finalize_shard(run.path, counts, drops[counts.shard]) for counts in shard_counts]
-    return commit_data_stage(run, final, started, extra)
+    plan_publish(run, cfg, shard_counts)
+    return commit_finalized(run, shard_counts, started)

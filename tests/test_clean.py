@@ -12,6 +12,7 @@ import pyarrow.parquet as pq
 import pytest
 
 from cptflow.docshards import finalize_shard, read_documents
+from cptflow.tasks import clean
 from cptflow.tasks.clean import (
     CleanConfig,
     CleanSteps,
@@ -129,6 +130,79 @@ def test_parquet_reader_reads_row_groups(tmp_path):
     assert records[-1].line == 30
 
 
+def test_parquet_with_several_row_groups_reads_like_read_table_with_ids_and_row_numbers(tmp_path, monkeypatch):
+    monkeypatch.setattr(clean, "ARROW_BATCH_ROWS", 3)  # batches that do not line up with the row groups
+    table = pa.table(
+        {
+            "text": [f"{GOOD} {i}" for i in range(25)],
+            "score": [i if i % 4 else None for i in range(25)],
+            "tags": [[f"t{i}", "x"] for i in range(25)],
+            "where": [{"page": i, "lang": "en"} for i in range(25)],
+        }
+    )
+    (tmp_path / "in").mkdir()
+    pq.write_table(table, tmp_path / "in" / "a.parquet", row_group_size=7)  # groups of 7, 7, 7, 4 rows
+    src = source(tmp_path, id_field=None, documents_per_shard=10)
+    shards = plan_input_shards(src, tmp_path)
+    assert [(s.start, s.stop) for s in shards] == [(0, 2), (2, 4)]
+    records = [r for s in shards for r in read_raw_records(s, src)]
+    assert [r.record for r in records] == pq.read_table(tmp_path / "in" / "a.parquet").to_pylist()
+    assert [r.line for r in records] == list(range(1, 26))
+    final, stage = run_clean(tmp_path, src)
+    docs = [d for c in final for d in read_documents(stage / "shards" / f"{c.shard}.jsonl")]
+    assert [d["id"] for d in docs] == [f"web:a.parquet:{row}" for row in range(1, 26)]
+    assert docs[9]["meta"] == {"score": 9, "tags": ["t9", "x"], "where": {"page": 9, "lang": "en"}}
+
+
+def test_meta_fields_limit_the_meta_and_the_parquet_columns_read(tmp_path):
+    not_utf8 = pa.array([b"ok", b"caf\xff", b"ok"], type=pa.binary()).view(pa.string())
+    table = pa.table(
+        {"id": ["a", "b", "c"], "text": [f"{GOOD} {i}" for i in range(3)], "score": [1, 2, 3], "junk": not_utf8}
+    )
+    (tmp_path / "in").mkdir()
+    pq.write_table(table, tmp_path / "in" / "a.parquet")
+    final, stage = run_clean(tmp_path, source(tmp_path, meta_fields=["score"]))
+    docs = list(read_documents(stage / "shards" / "web-00000.jsonl"))
+    assert [(d["id"], d["meta"]) for d in docs] == [("a", {"score": 1}), ("b", {"score": 2}), ("c", {"score": 3})]
+    # The column nobody asked for is never read, so its bad bytes reject nothing; read whole, they would.
+    final, stage = run_clean(tmp_path / "all", source(tmp_path, paths=[str(tmp_path / "in")]))
+    assert final[0].rejected == Counter(invalid_utf8=1) and final[0].kept == 2
+
+
+def test_file_names_are_relative_to_the_configured_root_whatever_the_checkout(tmp_path):
+    base = tmp_path / "checkout" / "configs"
+    data = tmp_path / "checkout" / "data"
+    write_lines(data / "one" / "a.jsonl", [json.dumps({"text": GOOD})])
+    write_lines(data / "web" / "web-0.jsonl", [json.dumps({"text": GOOD + " 0"})])
+    write_lines(data / "web" / "sub" / "web-1.jsonl", [json.dumps({"text": GOOD + " 1"})])
+    (data / "dir" / "deep").mkdir(parents=True)
+    (data / "dir" / "deep" / "x.txt").write_text(GOOD)
+    base.mkdir()
+    entries = ["../data/one/a.jsonl", "../data/web/**/web-*.jsonl", "../data/./dir", str(data / "one")]
+    files = clean.list_input_files(source(tmp_path, paths=entries), base)
+    assert [(f.name, f.label) for f in files] == [
+        ("a.jsonl", "../data/one/a.jsonl"),  # a file: its name
+        ("sub/web-1.jsonl", "../data/web/sub/web-1.jsonl"),  # a glob: below the directory before the wildcard
+        ("web-0.jsonl", "../data/web/web-0.jsonl"),
+        ("deep/x.txt", "../data/dir/deep/x.txt"),  # a directory: below it
+        ("a.jsonl", str(data / "one" / "a.jsonl")),  # the same file again, by an absolute path
+    ]
+    assert all(Path(f.path).is_absolute() and Path(f.path).is_file() for f in files)
+    fingerprints = clean.input_file_fingerprints(source(tmp_path, paths=entries[:3]), base, "mtime")
+    assert [f["path"] for f in fingerprints] == [f.label for f in files[:4]]
+    assert str(tmp_path) not in json.dumps(fingerprints)
+
+
+def test_two_files_that_would_share_a_name_are_named_from_the_common_directory(tmp_path):
+    write_lines(tmp_path / "data" / "2023" / "part-0.jsonl", [json.dumps({"text": GOOD})])
+    write_lines(tmp_path / "data" / "2024" / "part-0.jsonl", [json.dumps({"text": GOOD + " again"})])
+    src = source(tmp_path, paths=["data/2023", "data/2024"], id_field=None)
+    assert [f.name for f in clean.list_input_files(src, tmp_path)] == ["2023/part-0.jsonl", "2024/part-0.jsonl"]
+    final, stage = run_clean(tmp_path, src)
+    ids = [d["id"] for c in final for d in read_documents(stage / "shards" / f"{c.shard}.jsonl")]
+    assert ids == ["web:2023/part-0.jsonl:1", "web:2024/part-0.jsonl:1"]  # both kept: no duplicate_id
+
+
 def test_text_directory_one_document_per_file_with_path_ids(tmp_path):
     for i in range(3):
         (tmp_path / "in" / "sub").mkdir(parents=True, exist_ok=True)
@@ -136,21 +210,80 @@ def test_text_directory_one_document_per_file_with_path_ids(tmp_path):
     (tmp_path / "in" / "bad.txt").write_bytes(b"\xff\xfe broken")
     final, stage = run_clean(tmp_path, source(tmp_path, id_field=None))
     assert final[0].documents_in == 4 and final[0].kept == 3 and final[0].rejected == Counter(invalid_utf8=1)
-    ids = [d["id"] for d in read_documents(stage / "shards" / "web-00000.jsonl")]
-    assert ids == ["web:in/sub/d0.txt:1", "web:in/sub/d1.txt:1", "web:in/sub/d2.txt:1"]
+    docs = list(read_documents(stage / "shards" / "web-00000.jsonl"))
+    # Relative to the configured directory `in`, not to the config's or the machine's root.
+    assert [d["id"] for d in docs] == ["web:sub/d0.txt:1", "web:sub/d1.txt:1", "web:sub/d2.txt:1"]
+    assert [d["meta"]["path"] for d in docs] == ["in/sub/d0.txt", "in/sub/d1.txt", "in/sub/d2.txt"]
+    (reject,) = read_documents(stage / "rejected" / "web-00000.jsonl")
+    assert (reject["file"], reject["line"], reject["reason"]) == ("in/bad.txt", 1, "invalid_utf8")
 
 
-def test_hugging_face_dataset_source_from_a_local_json_file(tmp_path):
-    write_lines(tmp_path / "local.jsonl", [json.dumps({"id": str(i), "text": f"{GOOD} {i}"}) for i in range(12)])
+def test_hugging_face_json_builder_is_streamed_one_shard_per_data_file(tmp_path):
+    for name, rows in (("a.jsonl", range(7)), ("b.jsonl", range(7, 12))):
+        write_lines(tmp_path / "hub" / name, [json.dumps({"id": str(i), "text": f"{GOOD} {i}"}) for i in rows])
     src = SourceConfig(
         name="hub",
         role="general",
-        hf={"path": "json", "data_files": str(tmp_path / "local.jsonl")},
+        # Relative to the config's directory (here tmp_path), not to the working directory.
+        hf={"path": "json", "data_files": ["hub/a.jsonl", "hub/b.jsonl"]},
+        id_field=None,
         documents_per_shard=5,
     )
+    shards = plan_input_shards(src, tmp_path)
+    assert [(s.kind, s.start, s.stop, s.names) for s in shards] == [
+        ("hf_stream", 0, 2, ("a.jsonl",)),
+        ("hf_stream", 1, 2, ("b.jsonl",)),
+    ]
     final, stage = run_clean(tmp_path, src)
-    assert [c.kept for c in final] == [5, 5, 2]
-    assert [d["id"] for d in read_documents(stage / "shards" / "hub-00002.jsonl")] == ["10", "11"]
+    assert [c.kept for c in final] == [7, 5]
+    docs = list(read_documents(stage / "shards" / "hub-00001.jsonl"))
+    assert [d["id"] for d in docs] == [f"hub:b.jsonl:{line}" for line in range(1, 6)]
+    assert [d["meta"]["id"] for d in docs] == [str(i) for i in range(7, 12)]
+    fingerprints = clean.input_file_fingerprints(src, tmp_path, "content")  # a changed local file reruns clean
+    assert [f["path"] for f in fingerprints] == ["hf:json:a.jsonl", "hf:json:b.jsonl"]
+
+
+def test_hugging_face_save_to_disk_dataset_is_read_like_the_dataset_itself(tmp_path, monkeypatch):
+    import datasets
+
+    monkeypatch.setattr(clean, "ARROW_BATCH_ROWS", 4)  # several Arrow slices per input shard
+    rows = {"text": [f"{GOOD} {i}" for i in range(23)], "score": list(range(23)), "tags": [[str(i)] for i in range(23)]}
+    datasets.DatasetDict(
+        {"train": datasets.Dataset.from_dict(rows), "test": datasets.Dataset.from_dict({"text": ["x"]})}
+    ).save_to_disk(str(tmp_path / "saved"))
+    src = SourceConfig(name="hub", role="general", hf={"path": "saved"}, id_field=None, documents_per_shard=10)
+    shards = plan_input_shards(src, tmp_path)
+    assert [(s.kind, s.start, s.stop) for s in shards] == [("hf_disk", 0, 10), ("hf_disk", 10, 20), ("hf_disk", 20, 23)]
+    records = [r for s in shards for r in read_raw_records(s, src, base_dir=tmp_path)]
+    reference = datasets.load_from_disk(str(tmp_path / "saved"))["train"].to_list()
+    assert [r.record for r in records] == reference
+    assert [r.line for r in records] == list(range(1, 24))
+    final, stage = run_clean(tmp_path, src)
+    docs = [d for c in final for d in read_documents(stage / "shards" / f"{c.shard}.jsonl")]
+    assert [d["id"] for d in docs] == [f"hub:train:{i}" for i in range(1, 24)]
+    assert docs[5]["meta"] == {"score": 5, "tags": ["5"]}
+    fingerprints = clean.input_file_fingerprints(src, tmp_path, "content")  # the local files, no absolute path
+    assert fingerprints and all(f["path"].startswith("hf:saved:") for f in fingerprints)
+
+
+def test_hugging_face_parquet_dataset_directory_is_read_by_row_groups(tmp_path):
+    import datasets
+
+    (tmp_path / "pq" / "data").mkdir(parents=True)
+    for k in range(2):
+        table = pa.table({"id": [f"{k}-{i}" for i in range(9)], "text": [f"{GOOD} {k} {i}" for i in range(9)]})
+        pq.write_table(table, tmp_path / "pq" / "data" / f"train-{k:05d}-of-00002.parquet", row_group_size=4)
+    src = SourceConfig(name="hub", role="general", hf={"path": "pq"}, documents_per_shard=4)
+    shards = plan_input_shards(src, tmp_path)
+    assert [(s.kind, s.names[0], s.start, s.stop) for s in shards] == [
+        ("parquet", name, group, group + 1)
+        for name in ("train-00000-of-00002.parquet", "train-00001-of-00002.parquet")
+        for group in range(3)
+    ]
+    records = [r for s in shards for r in read_raw_records(s, src, base_dir=tmp_path)]
+    reference = datasets.load_dataset(str(tmp_path / "pq"), split="train").to_list()
+    assert [r.record for r in records] == reference
+    assert [r.line for r in records] == [*range(1, 10), *range(1, 10)]
 
 
 def test_missing_input_path_and_absent_text_field_fail_before_work(tmp_path):
@@ -258,3 +391,39 @@ def test_a_finished_shard_is_not_redone_and_rerun_output_is_identical(tmp_path):
     assert again.as_dict() == first.as_dict()
     assert (stage / "_work" / "web-00000.done.json").stat().st_mtime_ns == marker_time
     assert isinstance(shards[0], InputShard)
+
+
+def test_duplicate_decisions_from_summaries_match_the_first_wins_reference(tmp_path):
+    """Exact duplicates and re-used ids from the shards' 32-byte summaries, against the plain sequential
+    rule on the full keys (a document is dropped when its text or id is that of an earlier kept one)."""
+    import random
+
+    import numpy as np
+
+    from cptflow.docshards import shard_work_file
+    from cptflow.tasks.clean import dedup_key, duplicate_decisions, id_digest
+
+    rng = random.Random(3)
+    shards = {name: [] for name in ("a", "b", "c", "d")}
+    for name, docs in shards.items():  # few texts and ids, so they collide with each other across shards
+        for _ in range(rng.choice([0, 300, 700])):
+            docs.append((f"text {rng.randrange(900)}", f"id-{rng.randrange(1100)}"))
+    for name, docs in shards.items():
+        rows = b"".join(bytes.fromhex(dedup_key(text)) + id_digest(doc_id) for text, doc_id in docs)
+        path = shard_work_file(tmp_path, name, "keys.npy")
+        path.parent.mkdir(parents=True, exist_ok=True)
+        np.save(path, np.frombuffer(rows, dtype="<u8").reshape(len(docs), 4))
+
+    for dedup in (True, False):
+        expected, seen_texts, seen_ids = {name: {} for name in shards}, set(), set()
+        for name, docs in shards.items():
+            for line, (text, doc_id) in enumerate(docs):
+                if dedup and text in seen_texts:
+                    expected[name][line] = "exact_duplicate"
+                elif doc_id in seen_ids:
+                    expected[name][line] = "duplicate_id"
+                else:
+                    seen_texts.add(text)
+                    seen_ids.add(doc_id)
+        assert duplicate_decisions(tmp_path, list(shards), dedup) == expected
+        assert sum(len(d) for d in expected.values()) > 200
