@@ -22,7 +22,7 @@ from cptflow.docshards import ShardCounts, load_finished_shard, mark_shard_finis
 from cptflow.fast_bpe import differing_documents
 from cptflow.models import load_tokenizer, model_fingerprint, resolve_model_path
 from cptflow.stage import Artifact, commit_data_stage, counts_artifact, upstream_shard_path, upstream_shards
-from cptflow.store import WORK, atomic_path, atomic_write_json, read_json, sha256_file
+from cptflow.store import WORK, atomic_path, atomic_write_json, read_json
 from cptflow.token_shards import tokenizer_fingerprint, write_token_shard
 from cptflow.tokenization import document_token_ids
 
@@ -181,6 +181,10 @@ def model_context_length(cfg) -> int | None:
 # ---------------------------------------------------------------------------------------------
 
 
+def _packing_path(directory: Path, name: str) -> Path:
+    return Path(directory) / f"packing-{name.strip('_')}.npy"
+
+
 class Packing:
     """Where every block starts and ends in the concatenated token stream, and what is in it.
 
@@ -188,22 +192,38 @@ class Packing:
     output shard, so memory is one output shard plus a few numbers per document.
     """
 
-    def __init__(self, lengths: np.ndarray, is_domain: np.ndarray, seq_len: int, final_block: str):
+    ARRAYS = ("lengths", "is_domain", "doc_start", "_domain_before")  # what save() keeps, per document
+
+    def __init__(self, lengths: np.ndarray, is_domain: np.ndarray, seq_len: int, final_block: str, *, saved=None):
         self.seq_len = seq_len
-        self.lengths = np.asarray(lengths, dtype=np.int64)
-        self.is_domain = np.asarray(is_domain, dtype=bool)
-        self.doc_start = np.zeros(len(self.lengths), dtype=np.int64)
-        np.cumsum(self.lengths[:-1], out=self.doc_start[1:])
-        self.total_tokens = int(self.lengths.sum())
+        if saved is not None:  # memory-mapped arrays of save(): no pass over the documents
+            for name in self.ARRAYS:
+                setattr(self, name, saved[name])
+        else:
+            self.lengths = np.asarray(lengths, dtype=np.int64)
+            self.is_domain = np.asarray(is_domain, dtype=bool)
+            self.doc_start = np.zeros(len(self.lengths), dtype=np.int64)
+            np.cumsum(self.lengths[:-1], out=self.doc_start[1:])
+            # Domain tokens before each document (and after the last): D(p) below is exact at any p.
+            self._domain_before = np.zeros(len(self.lengths) + 1, dtype=np.int64)
+            np.cumsum(self.lengths * self.is_domain, out=self._domain_before[1:])
+        self.total_tokens = int(self.doc_start[-1] + self.lengths[-1]) if len(self.lengths) else 0
         full, remainder = divmod(self.total_tokens, seq_len)
         self.blocks = full + (1 if remainder and final_block == "pad" else 0)
         # Tokens that end up in blocks (the rest is the dropped tail) and padding of the last block.
         self.valid_end = min(self.total_tokens, self.blocks * seq_len)
         self.padded_tokens = self.blocks * seq_len - self.valid_end
         self.dropped_tokens = self.total_tokens - self.valid_end
-        # Domain tokens before each document (and after the last): D(p) below is exact at any p.
-        self._domain_before = np.zeros(len(self.lengths) + 1, dtype=np.int64)
-        np.cumsum(self.lengths * self.is_domain, out=self._domain_before[1:])
+
+    def save(self, directory: Path) -> None:
+        """Its per-document arrays as .npy files (25 bytes per document), for the tasks that write shards."""
+        for name in self.ARRAYS:
+            _save_npy(_packing_path(directory, name), getattr(self, name))
+
+    @classmethod
+    def load(cls, directory: Path, seq_len: int, final_block: str) -> "Packing":
+        saved = {name: np.load(_packing_path(directory, name), mmap_mode="r") for name in cls.ARRAYS}
+        return cls(None, None, seq_len, final_block, saved=saved)
 
     def domain_tokens_before(self, positions: np.ndarray) -> np.ndarray:
         """Domain tokens in stream positions [0, p) for each p."""
@@ -354,66 +374,91 @@ def output_shard_name(index: int) -> str:
     return f"tokens-{index:05d}.arrow"
 
 
-def _write_or_reuse(path: Path, record_path: Path, write) -> dict:
-    """Reuse a shard a killed commit already wrote when its sha256 matches the recorded one."""
+def _packing_dir(run) -> Path:
+    return run.path / WORK / "packed"
+
+
+def plan_packing(run, cfg, shard_counts: list[ShardCounts]) -> list[dict]:
+    """Decide where every block starts (from the documents' lengths and roles alone; kept in `_work/`),
+    then one item per output shard k = blocks [k * blocks_per_shard, (k + 1) * blocks_per_shard)."""
+    section: TokenizeConfig = cfg.tokenize
+    decided = _packing_dir(run) / "packing.json"
+    if not decided.is_file():
+
+        def work(counts: ShardCounts, suffix: str) -> np.ndarray:
+            return np.load(shard_work_file(run.path, counts.shard, suffix), mmap_mode="r")
+
+        doc_lengths = [work(c, "lengths.npy") for c in shard_counts]
+        packing = Packing(
+            np.concatenate(doc_lengths) if doc_lengths else np.zeros(0, np.int64),
+            np.concatenate([work(c, "domain.npy") for c in shard_counts]) if shard_counts else np.zeros(0, bool),
+            section.seq_len,
+            section.final_block,
+        )
+        packing.save(_packing_dir(run))
+        atomic_write_json(decided, {"blocks": packing.blocks})  # last: the decision is whole
+    blocks = read_json(decided)["blocks"]
+    per_shard = section.blocks_per_shard
+    return [
+        {"name": output_shard_name(index), "first": first, "stop": min(first + per_shard, blocks)}
+        for index, first in enumerate(range(0, blocks, per_shard))
+    ]
+
+
+def _stream(run, shard_counts_or_names) -> TokenStream:
+    names = [getattr(c, "shard", c) for c in shard_counts_or_names]
+    return TokenStream([np.load(shard_work_file(run.path, name, "tokens.npy"), mmap_mode="r") for name in names])
+
+
+REDUCE_ROUNDS = (plan_packing,)  # after the shards: write each output shard (one task each)
+
+
+def reduce(run, cfg, item: dict) -> dict:
+    """Write one output shard of blocks [first, stop); one written before a kill is reused."""
+    section: TokenizeConfig = cfg.tokenize
+    seq_len = section.seq_len
+    path = run.path / SHARDS_DIR / item["name"]
+    record_path = _packing_dir(run) / f"{item['name']}.json"
     if path.is_file() and record_path.is_file():
         record = read_json(record_path)
-        if sha256_file(path) == record["sha256"]:
+        # The record is written after the shard's atomic rename: a shard with its record is whole.
+        if record.get("bytes") == path.stat().st_size:
             return record
-    record = write()
+    packing = Packing.load(_packing_dir(run), seq_len, section.final_block)
+    stream = _stream(run, [s["shard"] for s in upstream_shards(run)])
+    metadata = shard_metadata(stage_tokenizer(cfg), seq_len, cfg.seed)
+    first, stop = item["first"], item["stop"]
+    input_ids = np.full((stop - first) * seq_len, metadata["pad_id"], dtype=np.uint32)
+    stream.read_into(input_ids, first * seq_len, min(stop * seq_len, packing.valid_end))
+    valid, doc_starts, domain = packing.block_rows(first, stop)
+    written = write_token_shard(
+        path, input_ids.reshape(-1, seq_len), valid, doc_starts, domain, metadata, section.rows_per_batch
+    )
+    record = {
+        "name": path.name,
+        "path": f"{SHARDS_DIR}/{path.name}",
+        "rows": written["rows"],
+        "tokens": written["tokens"],
+        "sha256": written["sha256"],
+        "bytes": path.stat().st_size,
+    }
     atomic_write_json(record_path, record)
     return record
 
 
 def commit(run, cfg, shard_counts: list[ShardCounts], started: float) -> dict:
-    """Pack all stream shards, in order, into blocks and write output shard k = blocks
-    [k * blocks_per_shard, (k + 1) * blocks_per_shard); then the manifest."""
+    """The manifest, from the packing decision and the output shards' records (any shard the runner did
+    not write is written here, as when the stage runs without a runner)."""
     section: TokenizeConfig = cfg.tokenize
-    seq_len, per_shard = section.seq_len, section.blocks_per_shard
-    tokenizer = stage_tokenizer(cfg)
-    metadata = shard_metadata(tokenizer, seq_len, cfg.seed)
-
-    def work(counts: ShardCounts, suffix: str) -> np.ndarray:
-        return np.load(shard_work_file(run.path, counts.shard, suffix), mmap_mode="r")
-
-    stream = TokenStream([work(c, "tokens.npy") for c in shard_counts])
-    doc_lengths = [work(c, "lengths.npy") for c in shard_counts]
-    packing = Packing(
-        np.concatenate(doc_lengths) if doc_lengths else np.zeros(0, np.int64),
-        np.concatenate([work(c, "domain.npy") for c in shard_counts]) if shard_counts else np.zeros(0, bool),
-        seq_len,
-        section.final_block,
-    )
-
-    token_shards = []
-    for index, first in enumerate(range(0, packing.blocks, per_shard)):
-        stop = min(first + per_shard, packing.blocks)
-        name = output_shard_name(index)
-        path = run.path / SHARDS_DIR / name
-
-        def write(first=first, stop=stop, path=path) -> dict:
-            input_ids = np.full((stop - first) * seq_len, metadata["pad_id"], dtype=np.uint32)
-            start_token = first * seq_len
-            stop_token = min(stop * seq_len, packing.valid_end)
-            stream.read_into(input_ids, start_token, stop_token)
-            valid, doc_starts, domain = packing.block_rows(first, stop)
-            written = write_token_shard(
-                path, input_ids.reshape(-1, seq_len), valid, doc_starts, domain, metadata, section.rows_per_batch
-            )
-            return {
-                "name": path.name,
-                "path": f"{SHARDS_DIR}/{path.name}",
-                "rows": written["rows"],
-                "tokens": written["tokens"],
-                "sha256": written["sha256"],
-            }
-
-        token_shards.append(_write_or_reuse(path, run.path / WORK / "packed" / f"{name}.json", write))
-
-    final = _account(shard_counts, packing, stream)
+    metadata = shard_metadata(stage_tokenizer(cfg), section.seq_len, cfg.seed)
+    records = [reduce(run, cfg, item) for item in plan_packing(run, cfg, shard_counts)]
+    token_shards = [{k: v for k, v in r.items() if k != "bytes"} for r in records]
+    known = {r["path"]: {"path": r["path"], "bytes": r["bytes"], "sha256": r["sha256"]} for r in records}
+    packing = Packing.load(_packing_dir(run), section.seq_len, section.final_block)
+    final = _account(shard_counts, packing, _stream(run, shard_counts))
     domain_in_shards = int(packing.domain_tokens_before(np.array([packing.valid_end]))[0])
     summary = {
-        "seq_len": seq_len,
+        "seq_len": section.seq_len,
         "final_block": section.final_block,
         "tokens": packing.total_tokens,
         "tokens_in_shards": packing.valid_end,
@@ -424,7 +469,11 @@ def commit(run, cfg, shard_counts: list[ShardCounts], started: float) -> dict:
         "domain_share": round(domain_in_shards / packing.valid_end, 6) if packing.valid_end else None,
     }
     return commit_data_stage(
-        run, final, started, extra={"token_shards": token_shards, "token_metadata": metadata, "packing": summary}
+        run,
+        final,
+        started,
+        extra={"token_shards": token_shards, "token_metadata": metadata, "packing": summary},
+        known_outputs=known,
     )
 
 
