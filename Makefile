@@ -66,3 +66,23 @@ drills: $(STAMP)
 
 clean-work:
 	rm -rf work
+
+# Not part of `test`: the GPU figures in one call (docs/benchmarks.md, "GPU check"). `make gpu-wheels`, here
+# (PyPI reachable), downloads into gpu_wheels/ the wheels the GPU image lacks (scripts/gpu_wheels.txt, about
+# 44 MiB); `make gpu-check` on the GPU machine installs them, runs the kernel tests compiled and the kernel,
+# training and perplexity benchmarks under a 9-minute cap, and writes $(GPU_CHECK_OUT)/summary.json and a log
+# per step. `make gpu-check GPU_CHECK_ARGS=--dry-run PYTHON=.venv/bin/python`: the same on a CPU, tiny sizes.
+GPU_CHECK_OUT ?= work/gpu-check
+GPU_CHECK_ARGS ?=
+GPU_PLATFORMS := $(foreach n,manylinux_2_28 manylinux_2_27 manylinux_2_24 manylinux_2_17 manylinux2014 manylinux1,--platform $(n)_x86_64)
+
+.PHONY: gpu-wheels gpu-check
+
+gpu-wheels:
+	rm -rf gpu_wheels
+	$(PYTHON) -m pip download --quiet --no-deps --only-binary=:all: --python-version 3.12 --implementation cp \
+		$(GPU_PLATFORMS) -d gpu_wheels -r scripts/gpu_wheels.txt
+	@du -ch gpu_wheels/*.whl | tail -1
+
+gpu-check:
+	PYTHON=$(PYTHON) scripts/gpu_check.sh $(GPU_CHECK_ARGS) $(GPU_CHECK_OUT)

@@ -388,7 +388,9 @@ def main() -> None:
     )
     parser.add_argument("--json", type=Path, default=None, help="also write the result here")
     parser.add_argument("--child", choices=tuple(SIDES), help=argparse.SUPPRESS)
-    parser.add_argument("--model-path", help=argparse.SUPPRESS)
+    parser.add_argument(
+        "--model-path", help="a from_pretrained directory to benchmark instead of --model (fed token ids: no tokenizer)"
+    )
     args = parser.parse_args()
 
     from cptflow.models import pick_device, pick_dtype
@@ -406,7 +408,9 @@ def main() -> None:
     model = args.model if args.model != "auto" else ("1b" if cuda else "tiny")
 
     with tempfile.TemporaryDirectory(prefix="bench-training-model-") as tmp:
-        if model == "tiny":
+        if args.model_path:  # scripts/gpu_check.py's dry run: a tiny random Llama of its own
+            model_path = model_label = args.model_path
+        elif model == "tiny":
             from cptflow.models import resolve_model_path
 
             model_path = resolve_model_path("builtin:tiny-llama")
