@@ -38,7 +38,7 @@ from cptflow.stage import (
     upstream_shard_path,
     upstream_shards,
 )
-from cptflow.store import atomic_write_json, read_json
+from cptflow.store import atomic_path, atomic_write_json, read_json
 
 REASON_ABOVE_MAX = "perplexity_above_max"
 REASON_BELOW_BAND = "perplexity_below_band"
@@ -56,6 +56,17 @@ class PerplexityConfig(BaseModel):
 
     model_config = ConfigDict(extra="forbid")
 
+    scorer: Literal["model", "unigram"] = Field(
+        default="model",
+        description="model: the causal LM's perplexity (a GPU job at scale). unigram: the perplexity of the "
+        "document's tokens under token frequencies counted on general (replay) documents, with add-one "
+        "smoothing: thousands of documents per second on a CPU, but blind to word order and fluency, so it "
+        "ranks documents by how typical their vocabulary is; use it with keep_band (percentiles), since its "
+        "values are not on the model's scale.",
+    )
+    unigram_reference_documents: int = Field(
+        default=20_000, gt=0, description="unigram: general documents (first in shard order) whose tokens are counted"
+    )
     model: str | None = Field(
         default=None,
         description="Scoring model: a from_pretrained path, hub id or `builtin:` name; "
@@ -338,7 +349,76 @@ def artifacts(manifest: dict, directory: Path) -> list[Artifact]:
 
 def plan(run, cfg) -> list[dict]:
     resolve_model_path(scoring_model_name(cfg))  # build builtin models once, before shards run in parallel
-    return upstream_shards(run)
+    shards = upstream_shards(run)
+    if cfg.perplexity.scorer == "unigram":
+        count_reference_tokens(run, cfg, shards)
+    return shards
+
+
+# ---------------------------------------------------------------------------------------------
+# The cheap scorer: token frequencies of general text, counted once on a bounded sample
+# ---------------------------------------------------------------------------------------------
+def _unigram_path(stage_directory: Path) -> Path:
+    return Path(stage_directory) / "_work" / "unigram-counts.npy"
+
+
+def _token_ids(texts: list[str], tokenizer, max_length: int) -> list[list[int]]:
+    ids = tokenizer(
+        list(texts), add_special_tokens=False, split_special_tokens=True, return_attention_mask=False, verbose=False
+    )["input_ids"]
+    return [row[:max_length] for row in ids]
+
+
+def count_reference_tokens(run, cfg, shards: list[dict]) -> None:
+    """Token counts of the first `unigram_reference_documents` general documents (all documents when no
+    source is general), in shard order: once per stage, bounded whatever the corpus size."""
+    if _unigram_path(run.path).is_file():
+        return
+    section: PerplexityConfig = cfg.perplexity
+    tokenizer = load_tokenizer(resolve_model_path(scoring_model_name(cfg)), trust_remote_code=cfg.trust_remote_code)
+    general = {source.name for source in cfg.sources if source.role == "general"}
+    chosen = [item for item in shards if item["source"] in general] or shards
+    counts = np.zeros(len(tokenizer), dtype=np.int64)
+    remaining = section.unigram_reference_documents
+    for item in chosen:
+        if remaining <= 0:
+            break
+        documents = read_documents(upstream_shard_path(run, item["shard"]))
+        texts = [doc["text"] for doc, _ in zip(documents, range(remaining))]
+        remaining -= len(texts)
+        for row in _token_ids(texts, tokenizer, section.max_length):
+            counts += np.bincount(np.asarray(row, dtype=np.int64), minlength=len(counts))[: len(counts)]
+    with atomic_path(_unigram_path(run.path)) as tmp, open(tmp, "wb") as handle:
+        np.save(handle, counts)
+
+
+def unigram_scores(texts: list[str], stage_directory: Path, cfg) -> list[DocumentScore]:
+    section: PerplexityConfig = cfg.perplexity
+    tokenizer = load_tokenizer(resolve_model_path(scoring_model_name(cfg)), trust_remote_code=cfg.trust_remote_code)
+    counts = np.load(_unigram_path(stage_directory))
+    log_p = np.log((counts + 1.0) / (counts.sum() + len(counts)))  # add-one: unseen tokens stay finite
+    scores = []
+    for row in _token_ids(texts, tokenizer, section.max_length):
+        if not row:
+            scores.append(DocumentScore(float("nan"), 0))
+            continue
+        scores.append(DocumentScore(float(np.exp(-log_p[np.asarray(row)].mean())), len(row)))
+    return scores
+
+
+def _model_scores(docs: list[dict], section: PerplexityConfig, cfg) -> list[DocumentScore]:
+    with _MODEL_LOCK:
+        model, tokenizer = _scoring_model(
+            resolve_model_path(scoring_model_name(cfg)), section.device, section.dtype, cfg.trust_remote_code
+        )
+        return score_texts(
+            [doc["text"] for doc in docs],
+            model,
+            tokenizer,
+            max_length=section.max_length,
+            batch_tokens=resolve_batch_tokens(section, model),
+            progress=True,
+        )
 
 
 def perplexity_shard(input_path: Path, shard: str, source: str, cfg, stage_directory: Path) -> ShardCounts:
@@ -351,18 +431,10 @@ def perplexity_shard(input_path: Path, shard: str, source: str, cfg, stage_direc
     counts = ShardCounts(shard=shard, source=source)
     docs = list(read_documents(input_path))
     counts.documents_in = len(docs)
-    with _MODEL_LOCK:
-        model, tokenizer = _scoring_model(
-            resolve_model_path(scoring_model_name(cfg)), section.device, section.dtype, cfg.trust_remote_code
-        )
-        scores = score_texts(
-            [doc["text"] for doc in docs],
-            model,
-            tokenizer,
-            max_length=section.max_length,
-            batch_tokens=resolve_batch_tokens(section, model),
-            progress=True,
-        )
+    if section.scorer == "unigram":
+        scores = unigram_scores([doc["text"] for doc in docs], stage_directory, cfg)
+    else:
+        scores = _model_scores(docs, section, cfg)
     kept_scores = []
     with (
         JsonlWriter(shard_work_file(stage_directory, shard, "kept.jsonl")) as kept,

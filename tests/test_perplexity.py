@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import math
 import os
 import random
@@ -15,6 +16,7 @@ transformers = pytest.importorskip("transformers")
 
 from conftest import everyday_english_docs  # noqa: E402
 from pydantic import ValidationError  # noqa: E402
+from test_flow import corpus  # noqa: E402,F401  (the flow tests' sample corpus fixture)
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors, trainers  # noqa: E402
 
 from cptflow.tasks.perplexity import (  # noqa: E402
@@ -274,3 +276,49 @@ def test_config_defaults_work():
     cfg = PerplexityConfig()
     assert (cfg.max_length, cfg.batch_tokens, cfg.device, cfg.dtype) == (512, "auto", "auto", "auto")
     assert PerplexityConfig.model_validate({"keep_band": [0, 90]}).keep_band == (0.0, 90.0)
+
+
+def test_the_unigram_scorer_counts_general_text_once_and_ranks_typical_vocabulary_first(
+    corpus,  # noqa: F811
+    tiny_llama_dir,
+    tmp_path,
+):
+    """The cheap scorer on the flow tests' sample corpus: general documents score lower than a shuffle of
+    rare tokens, every document gets a finite score, and the stage's outputs are the same on a rerun."""
+    from test_flow import write_config
+
+    from cptflow.config import load_config
+    from cptflow.plan import plan_pipeline, run_data_stage_plain
+    from cptflow.store import read_manifest
+    from cptflow.tasks.perplexity import count_reference_tokens, unigram_scores
+
+    settings = {"scorer": "unigram", "keep_band": [0, 90], "unigram_reference_documents": 50}
+    cfg = load_config(write_config(tmp_path, corpus, tiny_llama_dir, perplexity=settings))
+    runs = plan_pipeline(cfg)
+    for stage in ("clean", "quality", "perplexity"):
+        run_data_stage_plain(runs[stage], cfg)
+    manifest = read_manifest(runs["perplexity"].path)
+    assert manifest["counts"]["excluded"]["perplexity_above_band"] >= 1
+    scores = [
+        json.loads(line)["perplexity"]
+        for path in sorted((runs["perplexity"].path / "shards").glob("*.jsonl"))
+        for line in path.read_text(encoding="utf-8").splitlines()
+    ]
+    assert scores and all(s is not None and s > 1 for s in scores)
+
+    count_reference_tokens(
+        runs["perplexity"], cfg, [{"shard": s["shard"], "source": s["source"]} for s in manifest["shards"]]
+    )  # noqa: E501
+    typical, odd = unigram_scores(
+        ["The city library reopened on Monday and the children were happy.", "zq xj vvq kkp zzxq jjq"],
+        runs["perplexity"].path,
+        cfg,
+    )
+    assert typical.perplexity < odd.perplexity
+
+    again_cfg = load_config(write_config(tmp_path / "again", corpus, tiny_llama_dir, perplexity=settings))
+    again = plan_pipeline(again_cfg)
+    for stage in ("clean", "quality", "perplexity"):
+        run_data_stage_plain(again[stage], again_cfg)
+    outputs = lambda m: {e["path"]: e["sha256"] for e in m["outputs"]}  # noqa: E731
+    assert outputs(read_manifest(again["perplexity"].path)) == outputs(manifest)
