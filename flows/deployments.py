@@ -38,8 +38,9 @@ def build_deployments(
     work_dir: str | Path | None = None,
 ) -> list[RunnerDeployment]:
     """`<name>`: the whole pipeline, on the schedule (cron expression or every `interval` seconds, or
-    none: runs on demand); `<name>-<stage>` for each stage: `only=[stage]` as its default parameters,
-    never scheduled. `<name>` is the config's `name`.
+    none: runs on demand); `<name>-<N>-<stage>` for each stage (N its place in the DAG, so that the
+    UI's A-Z list reads in pipeline order): `only=[stage]` as its default parameters, never scheduled.
+    `<name>` is the config's `name`.
     """
     if cron and interval:
         raise ValueError("give a cron expression or an interval, not both")
@@ -74,13 +75,18 @@ def build_deployments(
     for stage in PIPELINE_STAGES:
         deployments.append(
             cptflow_pipeline.to_deployment(
-                name=f"{cfg.name}-{stage}",
+                name=stage_deployment_name(cfg.name, stage),
                 parameters={**parameters, "only": [stage]},
                 description=f"Only the {stage} stage of {parameters['config_path']} (its upstream must be done).",
                 **{**common, "tags": [*tags, stage]},
             )
         )
     return deployments
+
+
+def stage_deployment_name(pipeline: str, stage: str) -> str:
+    """`demo-2-quality`: the stage's place in the DAG first, so deployments list in pipeline order."""
+    return f"{pipeline}-{PIPELINE_STAGES.index(stage) + 1}-{stage}"
 
 
 def prefect_api_url() -> str | None:

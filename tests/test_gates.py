@@ -87,3 +87,16 @@ def test_training_gates_compare_an_eval_with_the_start_of_the_stage():
     )
     with pytest.raises(ValueError, match="no general_eval set"):
         judge_training("sft", {"step": 1, "domain_eval": {"perplexity": 1.0}}, start, gates)
+
+
+def test_the_forgetting_card_reads_eval_set_first_and_shows_the_gates():
+    from cptflow.tasks.evaluate import forgetting_markdown, format_forgetting_table
+
+    gates = EvaluateGates(limits=[{"eval_set": "domain", "baseline": "cpt", "max_increase_pct": 25}])
+    manifest = {"forgetting_table": format_forgetting_table(DEMO), "gates": judge_evaluate(DEMO, gates)}
+    card = forgetting_markdown(manifest)
+    header = next(line for line in card.splitlines() if line.startswith("| eval set"))
+    assert header == "| eval set | base | cpt | sft | cpt vs base | sft vs base |"
+    assert "| domain | 2265.85 | 30.73 | 46.60 | -98.6% | -97.9% |" in card
+    assert "| domain perplexity of sft vs cpt | +51.6% | +25.0% | **breach** |" in card
+    assert "Gates" not in forgetting_markdown({"forgetting_table": manifest["forgetting_table"]})

@@ -76,10 +76,13 @@ def test_deployments_register_schedule_and_one_per_stage(prefect_harness, tmp_pa
             "items": {"enum": list(PIPELINE_STAGES), "type": "string"},  # the run form offers the stages
             "type": "array",
         }
-        for stage in PIPELINE_STAGES:
-            one = client.read_deployment_by_name(f"cptflow-pipeline/ops-{stage}")
+        for position, stage in enumerate(PIPELINE_STAGES, start=1):
+            one = client.read_deployment_by_name(f"cptflow-pipeline/ops-{position}-{stage}")
             assert one.parameters == {**base, "only": [stage]}
             assert one.schedules == [] and stage in one.tags
+        # The UI lists deployments A-Z: that is pipeline order.
+        names = [d.name for d in client.read_deployments() if d.name.startswith("ops")]
+        assert sorted(names) == ["ops", *(f"ops-{i}-{stage}" for i, stage in enumerate(PIPELINE_STAGES, start=1))]
 
         # Serving again with another schedule replaces it.
         build_deployments(config, interval=3600, work_dir=work)[0].apply()
@@ -140,7 +143,7 @@ def test_served_stage_deployment_runs_the_stage(prefect_harness, corpus, tiny_ll
             deadline = time.monotonic() + 120
             while True:
                 try:
-                    deployment = client.read_deployment_by_name("cptflow-pipeline/flow-test-clean")
+                    deployment = client.read_deployment_by_name("cptflow-pipeline/flow-test-1-clean")
                     break
                 except Exception:
                     assert server.poll() is None and time.monotonic() < deadline, (
@@ -592,7 +595,7 @@ def test_retry_reruns_only_the_failed_stage_onward_and_cancel_kills_training(
                 assert f"| {stage} | ran |" in summary, summary
 
             # (2) cancel while cpt trains: nothing of the training tree survives
-            stage_deployment = deployment("served-retry-cpt")
+            stage_deployment = deployment("served-retry-6-cpt")
             again = client.create_flow_run_from_deployment(
                 stage_deployment.id, parameters={**stage_deployment.parameters, "force": ["cpt"]}
             )
