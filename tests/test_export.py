@@ -1,9 +1,11 @@
-"""Tests for cptflow/export.py: merged checkpoints reproduce the adapted model, tied embeddings stay
-tied, the output directory is atomic, and the model card is right and leaks no secrets."""
+"""Tests for cptflow/export.py: merged checkpoints reproduce the adapted model (and equal PEFT's own merge bit
+for bit), tied embeddings stay tied, sharded and bf16 bases keep their layout, unsupported adapters are
+refused, the output directory is atomic, and the model card is right and leaks no secrets."""
 
 from __future__ import annotations
 
 import json
+import shutil
 from pathlib import Path
 
 import pytest
@@ -23,7 +25,17 @@ def _load_fp32(model_dir: Path):
     return AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32, use_safetensors=True)
 
 
-def _train_adapter(base_dir: Path, adapter_dir: Path, *, ensure_weight_tying: bool, seed: int) -> dict:
+def _train_adapter(
+    base_dir: Path,
+    adapter_dir: Path,
+    *,
+    ensure_weight_tying: bool,
+    seed: int,
+    target_modules: list[str] = TARGET_MODULES,
+    modules_to_save: list[str] | None = None,
+    use_rslora: bool = True,
+    **lora_options,
+) -> dict:
     """Build the training stages' PEFT model, perturb it like training would, save it with the
     tokenizer; return the trained modules_to_save weights by module name."""
     from peft import LoraConfig, get_peft_model
@@ -33,18 +45,19 @@ def _train_adapter(base_dir: Path, adapter_dir: Path, *, ensure_weight_tying: bo
     config = LoraConfig(
         r=8,
         lora_alpha=16,
-        use_rslora=True,
+        use_rslora=use_rslora,
         lora_dropout=0.0,
-        target_modules=TARGET_MODULES,
-        modules_to_save=["embed_tokens", "lm_head"],
+        target_modules=target_modules,
+        modules_to_save=modules_to_save or ["embed_tokens", "lm_head"],
         ensure_weight_tying=ensure_weight_tying,
         task_type="CAUSAL_LM",
+        **lora_options,
     )
     model = get_peft_model(_load_fp32(base_dir), config)
     generator = torch.Generator().manual_seed(seed)
     with torch.no_grad():
         for name, param in model.named_parameters():
-            if "lora_B" in name:  # zero at init: make the LoRA delta real
+            if "lora_B" in name or "lora_magnitude" in name:  # B is zero at init: make the LoRA delta real
                 param.copy_(torch.randn(param.shape, generator=generator) * 0.1)
             elif "modules_to_save" in name:
                 param.add_(torch.randn(param.shape, generator=generator) * 0.1)
@@ -66,6 +79,30 @@ def _max_diff(a: list[torch.Tensor], b: list[torch.Tensor]) -> float:
     return max((x - y).abs().max().item() for x, y in zip(a, b))
 
 
+def _checkpoint(model_dir: Path) -> dict[str, torch.Tensor]:
+    """Every tensor of a safetensors checkpoint, one file or several shards."""
+    from safetensors.torch import load_file
+
+    return {k: v for path in sorted(Path(model_dir).glob("*.safetensors")) for k, v in load_file(path).items()}
+
+
+def _peft_merge(base_dir: Path, adapter_dir: Path, dtype: torch.dtype) -> dict[str, torch.Tensor]:
+    """The reference: PEFT's own merge_and_unload on the base loaded in float32, cast to `dtype`."""
+    from cptflow.export import load_adapted_model
+
+    merged = load_adapted_model(str(base_dir), adapter_dir).merge_and_unload().to(dtype)
+    return {k: v.detach() for k, v in merged.state_dict().items()}
+
+
+def _assert_equals_peft_merge(merged_dir: Path, base_dir: Path, adapter_dir: Path, dtype: torch.dtype) -> None:
+    ours, reference = _checkpoint(merged_dir), _peft_merge(base_dir, adapter_dir, dtype)
+    assert set(ours) <= set(reference)
+    # A tied model's state_dict also lists the head; the checkpoint holds the embedding only.
+    assert set(reference) - set(ours) <= {"lm_head.weight"}
+    for name, tensor in ours.items():
+        assert tensor.dtype == dtype and torch.equal(tensor, reference[name]), name
+
+
 @pytest.fixture(scope="module")
 def tokenizer(tiny_llama_dir):
     from transformers import AutoTokenizer
@@ -80,9 +117,8 @@ def untied_adapter(tiny_llama_dir, tmp_path_factory):
     return adapter_dir, trained
 
 
-@pytest.fixture(scope="module")
-def tied_base_dir(tiny_llama_dir, tokenizer, tmp_path_factory) -> Path:
-    """A random 2-layer Llama whose lm_head is its embedding matrix (tie_word_embeddings=True)."""
+def _random_llama(tokenizer, directory: Path, *, tie: bool, **save_options) -> Path:
+    """A random 2-layer Llama with the tiny tokenizer, saved (optionally in bf16, in shards)."""
     from transformers import LlamaConfig, LlamaForCausalLM
 
     config = LlamaConfig(
@@ -93,7 +129,7 @@ def tied_base_dir(tiny_llama_dir, tokenizer, tmp_path_factory) -> Path:
         num_attention_heads=4,
         num_key_value_heads=2,
         max_position_embeddings=256,
-        tie_word_embeddings=True,
+        tie_word_embeddings=tie,
         bos_token_id=tokenizer.bos_token_id,
         eos_token_id=tokenizer.eos_token_id,
         pad_token_id=tokenizer.pad_token_id,
@@ -101,11 +137,16 @@ def tied_base_dir(tiny_llama_dir, tokenizer, tmp_path_factory) -> Path:
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(0)
         model = LlamaForCausalLM(config)
-    assert model.get_input_embeddings().weight is model.get_output_embeddings().weight
-    out = tmp_path_factory.mktemp("tied-base") / "base"
-    model.save_pretrained(out)
-    tokenizer.save_pretrained(out)
-    return out
+    dtype = save_options.pop("dtype", torch.float32)
+    model.to(dtype).save_pretrained(directory, **save_options)
+    tokenizer.save_pretrained(directory)
+    return directory
+
+
+@pytest.fixture(scope="module")
+def tied_base_dir(tokenizer, tmp_path_factory) -> Path:
+    """A random 2-layer Llama whose lm_head is its embedding matrix (tie_word_embeddings=True)."""
+    return _random_llama(tokenizer, tmp_path_factory.mktemp("tied-base") / "base", tie=True)
 
 
 @pytest.fixture(scope="module")
@@ -134,6 +175,43 @@ def test_merged_checkpoint_reproduces_adapted_model_logits(tiny_llama_dir, untie
     assert untied_merge["bytes"] > untied_merge["parameters"] * 4
 
 
+@pytest.mark.parametrize("dtype", ["float32", "bfloat16", "float16"])
+def test_merged_tensors_equal_peft_merge_and_unload_bit_for_bit(
+    dtype, tiny_llama_dir, untied_adapter, untied_merge, tmp_path
+):
+    """The streaming merge does PEFT's arithmetic (float32 W + (B @ A) * scaling, then the cast): the
+    checkpoint equals PEFT's in-memory merge_and_unload tensor for tensor, byte for byte."""
+    from cptflow.export import merge_adapter
+
+    if dtype == "float32":
+        merged_dir = Path(untied_merge["path"])
+    else:
+        merged_dir = Path(merge_adapter(str(tiny_llama_dir), untied_adapter[0], tmp_path / dtype, dtype=dtype)["path"])
+    _assert_equals_peft_merge(merged_dir, tiny_llama_dir, untied_adapter[0], getattr(torch, dtype))
+
+
+@pytest.mark.parametrize("use_rslora", [True, False])
+def test_rank_and_alpha_patterns_scale_each_module_as_peft_does(use_rslora, tiny_llama_dir, tmp_path):
+    """Per-module rank and alpha (rank_pattern / alpha_pattern), with and without rsLoRA: each module's
+    scaling is PEFT's, so the checkpoint still equals PEFT's merge bit for bit."""
+    from cptflow.export import merge_adapter
+
+    adapter_dir = tmp_path / "adapter"
+    _train_adapter(
+        tiny_llama_dir,
+        adapter_dir,
+        ensure_weight_tying=False,
+        seed=8,
+        use_rslora=use_rslora,
+        rank_pattern={"q_proj": 2, "layers.1.mlp.down_proj": 4},
+        alpha_pattern={"down_proj": 3, "v_proj": 64},
+    )
+    config = json.loads((adapter_dir / "adapter_config.json").read_text())
+    assert config["use_rslora"] is use_rslora and config["rank_pattern"]
+    result = merge_adapter(str(tiny_llama_dir), adapter_dir, tmp_path / "merged", dtype="float32")
+    _assert_equals_peft_merge(Path(result["path"]), tiny_llama_dir, adapter_dir, torch.float32)
+
+
 def test_merged_checkpoint_holds_trained_embeddings_and_head(untied_adapter, untied_merge):
     from safetensors.torch import load_file
 
@@ -146,6 +224,7 @@ def test_merged_checkpoint_holds_trained_embeddings_and_head(untied_adapter, unt
     out = Path(untied_merge["path"])
     assert (out / "tokenizer.json").is_file() and (out / "config.json").is_file()
     assert not (out / "adapter_config.json").exists()
+    assert (out / "generation_config.json").is_file()
 
 
 def test_tied_base_stays_tied_after_merge(tied_base_dir, tokenizer, tmp_path):
@@ -166,11 +245,13 @@ def test_tied_base_stays_tied_after_merge(tied_base_dir, tokenizer, tmp_path):
     assert "lm_head.weight" not in load_file(Path(result["path"]) / "model.safetensors")
     adapted = _logits(load_adapted_model(str(tied_base_dir), adapter_dir), tokenizer)
     assert _max_diff(_logits(merged, tokenizer), adapted) < 1e-4
+    _assert_equals_peft_merge(Path(result["path"]), tied_base_dir, adapter_dir, torch.float32)
 
 
 def test_tied_base_trained_apart_is_untied_and_keeps_trained_head(tied_base_dir, tokenizer, tmp_path):
     """Without ensure_weight_tying the embedding and head copies diverge; re-tying them on reload
     would throw the trained head away (peft PR#2972, LlamaFactory#6446)."""
+    from safetensors.torch import load_file
     from transformers import AutoModelForCausalLM
 
     from cptflow.export import load_adapted_model, merge_adapter
@@ -183,8 +264,10 @@ def test_tied_base_trained_apart_is_untied_and_keeps_trained_head(tied_base_dir,
     merged = AutoModelForCausalLM.from_pretrained(result["path"])
     assert result["tied_embeddings"] is False
     assert merged.config.tie_word_embeddings is False
+    assert json.loads((Path(result["path"]) / "config.json").read_text())["tie_word_embeddings"] is False
     assert torch.equal(merged.get_output_embeddings().weight, trained["lm_head"])
     assert torch.equal(merged.get_input_embeddings().weight, trained["model.embed_tokens"])
+    assert torch.equal(load_file(Path(result["path"]) / "model.safetensors")["lm_head.weight"], trained["lm_head"])
     adapted = _logits(load_adapted_model(str(tied_base_dir), adapter_dir), tokenizer)
     assert _max_diff(_logits(merged, tokenizer), adapted) < 1e-4
 
@@ -207,6 +290,169 @@ def test_bfloat16_merge_loads_as_bf16_with_close_logits(tiny_llama_dir, untied_a
     assert rounding_error < 0.1 * adapter_effect
 
 
+@pytest.mark.parametrize("tie", [False, True])
+def test_sharded_bf16_base_is_merged_into_the_same_shards(tie, tokenizer, tmp_path, monkeypatch):
+    """A base saved in bfloat16 as 3+ shards: the merged checkpoint has the same shard files holding the
+    same tensor names, an index whose total_size is the tensors' bytes, and PEFT's merge bit for bit;
+    embeddings read in blocks of rows (a tiny CHUNK_BYTES) come out the same as read whole."""
+    from transformers import AutoModelForCausalLM
+
+    import cptflow.export
+    from cptflow.export import load_adapted_model, merge_adapter
+
+    base_dir = _random_llama(tokenizer, tmp_path / "base", tie=tie, dtype=torch.bfloat16, max_shard_size="20KB")
+    base_index = json.loads((base_dir / "model.safetensors.index.json").read_text())
+    assert len(set(base_index["weight_map"].values())) >= 3
+    adapter_dir = tmp_path / "adapter"
+    _train_adapter(base_dir, adapter_dir, ensure_weight_tying=tie, seed=5)
+    monkeypatch.setattr(cptflow.export, "CHUNK_BYTES", 1024)  # the embedding: ~20 blocks of rows
+
+    result = merge_adapter(str(base_dir), adapter_dir, tmp_path / "merged", dtype="bfloat16")
+
+    out = Path(result["path"])
+    index = json.loads((out / "model.safetensors.index.json").read_text())
+    assert index["weight_map"] == base_index["weight_map"]
+    assert not (out / "model.safetensors").exists()
+    weights = _checkpoint(out)
+    assert index["metadata"]["total_size"] == sum(t.numel() * t.element_size() for t in weights.values())
+    assert index["metadata"]["total_parameters"] == result["parameters"] == sum(t.numel() for t in weights.values())
+    _assert_equals_peft_merge(out, base_dir, adapter_dir, torch.bfloat16)
+
+    merged = AutoModelForCausalLM.from_pretrained(out)
+    assert merged.dtype == torch.bfloat16 and result["tied_embeddings"] is tie
+    assert (merged.get_input_embeddings().weight is merged.get_output_embeddings().weight) is tie
+    adapted = _logits(load_adapted_model(str(base_dir), adapter_dir), tokenizer)
+    base = _logits(_load_fp32(base_dir).eval(), tokenizer)
+    assert _max_diff(_logits(merged, tokenizer), adapted) < 0.1 * _max_diff(base, adapted)
+
+
+def test_gpt2_conv1d_weights_get_transposed_deltas(tokenizer, tmp_path):
+    """GPT-2 stores its Conv1D weights as [in, out] (PEFT's fan_in_fan_out): each delta is transposed,
+    square c_proj included, and the tied wte / lm_head stay one tensor."""
+    from transformers import AutoModelForCausalLM, GPT2Config, GPT2LMHeadModel
+
+    from cptflow.export import load_adapted_model, merge_adapter
+
+    config = GPT2Config(
+        vocab_size=len(tokenizer),
+        n_embd=32,
+        n_layer=2,
+        n_head=4,
+        n_positions=64,
+        bos_token_id=tokenizer.bos_token_id,
+        eos_token_id=tokenizer.eos_token_id,
+    )
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(0)
+        GPT2LMHeadModel(config).save_pretrained(tmp_path / "base")
+    tokenizer.save_pretrained(tmp_path / "base")
+    adapter_dir = tmp_path / "adapter"
+    _train_adapter(
+        tmp_path / "base",
+        adapter_dir,
+        ensure_weight_tying=True,
+        seed=6,
+        target_modules=["c_attn", "c_proj", "c_fc"],
+        modules_to_save=["wte", "lm_head"],
+        fan_in_fan_out=True,
+    )
+    result = merge_adapter(str(tmp_path / "base"), adapter_dir, tmp_path / "merged", dtype="float32")
+
+    merged = AutoModelForCausalLM.from_pretrained(result["path"])
+    assert result["tied_embeddings"] is True
+    assert merged.get_input_embeddings().weight is merged.get_output_embeddings().weight
+    adapted = _logits(load_adapted_model(str(tmp_path / "base"), adapter_dir), tokenizer)
+    base = _logits(_load_fp32(tmp_path / "base").eval(), tokenizer)
+    assert _max_diff(_logits(merged, tokenizer), adapted) < 1e-4
+    assert _max_diff(base, adapted) > 1e-2
+    _assert_equals_peft_merge(Path(result["path"]), tmp_path / "base", adapter_dir, torch.float32)
+
+
+def test_adapter_module_missing_from_the_base_is_an_error_naming_it(tiny_llama_dir, untied_adapter, tmp_path):
+    from safetensors.torch import load_file, save_file
+
+    from cptflow.export import merge_adapter
+
+    adapter_dir = tmp_path / "adapter"
+    shutil.copytree(untied_adapter[0], adapter_dir)
+    weights = load_file(adapter_dir / "adapter_model.safetensors")
+    # As if trained on a deeper model: layer 7's down_proj, which the 2-layer base has not.
+    renamed = {k.replace("layers.1.mlp.down_proj", "layers.7.mlp.down_proj"): v for k, v in weights.items()}
+    save_file(renamed, adapter_dir / "adapter_model.safetensors", metadata={"format": "pt"})
+
+    with pytest.raises(ValueError, match=r"model\.layers\.7\.mlp\.down_proj"):
+        merge_adapter(str(tiny_llama_dir), adapter_dir, tmp_path / "merged", dtype="float32")
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["adapter"]
+
+
+@pytest.mark.parametrize("kind", ["dora", "ia3"])
+def test_adapter_that_is_not_plain_lora_is_refused(kind, tiny_llama_dir, tmp_path):
+    """DoRA rescales each weight column after adding B @ A, and IA3 is another PEFT method: neither is
+    W + scaling * B @ A, so the merge refuses them instead of writing a wrong model."""
+    from peft import IA3Config, get_peft_model
+
+    from cptflow.export import merge_adapter
+
+    adapter_dir = tmp_path / "adapter"
+    if kind == "dora":
+        _train_adapter(tiny_llama_dir, adapter_dir, ensure_weight_tying=False, seed=7, use_dora=True)
+    else:
+        config = IA3Config(target_modules=["k_proj", "v_proj", "down_proj"], feedforward_modules=["down_proj"])
+        get_peft_model(_load_fp32(tiny_llama_dir), config).save_pretrained(adapter_dir)
+
+    with pytest.raises(ValueError, match="use_dora" if kind == "dora" else "IA3 adapter; merge_adapter merges LoRA"):
+        merge_adapter(str(tiny_llama_dir), adapter_dir, tmp_path / "merged", dtype="float32")
+    assert not (tmp_path / "merged").exists()
+
+
+def test_quantized_base_checkpoint_is_refused(tiny_llama_dir, untied_adapter, tmp_path):
+    """Adding a delta to packed 4-bit (or FP8-with-scales) tensors would write garbage: the merge wants
+    the unquantized base."""
+    from cptflow.export import merge_adapter
+
+    base_dir = tmp_path / "base"
+    shutil.copytree(tiny_llama_dir, base_dir)
+    config = json.loads((base_dir / "config.json").read_text())
+    config["quantization_config"] = {"quant_method": "bitsandbytes", "load_in_4bit": True}
+    (base_dir / "config.json").write_text(json.dumps(config))
+
+    with pytest.raises(ValueError, match="quantized checkpoint .bitsandbytes."):
+        merge_adapter(str(base_dir), untied_adapter[0], tmp_path / "merged", dtype="float32")
+    assert not (tmp_path / "merged").exists()
+
+
+def test_streamed_shard_is_byte_identical_to_safetensors_save_file(tmp_path, monkeypatch):
+    """The shard writer (header first, then tensor by tensor, block by block) writes the file that
+    safetensors' own save_file writes for the same tensors after the cast."""
+    from safetensors import safe_open
+    from safetensors.torch import save_file
+
+    import cptflow.export
+    from cptflow.export import MergedTensor, write_safetensors
+
+    generator = torch.Generator().manual_seed(0)
+    tensors = {
+        "model.embed_tokens.weight": torch.randn(37, 5, generator=generator),
+        "model.norm.weight": torch.randn(5, generator=generator).to(torch.bfloat16),
+        "a.scalar": torch.tensor(3.5),
+        "position_ids": torch.arange(7),
+        "mask": torch.tensor([True, False, True]),
+    }
+    save_file(tensors, tmp_path / "source.safetensors", metadata={"format": "pt"})
+    with safe_open(str(tmp_path / "source.safetensors"), framework="pt") as handle:
+        planned = [
+            MergedTensor(name, tmp_path / "source.safetensors", name, tuple(t.shape), handle.get_tensor(name).dtype)
+            for name, t in tensors.items()
+        ]
+    monkeypatch.setattr(cptflow.export, "CHUNK_BYTES", 64)  # the embedding in blocks of 3 rows
+
+    write_safetensors(tmp_path / "streamed.safetensors", planned, torch.float16)
+
+    cast = {k: v.to(torch.float16) if v.is_floating_point() else v for k, v in tensors.items()}
+    save_file(cast, tmp_path / "expected.safetensors", metadata={"format": "pt"})
+    assert (tmp_path / "streamed.safetensors").read_bytes() == (tmp_path / "expected.safetensors").read_bytes()
+
+
 def test_merge_cleans_stale_temp_dir_and_replaces_previous_output(tiny_llama_dir, untied_adapter, tmp_path):
     from cptflow.export import merge_adapter
 
@@ -226,56 +472,18 @@ def test_merge_cleans_stale_temp_dir_and_replaces_previous_output(tiny_llama_dir
 
 
 def test_failed_merge_leaves_no_output_and_no_temp_dir(tiny_llama_dir, untied_adapter, tmp_path, monkeypatch):
-    from transformers import PreTrainedModel
+    from transformers import PreTrainedTokenizerBase
 
     from cptflow.export import merge_adapter
 
-    original_save = PreTrainedModel.save_pretrained
-
-    def save_then_crash(self, save_directory, *args, **kwargs):
-        original_save(self, save_directory, *args, **kwargs)  # weights on disk, tokenizer not yet
+    def crash_after_the_weights(self, save_directory, *args, **kwargs):
+        assert (Path(save_directory) / "model.safetensors").is_file()  # weights on disk, tokenizer not yet
         raise OSError("disk full")
 
-    monkeypatch.setattr(PreTrainedModel, "save_pretrained", save_then_crash)
+    monkeypatch.setattr(PreTrainedTokenizerBase, "save_pretrained", crash_after_the_weights)
     with pytest.raises(OSError, match="disk full"):
         merge_adapter(str(tiny_llama_dir), untied_adapter[0], tmp_path / "out", dtype="float32")
     assert list(tmp_path.iterdir()) == []
-
-
-@pytest.mark.parametrize("peft_bug", ["drops_trained_embedding", "keeps_tie_flag_after_untying"])
-def test_merge_refuses_to_save_what_older_peft_got_wrong(peft_bug, tied_base_dir, tmp_path, monkeypatch):
-    """peft 0.21 merges modules_to_save and tying right; earlier versions did not (unsloth#3444,
-    peft PR#2972). Re-create those bugs: the merge must raise instead of saving a wrong model."""
-    import warnings
-
-    from peft.tuners.tuners_utils import BaseTuner
-
-    from cptflow.export import merge_adapter
-
-    adapter_dir = tmp_path / "adapter"
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")  # peft warns about a tied layer trained apart
-        _train_adapter(
-            tied_base_dir,
-            adapter_dir,
-            ensure_weight_tying=peft_bug == "drops_trained_embedding",
-            seed=4,
-        )
-    original_merge = BaseTuner.merge_and_unload
-    base_embedding = _load_fp32(tied_base_dir).get_input_embeddings().weight
-
-    def buggy_merge(self, *args, **kwargs):
-        merged = original_merge(self, *args, **kwargs)
-        if peft_bug == "drops_trained_embedding":
-            merged.get_input_embeddings().weight = base_embedding
-        else:  # head and embedding differ, but a reload would tie them again
-            merged.config.tie_word_embeddings = True
-        return merged
-
-    monkeypatch.setattr(BaseTuner, "merge_and_unload", buggy_merge)
-    with pytest.raises(RuntimeError, match="embed_tokens|tie_word_embeddings"):
-        merge_adapter(str(tied_base_dir), adapter_dir, tmp_path / "merged", dtype="float32")
-    assert not (tmp_path / "merged").exists()
 
 
 def test_merge_rejects_unknown_dtype(tiny_llama_dir, untied_adapter, tmp_path):
