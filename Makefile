@@ -49,7 +49,7 @@ bench: $(STAMP)
 
 # Not part of `test`: starts a Prefect server, runs the demo against it in a fresh work directory
 # (about 8 minutes on 2 cores) and checks its artifacts in the UI with headless Chromium (the system's:
-# `apt-get install chromium`); screenshots in docs/ui-check*.png.
+# `apt-get install chromium`); full-page screenshots in work/ui-check/ (docs/ui-check*.png: a curated copy).
 ui-check: $(STAMP)
 	$(PY) -m pip install --quiet -e '.[ui-check]'
 	$(PY) scripts/ui_check.py

@@ -5,10 +5,11 @@ against it in a fresh work directory, then opens the flow run's page in headless
 driving the system's browser, e.g. Debian's `chromium`), checks that `pipeline-summary` and
 `evaluate-forgetting` are listed and render (a heading, a table), that the run graph is the chain
 clean → quality → … → evaluate (each stage's only parent is the stage before it), and saves screenshots
-of the run graph (docs/ui-check-graph.png), the run's Artifacts tab (docs/ui-check.png) and the
-rendered summary (docs/ui-check-summary.png).
+of the run graph (work/ui-check/ui-check-graph.png), the run's Artifacts tab (ui-check.png) and the
+rendered summary (ui-check-summary.png), full page, under the ignored work/ (docs/ keeps a curated copy:
+`--screenshot docs/ui-check.png` writes there).
 
-    python scripts/ui_check.py [--config configs/demo.yaml] [--screenshot docs/ui-check.png]
+    python scripts/ui_check.py [--config configs/demo.yaml] [--screenshot work/ui-check/ui-check.png]
                                [--api-url http://127.0.0.1:4200/api]   # use a running server instead
 
 Not part of `make test`: it needs a browser and runs the whole demo (about 8 minutes on 2 CPU cores).
@@ -112,7 +113,8 @@ def check_in_browser(
         page = chromium.new_page(viewport={"width": 1400, "height": 1000})
         page.goto(f"{ui_url}/runs/flow-run/{flow_run_id}", wait_until="networkidle")
         page.wait_for_timeout(3_000)  # the graph canvas draws after the data arrives
-        page.screenshot(path=str(screenshot.with_name(f"{screenshot.stem}-graph{screenshot.suffix}")))
+        screenshot.parent.mkdir(parents=True, exist_ok=True)
+        page.screenshot(path=str(screenshot.with_name(f"{screenshot.stem}-graph{screenshot.suffix}")), full_page=True)
         page.get_by_role("tablist").get_by_text("Artifacts", exact=True).click()
         for key in EXPECTED:
             try:
@@ -144,7 +146,7 @@ def main() -> int:
     parser.add_argument("--work-dir", help="default: a fresh temporary directory, so that every stage runs")
     parser.add_argument("--api-url", help="a running Prefect server's API; default: start one")
     parser.add_argument("--browser", help="Chromium executable; default: the first of %s on PATH" % ", ".join(BROWSERS))
-    parser.add_argument("--screenshot", default=str(REPO / "docs" / "ui-check.png"))
+    parser.add_argument("--screenshot", default=str(REPO / "work" / "ui-check" / "ui-check.png"))
     parser.add_argument(
         "--no-run", action="store_true", help="with --api-url: check the latest pipeline run already there"
     )
