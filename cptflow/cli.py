@@ -16,11 +16,13 @@ import shutil
 import signal
 import subprocess
 import sys
+import traceback
 from pathlib import Path
 from typing import Optional
 
 import typer
 from rich.console import Console
+from rich.markup import escape
 from rich.table import Table
 
 import cptflow.flows  # noqa: F401  (its __init__ sets Prefect defaults before prefect is imported)
@@ -118,9 +120,16 @@ def run(
     from_stage: Optional[str] = typer.Option(None, "--from", help="Recompute this stage and every stage after it"),
     force: Optional[list[str]] = typer.Option(None, "--force", help="Recompute this stage even if done (repeatable)"),
     work_dir: Optional[Path] = WORK_DIR_OPT,
+    debug: bool = typer.Option(
+        False, "--debug", help="On a failure, print the full tracebacks here too (they always go to the log file)"
+    ),
 ) -> None:
-    """Run the pipeline; finished stages whose inputs and config are unchanged are cached."""
+    """Run the pipeline; finished stages whose inputs and config are unchanged are cached.
+
+    A failed run prints what failed, where, and how to resume; its full log is written to WORK_DIR/logs/.
+    """
     cfg = _load(config, work_dir)
+    from cptflow.flows.failure import failure_lines, failure_report, run_log
     from cptflow.flows.pipeline import (
         StageSelectionError,
         check_upstreams_available,
@@ -135,17 +144,45 @@ def run(
         selected, _ = select_stages(only, from_stage, force)
         _preflight(cfg, selected)
         check_upstreams_available(plan_pipeline(cfg), selected)  # before a Prefect server is started
-        with result_storage(cfg), run_tags(cfg, selected):
-            reports = cptflow_pipeline(
+    except StageSelectionError as err:
+        _fail(str(err))
+    with run_log(cfg.work_path, debug=debug) as log:
+        try:
+            with result_storage(cfg), run_tags(cfg, selected):
+                reports = cptflow_pipeline(
+                    config_path=str(config),
+                    only=only,
+                    from_stage=from_stage,
+                    force=force,
+                    work_dir=str(work_dir) if work_dir else None,
+                )
+        except StageSelectionError as err:
+            _fail(str(err))
+        except Exception as error:  # a stage failed: one short block here, the tracebacks in the log file
+            report = log.report or failure_report(  # the flow's own report, or one for a failure outside it
+                cfg,
+                None,
+                error,
                 config_path=str(config),
+                work_dir=str(work_dir) if work_dir else None,
                 only=only,
                 from_stage=from_stage,
                 force=force,
-                work_dir=str(work_dir) if work_dir else None,
             )
-    except StageSelectionError as err:
-        _fail(str(err))
+            report["log"] = log.save(error)
+            if debug:
+                traceback.print_exception(error)
+            _print_failure(failure_lines(report))
+            raise typer.Exit(1) from None
+        if log.quiet and log.quiet.hidden:  # e.g. a training stage that failed once, then passed on its retry
+            _warn(f"{log.quiet.hidden} error lines of this run were kept off the terminal: {log.save()}")
     _print_reports(reports)
+
+
+def _print_failure(lines: list[str]) -> None:
+    err_console.print(f"[bold red]error:[/] {escape(lines[0])}", highlight=False, soft_wrap=True)
+    for line in lines[1:]:
+        err_console.print(line, highlight=False, soft_wrap=True, markup=False)
 
 
 def _print_reports(reports: list[dict]) -> None:

@@ -330,7 +330,9 @@ def child_main(config: str, work: str, stage: str) -> None:
     from cptflow.cli import app
 
     print("READY", flush=True)
-    app(["run", config, "--work-dir", work, "--only", stage], standalone_mode=False)
+    code = app(["run", config, "--work-dir", work, "--only", stage], standalone_mode=False)
+    if code:  # a failed run: without standalone mode the command returns its exit code instead of exiting
+        sys.exit(code)
     print("DONE", flush=True)
 
 

@@ -29,8 +29,14 @@ from prefect.logging import get_run_logger
 
 from cptflow.config import PipelineConfig, RunnerConfig, load_config
 from cptflow.docshards import ShardCounts
-from cptflow.flows.failure import failed_stage, publish_failure
-from cptflow.gates import enforce
+from cptflow.flows.failure import (
+    failed_stage,
+    publish_failure,
+    quiet_worker_console,
+    shard_results,
+    warn_if_low_space,
+)
+from cptflow.gates import GateBreach, enforce
 from cptflow.plan import DATA_STAGES, PIPELINE_STAGES, UPSTREAM, StageRun, gate_summary, plan_pipeline, stage_module
 from cptflow.store import read_manifest, reset_stage_dir, stage_lock
 from cptflow.training import TrainingReporter
@@ -41,7 +47,29 @@ class StageSelectionError(ValueError):
     pass
 
 
-def make_task_runner(runner: RunnerConfig):
+class LocalDaskCluster:
+    """One local Dask cluster for a whole pipeline run, started when the first data stage needs it: its
+    workers import cptflow once, not once per stage (`runner: {kind: dask}` without an address)."""
+
+    def __init__(self, runner: RunnerConfig):
+        self.runner, self.cluster = runner, None
+
+    def address(self) -> str:
+        if self.cluster is None:
+            from distributed import LocalCluster
+
+            self.cluster = LocalCluster(
+                n_workers=self.runner.dask_workers, threads_per_worker=1, processes=True, dashboard_address=None
+            )
+        return self.cluster.scheduler_address
+
+    def close(self) -> None:
+        if self.cluster is not None:
+            self.cluster.close()
+            self.cluster = None
+
+
+def make_task_runner(runner: RunnerConfig, dask_cluster: LocalDaskCluster | None = None):
     if runner.kind == "threads":
         from prefect.task_runners import ThreadPoolTaskRunner
 
@@ -49,7 +77,8 @@ def make_task_runner(runner: RunnerConfig):
     if runner.kind == "processes":
         from prefect.task_runners import ProcessPoolTaskRunner
 
-        return ProcessPoolTaskRunner(max_workers=runner.max_workers)
+        # The initializer keeps a worker's Prefect tracebacks off the terminal under `cptflow run`.
+        return ProcessPoolTaskRunner(max_workers=runner.max_workers, initializer=quiet_worker_console)
     if runner.kind == "ray":
         try:
             from prefect_ray import RayTaskRunner
@@ -64,6 +93,8 @@ def make_task_runner(runner: RunnerConfig):
         raise ImportError("runner.kind 'dask' needs prefect-dask: pip install 'cptflow[dask]'") from None
     if runner.dask_address:
         return DaskTaskRunner(address=runner.dask_address)
+    if dask_cluster is not None:
+        return DaskTaskRunner(address=dask_cluster.address())
     return DaskTaskRunner(cluster_kwargs={"n_workers": runner.dask_workers, "threads_per_worker": 1, "processes": True})
 
 
@@ -118,7 +149,8 @@ def process_shard(stage: str, shard_name: str, item: dict, run: StageRun, cfg: P
 
 @task(name="reduce", cache_policy=NO_CACHE, persist_result=False, task_run_name="{stage}-{item_name}")
 def reduce_step(stage: str, item_name: str, item: dict, run: StageRun, cfg: PipelineConfig) -> dict:
-    """One step over every shard of a data stage (an LSH band); one finished before a kill is not redone."""
+    """One step after the shards of a data stage (an LSH band, publishing a shard); one finished before a
+    kill is not redone."""
     return stage_module(stage).reduce(run, cfg, item)
 
 
@@ -173,17 +205,16 @@ def data_stage(
             futures = process_shard.map(
                 stage=unmapped(stage), shard_name=names, item=items, run=unmapped(run), cfg=unmapped(cfg)
             )
-            shard_counts = [future.result() for future in futures]
-            # Steps over all shards (quality's LSH bands), each a task on the runner; commit finds their results.
-            module = stage_module(stage)
-            reduce_items = module.plan_reduce(run, cfg, shard_counts) if hasattr(module, "plan_reduce") else []
-            if reduce_items:
-                names = [item["name"] for item in reduce_items]
+            shard_counts = shard_results(stage, futures)  # a dead worker: WorkerKilled, with its signal
+            # Rounds of steps after the shards (quality's LSH bands, then publishing each shard), each step
+            # a task on the runner; the commit finds their results in the stage's `_work/`.
+            for plan_round in getattr(stage_module(stage), "REDUCE_ROUNDS", ()):
+                items = plan_round(run, cfg, shard_counts)
+                names = [item["name"] for item in items]
                 reduced = reduce_step.map(
-                    stage=unmapped(stage), item_name=names, item=reduce_items, run=unmapped(run), cfg=unmapped(cfg)
+                    stage=unmapped(stage), item_name=names, item=items, run=unmapped(run), cfg=unmapped(cfg)
                 )
-                for future in reduced:
-                    future.result()
+                shard_results(stage, reduced)
         # The store is the truth: a stage not committed there is recomputed even if Prefect has a record.
         state = commit_stage.with_options(refresh_cache=not done)(
             stage, run, cfg, shard_counts, started, return_state=True
@@ -380,6 +411,7 @@ def run_stage(
     selected: list[str],
     forced: set[str],
     upstream: dict | None = None,
+    dask_cluster: LocalDaskCluster | None = None,
 ) -> tuple[dict, dict]:
     """(the stage's report, what the next stage receives as `upstream`): the value Prefect returned for
     this stage, so that the graph draws the edge `stage → next stage`."""
@@ -387,8 +419,9 @@ def run_stage(
     if stage not in selected:
         report = _stage_report(run, "done" if run.is_done() else "not run")
         return report, handoff(report)
+    warn_if_low_space(stage, runs, cfg, forced)  # a warning only: the estimate is rough
     if stage in DATA_STAGES:
-        runner = make_task_runner(cfg.runner)
+        runner = make_task_runner(cfg.runner, dask_cluster)
         result = data_stage.with_options(name=stage, task_runner=runner)(
             stage, run, cfg, force=stage in forced, upstream=upstream
         )
@@ -454,13 +487,28 @@ def cptflow_pipeline(
     check_upstreams_available(runs, selected)
 
     reports, upstream = [], None
+    local_dask = cfg.runner.kind == "dask" and not cfg.runner.dask_address
+    dask_cluster = LocalDaskCluster(cfg.runner) if local_dask else None
     try:
         for stage in PIPELINE_STAGES:  # each stage receives the one before it: the graph is the chain
-            report, upstream = run_stage(stage, runs, cfg, selected, forced, upstream)
+            report, upstream = run_stage(stage, runs, cfg, selected, forced, upstream, dask_cluster)
             reports.append(report)
     except Exception as error:  # a stage failed: say which one, and how to rerun from it
-        publish_failure(cfg, failed_stage(runs, selected), error, config_path=config_path, work_dir=work_dir)
+        publish_failure(
+            cfg,
+            error.stage if isinstance(error, GateBreach) else failed_stage(runs, selected),
+            error,
+            config_path=config_path,
+            work_dir=work_dir,
+            runs=runs,
+            only=only,
+            from_stage=from_stage,
+            force=force,
+        )
         raise
+    finally:
+        if dask_cluster is not None:
+            dask_cluster.close()
 
     publish_run_summary(cfg, reports)
     return reports

@@ -222,7 +222,9 @@ def test_run_rerun_change_and_force(prefect_harness, corpus, tiny_llama_dir, tmp
         failure = client.read_latest_artifacts(
             artifact_filter=ArtifactCollectionFilter(key={"any_": ["pipeline-failure"]})
         )
-    assert "evaluate" in failure[0].data and f"(limit {measured - 1:+.1f}%)" in failure[0].data
+    card = failure[0].data
+    assert "failed in stage 'evaluate'" in card and f"(limit {measured - 1:+.1f}%)" in card
+    assert "re-judges without recomputing" in card and "after changing the limit" in card
     reported = run_pipeline(gated("report", measured - 1))  # report-only: a warning, and the run passes
     assert [r["state"] for r in reported] == ["cached"] * len(PIPELINE_STAGES)
     run_pipeline(gated("fail", measured + 1))  # within the limit
@@ -344,13 +346,24 @@ def test_killed_stage_resumes_and_ends_byte_identical(prefect_harness, corpus, t
 
 
 @pytest.mark.slow  # minutes on 2 cores: `make test-slow` (CI runs it)
-def test_dask_runner_gives_the_same_bytes_as_threads(prefect_harness, corpus, tiny_llama_dir, tmp_path):
+def test_dask_runner_gives_the_same_bytes_as_threads(prefect_harness, corpus, tiny_llama_dir, tmp_path, monkeypatch):
+    import distributed
+
     from cptflow.flows.pipeline import run_pipeline
 
+    started = []
+
+    class CountedCluster(distributed.LocalCluster):
+        def __init__(self, *args, **kwargs):
+            started.append(kwargs)
+            super().__init__(*args, **kwargs)
+
+    monkeypatch.setattr(distributed, "LocalCluster", CountedCluster)
     threads = write_config(tmp_path / "threads", corpus, tiny_llama_dir)
     dask = write_config(tmp_path / "dask", corpus, tiny_llama_dir, runner={"kind": "dask", "dask_workers": 2})
     by_threads = run_pipeline(threads, only=["clean", "quality"])
     by_dask = run_pipeline(dask, only=["clean", "quality"])
+    assert len(started) == 1  # one local cluster served both stages: workers start once per run
     for ref, res in zip(by_threads[:2], by_dask[:2]):
         assert res["state"] == "ran" and ref["fingerprint"] == res["fingerprint"]
         assert outputs(read_manifest(Path(res["directory"]))) == outputs(read_manifest(Path(ref["directory"])))
