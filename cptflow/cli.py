@@ -256,6 +256,10 @@ def status(
             str(row["seconds"] or ""),
         )
     console.print(table)
+    for row in rows:  # a verdict is a sentence: under the table, not in a column
+        if row.get("gates"):
+            colour = "green" if row["gates"].startswith("pass") else "red"
+            console.print(f"  {row['stage']} gates: [{colour}]{row['gates']}[/]", highlight=False)
 
 
 @app.command()
@@ -276,7 +280,7 @@ def serve(
     cptflow-pipeline/NAME-STAGE  one stage (only=[STAGE]); its upstream must be done
 
     NAME is the config's `name`. Run one from the UI (a form for only, from_stage, force, work_dir) or with \
-`prefect deployment run 'cptflow-pipeline/NAME-quality'`. Two runs of one deployment never overlap: a run due \
+`prefect deployment run 'cptflow-pipeline/NAME-2-quality'`. Two runs of one deployment never overlap: a run due \
 while the previous one still works waits for it.
     """
     from cptflow.config import ConfigError

@@ -218,6 +218,12 @@ def test_run_rerun_change_and_force(prefect_harness, corpus, tiny_llama_dir, tmp
     assert file_times(work) == before
     rows = {row["stage"]: row for row in stage_status(load_config(gated("fail", measured - 1)))}
     assert rows["evaluate"]["state"] == "done" and rows["evaluate"]["gates"].startswith("FAILED: general perplexity")
+    from typer.testing import CliRunner
+
+    from cptflow.cli import app
+
+    shown = CliRunner().invoke(app, ["status", str(gated("fail", measured - 1))])
+    assert shown.exit_code == 0 and "evaluate gates: FAILED: general perplexity of sft vs base" in shown.stdout
     with get_client(sync_client=True) as client:
         failure = client.read_latest_artifacts(
             artifact_filter=ArtifactCollectionFilter(key={"any_": ["pipeline-failure"]})
