@@ -45,6 +45,7 @@ class _Block:
     doc_offsets: np.ndarray  # (rows + 1,) int32: doc_values[doc_offsets[i]:doc_offsets[i + 1]] are row i's
     doc_values: np.ndarray  # int32
     shard: int
+    domain_tokens: np.ndarray  # (rows,) int32: tokens of `role: domain` documents in each row
 
 
 def shard_metadata(path: Path, schema: pa.Schema) -> dict:
@@ -118,6 +119,9 @@ def _check_schema(path: Path, schema: pa.Schema, seq_len: int) -> None:
     valid = schema.field("valid_tokens").type if "valid_tokens" in schema.names else None
     if valid != pa.int32():
         raise TokenShardError(f"token shard {path}: column valid_tokens must be int32, found {valid}")
+    domain = schema.field("domain_tokens").type if "domain_tokens" in schema.names else None
+    if domain != pa.int32():
+        raise TokenShardError(f"token shard {path}: column domain_tokens must be int32, found {domain}")
     docs = schema.field("doc_starts").type if "doc_starts" in schema.names else None
     if not (
         docs is not None and (pa.types.is_list(docs) or pa.types.is_large_list(docs)) and docs.value_type == pa.int32()
@@ -144,6 +148,7 @@ def _blocks_of(path: Path, shard: int, batches: list[pa.RecordBatch], seq_len: i
                 doc_offsets=docs.offsets.to_numpy(zero_copy_only=True),
                 doc_values=docs.values.to_numpy(zero_copy_only=True),
                 shard=shard,
+                domain_tokens=batch.column("domain_tokens").to_numpy(zero_copy_only=True),
             )
         )
     return blocks
@@ -314,6 +319,17 @@ class TokenShardDataset(IterableDataset):
         """Zero-copy uint32 view of global sample `index` in its shard's memory map."""
         _, block, row = self.locate(index)
         return self._blocks[block].input_ids[row]
+
+    def block_tokens(self) -> tuple[np.ndarray, np.ndarray]:
+        """(valid_tokens, domain_tokens) of every sample, by global index: which blocks are general
+        (replay), domain or mixed, for what reads the stream besides training (sft's replay, EWC's Fisher)."""
+        valid = np.concatenate([b.valid_tokens for b in self._blocks]).astype(np.int64)
+        domain = np.concatenate([b.domain_tokens for b in self._blocks]).astype(np.int64)
+        return valid, domain
+
+    def sample(self, index: int) -> dict[str, torch.Tensor]:
+        """Global sample `index` as `__iter__` yields it, without moving the position."""
+        return self._sample(index)
 
     # ---- state ------------------------------------------------------------------------------------
 

@@ -26,11 +26,12 @@ import torch.nn.functional as F
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 from cptflow import distributed
+from cptflow.gates import TrainingGates, enforce, judge_training
 from cptflow.kernels import fused_linear_cross_entropy
 from cptflow.kernels.patch import apply_kernels
 from cptflow.models import pick_device, pick_dtype, resolve_model_path
 from cptflow.stage import Artifact
-from cptflow.store import atomic_write_json, atomic_write_text, read_json
+from cptflow.store import atomic_write_json, atomic_write_text, read_json, read_manifest
 from cptflow.tokenization import document_token_ids
 
 logger = logging.getLogger(__name__)
@@ -106,6 +107,19 @@ class TrainingConfig(BaseModel):
     keep_best: int = Field(2, ge=0, description="Checkpoints kept by best eval metric, besides the latest")
     log_steps: int = Field(5, gt=0)
     kl_weight: float = Field(0.0, ge=0, description="KL(base || adapted) per token, computed with adapters disabled")
+    gates: TrainingGates = Field(
+        TrainingGates(), description="Limits on held-out perplexity at each eval vs the start of the stage"
+    )
+    ewc_weight: float = Field(
+        0.0,
+        ge=0,
+        description="EWC (Kirkpatrick et al. 2017): adds ewc_weight * sum_i F_i (theta_i - theta*_i)^2 to each step's "
+        "loss, F the diagonal Fisher of the trainable weights on general (replay) blocks, theta* the weights the "
+        "stage starts from; 0 = off. F is a mean of squared token-mean-loss gradients, so useful weights are large",
+    )
+    ewc_fisher_batches: int = Field(
+        16, gt=0, description="Micro-batches (of micro_batch_size general training blocks) the Fisher is estimated on"
+    )
     init_adapter: str | None = Field(None, description="Start from this LoRA adapter directory instead of a fresh one")
     kernels: KernelSettings = KernelSettings()
     torch_threads: int | None = Field(None, gt=0, description="CPU threads for torch; default: torch's")
@@ -515,7 +529,14 @@ def token_loss_sum(model, batch: dict, *, kl_weight: float = 0.0, fused_loss: Ca
 
 
 def train_step(
-    model, optimizer, scheduler, micro_batches: Sequence[dict], tcfg: TrainingConfig, *, fused_loss=None
+    model,
+    optimizer,
+    scheduler,
+    micro_batches: Sequence[dict],
+    tcfg: TrainingConfig,
+    *,
+    fused_loss=None,
+    ewc: EwcPenalty | None = None,
 ) -> dict:
     """One optimizer step over `micro_batches` (the gradient-accumulation window).
 
@@ -523,6 +544,8 @@ def train_step(
     step equals one big batch whatever the padding per micro-batch (axolotl#1100, transformers PR#35438).
     With data-parallel processes the window spans all ranks: each divides by the global token count and
     the gradients are summed across ranks, which is the one-process gradient of all their micro-batches.
+    The EWC penalty is a function of the weights alone, which every rank holds alike: its gradient is
+    added once per step, after that sum (added before it, it would count world_size times).
     """
     local_tokens = sum(int((shift_labels(b["labels"]) != IGNORE_INDEX).sum()) for b in micro_batches)
     window_tokens = int(distributed.sum_across_ranks([local_tokens])[0])
@@ -536,6 +559,7 @@ def train_step(
     trainable = [p for g in optimizer.param_groups for p in g["params"]]
     distributed.sum_gradients(trainable)
     ce_total, kl_total = distributed.sum_across_ranks([ce_total, kl_total])
+    ewc_value = ewc.add_gradient() if ewc is not None else 0.0
     grad_norm = None
     if tcfg.max_grad_norm:
         grad_norm = float(torch.nn.utils.clip_grad_norm_(trainable, tcfg.max_grad_norm))
@@ -546,6 +570,7 @@ def train_step(
     return {
         "loss": ce_total / denominator,
         "kl": kl_total / denominator,
+        "ewc": ewc_value,
         "tokens": window_tokens,
         "grad_norm": grad_norm,
         "lr": lrs,
@@ -782,6 +807,272 @@ def best_checkpoint(root: Path, metric_key: str) -> Path | None:
 
 
 # ---------------------------------------------------------------------------------------------
+# Forgetting: the tokenize stage's general / domain blocks, and EWC estimated on the general ones
+# ---------------------------------------------------------------------------------------------
+
+BLOCK_SOURCES = ("general", "domain", "both")
+EWC_FILE = "ewc.safetensors"  # beside the checkpoints: estimated once per stage, loaded on resume
+EWC_FORMAT = "cptflow-ewc-1"
+
+
+def token_shard_paths(tokenize_dir: Path) -> list[Path]:
+    """The tokenize stage's `tokens-*.arrow`, in curriculum order (cpt trains on them; sft replays them)."""
+    manifest = read_manifest(tokenize_dir)
+    if manifest is None:
+        raise RuntimeError(f"the tokenize output {tokenize_dir} is not committed (run the tokenize stage first)")
+    return [Path(tokenize_dir) / shard["path"] for shard in manifest["token_shards"]]
+
+
+def blocks_of_source(dataset, source: str) -> np.ndarray:
+    """Global sample indices of a TokenShardDataset's blocks from `source`, by the shards' domain_tokens:
+    general = no token of a domain document (the replay data), domain = only domain tokens, both = every
+    block (cpt's whole stream, the blocks where a domain and a general document meet included)."""
+    if source not in BLOCK_SOURCES:
+        raise ValueError(f"block source {source!r}: one of {BLOCK_SOURCES}")
+    valid, domain = dataset.block_tokens()
+    keep = {"general": domain == 0, "domain": domain == valid, "both": np.ones(len(valid), bool)}[source]
+    return np.flatnonzero(keep & (valid > 1))  # a block needs two tokens to have a next-token label
+
+
+def fisher_batches(dataset, micro_batch_size: int, batches: int) -> list[dict]:
+    """The micro-batches EWC's Fisher is estimated on: general (replay) *training* blocks, evenly spaced
+    along the stream (the curriculum changes the mix as it goes). Not mix's held-out general_eval: that
+    set measures forgetting, and a penalty fitted on it would flatter the measurement."""
+    general = blocks_of_source(dataset, "general")
+    if not len(general):
+        raise ValueError(
+            "ewc_weight > 0 needs general (replay) blocks in the tokenize shards to estimate the Fisher on, and "
+            "every block holds domain tokens (add a `role: general` source, or set ewc_weight: 0)"
+        )
+    wanted = min(len(general), batches * micro_batch_size)
+    picked = general[(np.arange(wanted) * len(general)) // wanted]
+    samples = [dataset.sample(int(index)) for index in picked]
+    return [
+        {key: torch.stack([s[key] for s in samples[i : i + micro_batch_size]]) for key in samples[0]}
+        for i in range(0, wanted, micro_batch_size)
+    ]
+
+
+@dataclass
+class EwcPenalty:
+    """Elastic weight consolidation (Kirkpatrick et al. 2017, PNAS 114:3521) on the trainable weights:
+    `weight * sum_i F_i (theta_i - theta*_i)^2`, F the diagonal empirical Fisher, theta* the weights the
+    stage started from. Held as fp32 tensors beside the parameters (2 x 4 bytes per trainable weight).
+    A fresh LoRA (cpt) has B = 0, so A has no gradient there and F_A = 0: EWC then holds B, hence B A."""
+
+    weight: float
+    names: list[str]
+    parameters: list[torch.nn.Parameter]
+    fisher: list[torch.Tensor]
+    anchor: list[torch.Tensor]
+    info: dict = field(default_factory=dict)
+
+    def add_gradient(self) -> float:
+        """Adds the penalty's gradient 2 * weight * F * (theta - theta*) to each parameter's .grad, and
+        returns the penalty (computed directly: it needs no graph)."""
+        total = None
+        with torch.no_grad():
+            for parameter, fisher, anchor in zip(self.parameters, self.fisher, self.anchor):
+                delta = parameter.detach().float() - anchor
+                weighted = fisher * delta
+                term = (weighted * delta).sum()
+                total = term if total is None else total + term
+                grad = (2 * self.weight * weighted).to(parameter.dtype)
+                if parameter.grad is None:
+                    parameter.grad = grad
+                else:
+                    parameter.grad.add_(grad)
+        return self.weight * float(total) if total is not None else 0.0
+
+
+def _trainable_named(optimizer) -> list[tuple[str, torch.nn.Parameter]]:
+    return [(n, p) for g in optimizer.param_groups for n, p in zip(g["param_names"], g["params"])]
+
+
+def estimate_ewc(model, optimizer, batches: Sequence[dict], weight: float, *, fused_loss=None) -> EwcPenalty:
+    """F_i = mean over `batches` of (d token-mean LM loss / d theta_i)^2, at the weights as they are now
+    (which become theta*). With data-parallel ranks each takes every world_size-th batch and the sums are
+    added across ranks, so every rank holds the same F. Draws nothing from the training RNG."""
+    started = time.time()
+    named = _trainable_named(optimizer)
+    parameters = [p for _, p in named]
+    device = parameters[0].device
+    fisher = [torch.zeros_like(p, dtype=torch.float32) for p in parameters]
+    tokens = 0
+    was_training = model.training
+    model.train()  # as in training: gradient checkpointing and the same kernels
+    optimizer.zero_grad(set_to_none=True)
+    with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
+        for batch in batches[distributed.rank() :: distributed.world_size()]:
+            parts = token_loss_sum(model, {k: v.to(device) for k, v in batch.items()}, fused_loss=fused_loss)
+            (parts.loss_sum / max(parts.tokens, 1)).backward()
+            for total, parameter in zip(fisher, parameters):
+                if parameter.grad is not None:
+                    total.add_(parameter.grad.float().square())
+            optimizer.zero_grad(set_to_none=True)
+            tokens += parts.tokens
+    model.train(was_training)
+    if distributed.initialized():  # sum_gradients all-reduces .grad: lend it the sums
+        for parameter, total in zip(parameters, fisher):
+            parameter.grad = total
+        distributed.sum_gradients(parameters)
+        fisher = [p.grad for p in parameters]
+        optimizer.zero_grad(set_to_none=True)
+    fisher = [total / max(len(batches), 1) for total in fisher]
+    anchor = [p.detach().float().clone() for p in parameters]
+    info = {
+        "batches": len(batches),
+        "blocks": sum(len(b["input_ids"]) for b in batches),
+        "tokens": int(distributed.sum_across_ranks([tokens])[0]),
+        "parameters": sum(p.numel() for p in parameters),
+    }
+    ewc = EwcPenalty(weight, [n for n, _ in named], parameters, fisher, anchor, info)
+    ewc.info.update(_ewc_figures(ewc), seconds=round(time.time() - started, 3), estimated_this_run=True)
+    return ewc
+
+
+def _ewc_figures(ewc: EwcPenalty) -> dict:
+    values = torch.cat([f.reshape(-1) for f in ewc.fisher])
+    return {
+        "weight": ewc.weight,
+        "bytes": sum(t.numel() * t.element_size() for t in ewc.fisher + ewc.anchor),
+        "fisher_mean": float(values.mean()),
+        "fisher_max": float(values.max()),
+    }
+
+
+def save_ewc(path: Path, ewc: EwcPenalty) -> None:
+    """F and theta* as safetensors, renamed into place. One metadata entry (a sorted JSON string):
+    safetensors writes its metadata map in hash order, which would make the bytes differ run to run."""
+    from safetensors.torch import save_file
+
+    tensors = {}
+    for name, fisher, anchor in zip(ewc.names, ewc.fisher, ewc.anchor):
+        tensors[f"fisher.{name}"] = fisher.detach().cpu().contiguous()
+        tensors[f"anchor.{name}"] = anchor.detach().cpu().contiguous()
+    described = {k: ewc.info[k] for k in ("batches", "blocks", "tokens", "parameters")}
+    metadata = {EWC_FORMAT: json.dumps(described, sort_keys=True)}
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    save_file(tensors, str(tmp), metadata=metadata)
+    with open(tmp, "rb") as handle:
+        os.fsync(handle.fileno())
+    os.replace(tmp, path)
+
+
+def load_ewc(path: Path, optimizer, weight: float) -> EwcPenalty:
+    """What save_ewc wrote, checked against the trainable parameters (names and shapes)."""
+    from safetensors import safe_open
+
+    started = time.time()
+    named = _trainable_named(optimizer)
+    with safe_open(str(path), framework="pt") as handle:
+        metadata = handle.metadata() or {}
+        keys = set(handle.keys())
+        expected = {f"{kind}.{name}" for name, _ in named for kind in ("fisher", "anchor")}
+        if EWC_FORMAT not in metadata or keys != expected:
+            raise RuntimeError(
+                f"{path}: not the EWC estimate of these trainable parameters "
+                f"({len(keys)} tensors, expected {len(expected)}); delete the stage directory to start over"
+            )
+        fisher = [handle.get_tensor(f"fisher.{n}").to(p.device) for n, p in named]
+        anchor = [handle.get_tensor(f"anchor.{n}").to(p.device) for n, p in named]
+    for (name, parameter), values in zip(named, fisher):
+        if values.shape != parameter.shape:
+            raise RuntimeError(f"{path}: {name} is {tuple(values.shape)}, the parameter {tuple(parameter.shape)}")
+    info = json.loads(metadata[EWC_FORMAT])
+    ewc = EwcPenalty(weight, [n for n, _ in named], [p for _, p in named], fisher, anchor, info)
+    ewc.info.update(_ewc_figures(ewc), seconds=round(time.time() - started, 3), estimated_this_run=False)
+    return ewc
+
+
+def setup_ewc(
+    checkpoint_root: Path, model, optimizer, tcfg: TrainingConfig, data: Callable[[], Sequence[dict]] | None, **kw
+) -> EwcPenalty | None:
+    """EWC for fit(): loaded from `checkpoint_root/ewc.safetensors` when an earlier run of this stage
+    wrote it (a resume keeps its theta* and F), else estimated now, before the first step, and saved."""
+    if tcfg.ewc_weight == 0:
+        return None
+    path = Path(checkpoint_root) / EWC_FILE
+    if path.is_file():
+        ewc = load_ewc(path, optimizer, tcfg.ewc_weight)
+        logger.info("EWC: Fisher and theta* loaded from %s (not re-estimated)", path)
+        return ewc
+    if list_checkpoints(checkpoint_root):
+        raise RuntimeError(f"{checkpoint_root} has checkpoints but no {EWC_FILE}: theta* is lost; rerun the stage anew")
+    if data is None:
+        raise ValueError("ewc_weight > 0, but the stage passed no data to estimate the Fisher on")
+    ewc = estimate_ewc(model, optimizer, data(), tcfg.ewc_weight, **kw)
+    logger.info("EWC: Fisher estimated on %(batches)d batches, %(tokens)d tokens in %(seconds).1f s", ewc.info)
+    if distributed.is_main():
+        save_ewc(path, ewc)
+    distributed.barrier()
+    return ewc
+
+
+class LmBlockStream:
+    """Chosen blocks of the token shards (`indices`, e.g. from blocks_of_source) in a seeded order per
+    epoch, as plain LM samples (labels on every valid token); sft mixes them in as replay. state_dict()
+    is the exact position plus what has been used. Rank r takes positions r, r + world_size, ...
+
+    Samples carry input_ids and labels only, like sft's examples: a padded final block has its padding
+    at the end, behind causal attention and labelled -100, so no attention mask is needed.
+    """
+
+    STREAM = 1  # mixed into the seed: an order of its own, not the sft examples' order
+
+    def __init__(self, dataset, indices: np.ndarray, seed: int, *, rank: int = 0, world_size: int = 1):
+        if len(indices) < world_size:
+            raise ValueError(f"{len(indices)} token blocks to replay, fewer than the {world_size} processes")
+        self.dataset, self.indices, self.seed = dataset, np.asarray(indices, dtype=np.int64), seed
+        self.rank, self.world_size = rank, world_size
+        self.valid, self.domain = (values[self.indices] for values in dataset.block_tokens())
+        self.epoch, self.next_index = 0, 0
+        self.used = {"examples": 0, "tokens": 0, "domain_tokens": 0}  # this rank's, valid tokens of the blocks
+
+    def __len__(self) -> int:
+        return len(self.indices) // self.world_size
+
+    def _order(self) -> np.ndarray:
+        order = np.random.default_rng([self.seed, self.STREAM, self.epoch]).permutation(len(self.indices))
+        return order[self.rank : len(self) * self.world_size : self.world_size]
+
+    def __iter__(self):
+        if self.next_index >= len(self):
+            self.epoch, self.next_index = self.epoch + 1, 0
+        order = self._order()
+        while self.next_index < len(order):
+            position = int(order[self.next_index])
+            self.next_index += 1
+            self.used["examples"] += 1
+            self.used["tokens"] += int(self.valid[position])
+            self.used["domain_tokens"] += int(self.domain[position])
+            sample = self.dataset.sample(int(self.indices[position]))
+            yield {"input_ids": sample["input_ids"], "labels": sample["labels"]}
+        self.epoch, self.next_index = self.epoch + 1, 0
+
+    def state_dict(self) -> dict:
+        return {
+            "epoch": self.epoch,
+            "next_index": self.next_index,
+            "blocks": len(self.indices),
+            "seed": self.seed,
+            "world_size": self.world_size,
+            "used": dict(self.used),
+        }
+
+    def load_state_dict(self, state: dict) -> None:
+        saved = (state["blocks"], state["seed"], state["world_size"])
+        if saved != (len(self.indices), self.seed, self.world_size):
+            raise ValueError(
+                f"replay position was saved for {saved[0]} blocks / seed {saved[1]} / {saved[2]} processes; now "
+                f"{len(self.indices)} / {self.seed} / {self.world_size}: the token shards or the launch changed"
+            )
+        self.epoch, self.next_index, self.used = state["epoch"], state["next_index"], dict(state["used"])
+
+
+# ---------------------------------------------------------------------------------------------
 # Stage set-up and outputs (cpt and sft)
 # ---------------------------------------------------------------------------------------------
 
@@ -944,6 +1235,31 @@ class FitResult:
     evals: list[dict] = field(default_factory=list)
     seconds: float = 0.0
     tokens_this_run: int = 0  # since this process started or resumed, for the tokens/s figure
+    ewc: dict | None = None  # what the EWC estimate cost (or that it was loaded), when ewc_weight > 0
+
+
+def training_gates(stage: str, tcfg: TrainingConfig, evaluate: Callable[[], dict], directory: Path):
+    """(fit's after_eval, a function giving the manifest's `gates`) for a stage's gates; (None, None) without
+    limits. The model the stage starts from is evaluated once here: the baseline every eval is judged against."""
+    if not tcfg.gates.limits:
+        return None, None
+    start = {"step": 0, **evaluate()}
+
+    def after_eval(evaluation: dict) -> None:
+        enforce(stage, judge_training(stage, evaluation, start, tcfg.gates), str(directory))
+
+    def summary(evals: list[dict]) -> dict:
+        judged = [judge_training(stage, evaluation, start, tcfg.gates) for evaluation in evals]
+        breaches = [r for verdict in judged for r in verdict["results"] if not r["passed"]]
+        final = judged[-1] if judged else {"results": []}
+        return {
+            "on_breach": tcfg.gates.on_breach,
+            "verdict": "breach" if breaches else "pass",
+            "start": {k: v for k, v in start.items() if k != "step"},
+            "results": breaches or final["results"],  # every breach along the way, else the last eval's verdicts
+        }
+
+    return after_eval, summary
 
 
 def fit(
@@ -960,18 +1276,27 @@ def fit(
     reporter: TrainingReporter | None = None,
     fused_loss=None,
     stop_after_steps: int | None = None,
+    ewc_data: Callable[[], Sequence[dict]] | None = None,
+    after_eval: Callable[[dict], None] | None = None,
 ) -> FitResult:
     """Train to `total_steps`, resuming from the latest checkpoint under `checkpoint_root` if any.
 
     `data` yields micro-batches (dicts of tensors on the model's device) and has state_dict() /
     load_state_dict() giving its exact position. `evaluate()` returns {eval_set: {"perplexity": ...}};
-    `metric_key` ("domain_eval") picks the checkpoints kept as best. `stop_after_steps` ends the loop
-    early without finishing (tests use it to simulate a kill between checkpoints).
+    `metric_key` ("domain_eval") picks the checkpoints kept as best. `after_eval(evaluation)` runs after
+    each eval (and its checkpoint, if the step saves one): the forgetting gates, which may raise to stop
+    the stage. `stop_after_steps` ends the loop
+    early without finishing (tests use it to simulate a kill between checkpoints). `ewc_data()` gives
+    the micro-batches EWC's Fisher is estimated on (with ewc_weight > 0; called only when no earlier run
+    of the stage saved the estimate).
     """
     from tqdm.auto import tqdm
 
     reporter = reporter or TrainingReporter()
     result = FitResult(step=0, tokens=0, resumed_from=None)
+    # Before any checkpoint is loaded: on a fresh start theta* is the weights the stage starts from.
+    ewc = setup_ewc(checkpoint_root, model, optimizer, tcfg, ewc_data, fused_loss=fused_loss)
+    result.ewc = ewc.info if ewc is not None else None
     latest = list_checkpoints(checkpoint_root)
     if latest:
         state = load_checkpoint(latest[-1], model, optimizer, scheduler)
@@ -982,6 +1307,8 @@ def fit(
         logger.info("resuming from %s (step %d of %d)", latest[-1], result.step, total_steps)
         if distributed.is_main():  # finish a prune the kill interrupted (there may be no step left to do it)
             prune_checkpoints(checkpoint_root, tcfg.keep_best, metric_key)
+        if after_eval is not None and result.evals:  # the gates judge the eval a stopped run ended at, again
+            after_eval(result.evals[-1])
     distributed.broadcast_parameters(p for g in optimizer.param_groups for p in g["params"])
     model.train()
     started = time.time()
@@ -993,7 +1320,7 @@ def fit(
             if stop_after_steps is not None and result.step >= stop_after_steps:
                 break
             micro_batches = [next(data) for _ in range(tcfg.gradient_accumulation_steps)]
-            record = train_step(model, optimizer, scheduler, micro_batches, tcfg, fused_loss=fused_loss)
+            record = train_step(model, optimizer, scheduler, micro_batches, tcfg, fused_loss=fused_loss, ewc=ewc)
             result.step += 1
             result.tokens += record["tokens"]
             result.tokens_this_run += record["tokens"]
@@ -1011,6 +1338,8 @@ def fit(
                     "tokens": result.tokens,
                     "tokens_per_s": round(window_tokens / elapsed, 1),
                 }
+                if ewc is not None:  # absent when off: the history of a run without EWC keeps its bytes
+                    entry["ewc"] = round(record["ewc"], 6)
                 reporter.on_log(entry)
                 # Persisted without the wall-clock rate: same config and data, same bytes.
                 result.history.append({k: v for k, v in entry.items() if k != "tokens_per_s"})
@@ -1044,6 +1373,8 @@ def fit(
                     prune_checkpoints(checkpoint_root, tcfg.keep_best, metric_key)
                     reporter.on_checkpoint(path, best_checkpoint(checkpoint_root, metric_key))
                 distributed.barrier()
+            if after_eval is not None and result.evals and result.evals[-1]["step"] == result.step:  # after saving
+                after_eval(result.evals[-1])
     finally:
         bar.close()
     result.seconds = round(time.time() - started, 3)

@@ -31,13 +31,16 @@ from cptflow.training import (
     describe_param_groups,
     eval_blocks,
     evaluate_perplexity,
+    fisher_batches,
     fit,
     memory_snapshot,
     prepare_model,
     save_adapter,
     set_seed,
+    token_shard_paths,
     trainable_parameters,
     training_artifacts,
+    training_gates,
     write_history,
 )
 
@@ -68,13 +71,6 @@ def make_evaluator(model, blocks: dict[str, list[dict]], batch_size: int):
     return evaluate
 
 
-def token_shard_paths(tokenize_dir: Path) -> list[Path]:
-    manifest = read_manifest(tokenize_dir)
-    if manifest is None:
-        raise RuntimeError(f"cpt: the tokenize output {tokenize_dir} is not committed (run the tokenize stage first)")
-    return [tokenize_dir / shard["path"] for shard in manifest["token_shards"]]
-
-
 # ---------------------------------------------------------------------------------------------
 # The stage
 # ---------------------------------------------------------------------------------------------
@@ -89,7 +85,8 @@ def fingerprint_inputs(cfg) -> dict:
     and reduction order differ with it); `retries` only says how often Prefect tries."""
     init_adapter = model_fingerprint(str(cfg.resolve(cfg.cpt.init_adapter))) if cfg.cpt.init_adapter else None
     return {
-        "config": cfg.cpt.model_dump(mode="json", exclude={"retries"}),
+        # Gates judge evals and change no weight: a new limit re-judges, it does not retrain.
+        "config": cfg.cpt.model_dump(mode="json", exclude={"retries", "gates"}),
         "model": model_fingerprint(cfg.base_model),
         "init_adapter": init_adapter,
         "processes": cfg.launch.num_processes,
@@ -148,6 +145,7 @@ def run(run, cfg, reporter: TrainingReporter | None = None, *, stop_after_steps:
     )
 
     checkpoints = run.path / "checkpoints"
+    after_eval, gate_summary = training_gates("cpt", tcfg, evaluate, run.path)
     result = fit(
         model,
         optimizer,
@@ -157,10 +155,12 @@ def run(run, cfg, reporter: TrainingReporter | None = None, *, stop_after_steps:
         total_steps=total_steps,
         checkpoint_root=checkpoints,
         evaluate=evaluate,
+        after_eval=after_eval,
         metric_key=METRIC,
         reporter=reporter,
         fused_loss=fused_loss,
         stop_after_steps=stop_after_steps,
+        ewc_data=lambda: fisher_batches(dataset, tcfg.micro_batch_size, tcfg.ewc_fisher_batches),
     )
     if result.step < total_steps:
         return None
@@ -197,11 +197,14 @@ def run(run, cfg, reporter: TrainingReporter | None = None, *, stop_after_steps:
         },
         "eval": {name: final_eval[name] for name in EVAL_SETS},
         "evals": result.evals,
+        "gates": gate_summary(result.evals) if gate_summary else None,
         "memory": memory,
         "warnings": tcfg.warnings() + prepared.warnings,
         "processes": distributed.world_size(),
         "timings": {"finished": now_iso(), "seconds": round(time.time() - started, 3)},
     }
+    if result.ewc:  # what the Fisher cost (seconds, bytes of F and theta*, batches and tokens)
+        manifest["ewc"] = result.ewc
     manifest = commit_manifest(run.path, manifest)
     distributed.barrier()
     return manifest

@@ -1,7 +1,9 @@
 """sft stage: instruction tuning that continues from the cpt adapter and its trained embeddings.
 
 Sits after `cpt` (... -> cpt -> **sft** -> evaluate). Reads Alpaca (instruction / input / output) or chat
-(messages) JSONL, renders it with the tokenizer's chat template, and trains on answer tokens only.
+(messages) JSONL, renders it with the tokenizer's chat template, and trains on answer tokens only. Against
+forgetting, it can mix blocks of cpt's training stream (the tokenize stage's shards) into every micro-batch
+(`replay`) and hold the weights near cpt's with EWC (`ewc_weight`).
 """
 
 from __future__ import annotations
@@ -17,31 +19,38 @@ from typing import Literal
 
 import numpy as np
 import torch
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 from cptflow import distributed
 from cptflow.models import load_tokenizer
 from cptflow.stage import Artifact
 from cptflow.store import atomic_write_json, commit_manifest, file_fingerprint, now_iso, read_manifest
+from cptflow.token_reader import TokenShardDataset
+from cptflow.token_shards import tokenizer_fingerprint
 from cptflow.training import (
     IGNORE_INDEX,
+    LmBlockStream,
     MicroBatches,
     TrainingConfig,
     TrainingReporter,
     best_checkpoint,
+    blocks_of_source,
     build_optimizer,
     build_scheduler,
     collate,
     describe_param_groups,
     eval_blocks,
     evaluate_perplexity,
+    fisher_batches,
     fit,
     memory_snapshot,
     prepare_model,
     save_adapter,
     set_seed,
+    token_shard_paths,
     trainable_parameters,
     training_artifacts,
+    training_gates,
     write_history,
 )
 
@@ -72,6 +81,21 @@ class SftDataFile(BaseModel):
     )
 
 
+class SftReplay(BaseModel):
+    """A share of each micro-batch taken from cpt's training stream (plain LM loss on every token), so
+    instruction tuning keeps seeing the text cpt adapted to."""
+
+    model_config = ConfigDict(extra="forbid")
+    share: float = Field(
+        0.0, ge=0, lt=1, description="Fraction of each micro-batch's rows that are replayed blocks, rounded to "
+        "whole rows (0 = off); the rest are instruction examples, and the epochs count those",
+    )  # fmt: skip
+    source: Literal["general", "domain", "both"] = Field(
+        "general", description="Blocks of general (replay) documents only, of domain documents only, or both: "
+        "cpt's whole stream, blocks where the two meet included",
+    )  # fmt: skip
+
+
 class SftConfig(TrainingConfig):
     """Instruction tuning on top of the cpt adapter. Its own learning rates; embeddings frozen by default."""
 
@@ -90,6 +114,21 @@ class SftConfig(TrainingConfig):
     micro_batch_size: int = 8
     eval_steps: int = 20
     save_steps: int = 20
+    replay: SftReplay = SftReplay()
+
+    @model_validator(mode="after")
+    def _replay_leaves_room_for_examples(self):
+        rows = self.replay_rows()
+        if self.replay.share > 0 and not 1 <= rows < self.micro_batch_size:
+            raise ValueError(
+                f"replay.share {self.replay.share} of micro_batch_size {self.micro_batch_size} rounds to {rows} "
+                f"replayed rows; it must be 1 to {self.micro_batch_size - 1}"
+            )
+        return self
+
+    def replay_rows(self) -> int:
+        """Replayed blocks per micro-batch (the share, rounded half up to whole rows)."""
+        return math.floor(self.replay.share * self.micro_batch_size + 0.5)
 
 
 class SftDataError(ValueError):
@@ -316,6 +355,68 @@ class SftDataset:
         self.epoch, self.next_index = state["epoch"], state["next_index"]
 
 
+class ReplayMix:
+    """Each micro-batch: `micro_batch_size - replay_rows` instruction examples, then `replay_rows` blocks of
+    cpt's training stream. state_dict() holds both positions, so a resume continues both exactly."""
+
+    def __init__(self, examples: SftDataset, replay: LmBlockStream, micro_batch_size: int, replay_rows: int):
+        self.examples, self.replay = examples, replay
+        self.pattern = ["examples"] * (micro_batch_size - replay_rows) + ["replay"] * replay_rows
+
+    def __len__(self) -> int:
+        return len(self.examples)
+
+    def __iter__(self):
+        streams = {"examples": iter(self.examples), "replay": iter(self.replay)}
+        while True:  # endless: each stream starts its next epoch when it runs out
+            for name in self.pattern:
+                sample = next(streams[name], None)
+                if sample is None:
+                    streams[name] = iter(getattr(self, name))
+                    sample = next(streams[name])
+                yield sample
+
+    def state_dict(self) -> dict:
+        return {"examples": self.examples.state_dict(), "replay": self.replay.state_dict()}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.examples.load_state_dict(state["examples"])
+        self.replay.load_state_dict(state["replay"])
+
+
+def cpt_stream(run, section: SftConfig, tokenizer) -> TokenShardDataset | None:
+    """cpt's training stream (the tokenize stage's shards, read in place) when replay or EWC needs it."""
+    if section.replay.share == 0 and section.ewc_weight == 0:
+        return None
+    return TokenShardDataset(
+        token_shard_paths(Path(run.stage_directories["tokenize"])),
+        expected={"tokenizer_fingerprint": tokenizer_fingerprint(tokenizer)},
+    )
+
+
+def replay_stream(stream: TokenShardDataset, section: SftConfig, seed: int) -> LmBlockStream:
+    """The blocks replay draws from (`replay.source`), in an order of their own per epoch, split across ranks."""
+    blocks = blocks_of_source(stream, section.replay.source)
+    return LmBlockStream(stream, blocks, seed, rank=distributed.rank(), world_size=distributed.world_size())
+
+
+def replay_accounting(replay: LmBlockStream, section: SftConfig) -> dict:
+    """What replay used, over all ranks; tokens are the blocks' valid tokens, as the tokenize stage counts them."""
+    examples, tokens, domain = (
+        int(v) for v in distributed.sum_across_ranks([replay.used[k] for k in ("examples", "tokens", "domain_tokens")])
+    )
+    return {
+        "share": section.replay.share,
+        "source": section.replay.source,
+        "rows_per_micro_batch": section.replay_rows(),
+        "blocks_available": len(replay.indices),
+        "examples": examples,
+        "tokens": tokens,
+        "domain_tokens": domain,
+        "general_tokens": tokens - domain,
+    }
+
+
 # ---------------------------------------------------------------------------------------------
 # The stage
 # ---------------------------------------------------------------------------------------------
@@ -341,7 +442,8 @@ Config = SftConfig
 
 def fingerprint_inputs(cfg) -> dict:
     return {
-        "config": cfg.sft.model_dump(mode="json", exclude={"retries"}),
+        # Gates judge evals and change no weight: a new limit re-judges, it does not retrain.
+        "config": cfg.sft.model_dump(mode="json", exclude={"retries", "gates"}),
         "data": sft_data_fingerprints(cfg),
         "processes": cfg.launch.num_processes,
         "seed": cfg.seed,
@@ -381,8 +483,11 @@ def run(run, cfg, reporter: TrainingReporter | None = None, *, stop_after_steps:
     model, device, memory, fused_loss = prepared.model, prepared.device, prepared.memory, prepared.fused_loss
 
     dataset = SftDataset(train_examples, cfg.seed, rank=distributed.rank(), world_size=distributed.world_size())
-    data = MicroBatches(dataset, section.micro_batch_size, device, collate=collate)
-    samples_per_step = section.micro_batch_size * section.gradient_accumulation_steps
+    stream = cpt_stream(run, section, tokenizer)  # None unless replay or EWC is on
+    replay = replay_stream(stream, section, cfg.seed) if section.replay.share > 0 else None
+    mixed = ReplayMix(dataset, replay, section.micro_batch_size, section.replay_rows()) if replay else dataset
+    data = MicroBatches(mixed, section.micro_batch_size, device, collate=collate)
+    samples_per_step = (section.micro_batch_size - section.replay_rows()) * section.gradient_accumulation_steps
     total_steps = section.max_steps or max(1, math.ceil(section.epochs * len(dataset) / samples_per_step))
     optimizer = build_optimizer(model, section)
     scheduler = build_scheduler(optimizer, section, total_steps)
@@ -408,6 +513,7 @@ def run(run, cfg, reporter: TrainingReporter | None = None, *, stop_after_steps:
         }
     )
     checkpoints = run.path / "checkpoints"
+    after_eval, gate_summary = training_gates("sft", section, evaluate, run.path)
     result = fit(
         model,
         optimizer,
@@ -417,14 +523,17 @@ def run(run, cfg, reporter: TrainingReporter | None = None, *, stop_after_steps:
         total_steps=total_steps,
         checkpoint_root=checkpoints,
         evaluate=evaluate,
+        after_eval=after_eval,
         metric_key=METRIC if sft_eval else "domain_eval",
         reporter=reporter,
         fused_loss=fused_loss,
         stop_after_steps=stop_after_steps,
+        ewc_data=lambda: fisher_batches(stream, section.micro_batch_size, section.ewc_fisher_batches),
     )
     if result.step < total_steps:
         return None
     memory["training"] = memory_snapshot(str(device))
+    replayed = replay_accounting(replay, section) if replay else None  # every rank takes part in the sum
     if not distributed.is_main():  # rank 0 writes the stage's outputs; the others are done
         distributed.barrier()
         return read_manifest(run.path)
@@ -458,11 +567,16 @@ def run(run, cfg, reporter: TrainingReporter | None = None, *, stop_after_steps:
         },
         "eval": {k: v for k, v in result.evals[-1].items() if k != "step"},
         "evals": result.evals,
+        "gates": gate_summary(result.evals) if gate_summary else None,
         "memory": memory,
         "warnings": section.warnings() + prepared.warnings,
         "processes": distributed.world_size(),
         "timings": {"finished": now_iso(), "seconds": round(time.time() - started, 3)},
     }
+    if replayed:  # replayed blocks are not instruction examples: `data` and train.examples count those only
+        manifest["replay"] = replayed
+    if result.ewc:
+        manifest["ewc"] = result.ewc
     manifest = commit_manifest(run.path, manifest)
     distributed.barrier()
     return manifest

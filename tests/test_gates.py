@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import pytest
 from pydantic import ValidationError
+from test_flow import corpus  # noqa: F401  (the flow tests' sample corpus, which prepared needs)
+from test_training import prepared  # noqa: F401  (the training tests' prepared data stages)
 
 from cptflow.gates import (
     EvaluateGates,
@@ -100,3 +102,36 @@ def test_the_forgetting_card_reads_eval_set_first_and_shows_the_gates():
     assert "| domain | 2265.85 | 30.73 | 46.60 | -98.6% | -97.9% |" in card
     assert "| domain perplexity of sft vs cpt | +51.6% | +25.0% | **breach** |" in card
     assert "Gates" not in forgetting_markdown({"forgetting_table": manifest["forgetting_table"]})
+
+
+def test_a_cpt_gate_stops_training_after_its_checkpoint_and_a_rerun_judges_again(prepared, tmp_path):  # noqa: F811
+    """on_breach: fail at an eval step raises GateBreach after that step's checkpoint; the rerun resumes
+    there and breaches again without training on; report-only records every breach and finishes."""
+    from test_training import work_copy, write_variant
+
+    import cptflow.tasks.cpt as cpt
+    from cptflow.config import load_config
+    from cptflow.plan import plan_pipeline
+
+    impossible = {"limits": [{"eval_set": "general", "max_increase_pct": -99}]}
+    work = work_copy(prepared, tmp_path / "work")
+    cfg = load_config(write_variant(prepared, tmp_path / "fail", gates={"on_breach": "fail", **impossible}), work)
+    run = plan_pipeline(cfg)["cpt"]
+    with pytest.raises(GateBreach, match=r"cpt: gate breached: general perplexity at step 2 vs the start of cpt"):
+        cpt.run(run, cfg)
+    assert not run.is_done()
+    checkpoints = sorted(p.name for p in (run.path / "checkpoints").glob("step-*"))
+    assert checkpoints == ["step-00000002"]  # the breaching step's checkpoint stays on disk
+    with pytest.raises(GateBreach, match="at step 2"):
+        cpt.run(run, cfg)
+    assert sorted(p.name for p in (run.path / "checkpoints").glob("step-*")) == checkpoints
+
+    # Gates are not in the fingerprint: report-only continues the same stage from its checkpoint.
+    report = load_config(write_variant(prepared, tmp_path / "report", gates=impossible), work)
+    assert plan_pipeline(report)["cpt"].fingerprint == run.fingerprint
+    manifest = cpt.run(plan_pipeline(report)["cpt"], report)
+    gates = manifest["gates"]
+    assert manifest["train"]["resumed_from"] == "step-00000002"
+    assert gates["verdict"] == "breach" and gates["on_breach"] == "report"
+    assert [r["step"] for r in gates["results"]] == [e["step"] for e in manifest["evals"]]
+    assert gates["start"]["general_eval"]["perplexity"] > 0
