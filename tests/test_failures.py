@@ -173,7 +173,8 @@ def _limit_file_size(limit: int):
     return preexec
 
 
-@pytest.mark.parametrize("limit", ["tmpfs", "rlimit_fsize"])
+# The tmpfs case runs in `make test`; the RLIMIT_FSIZE one (processes runner) in `make test-slow`.
+@pytest.mark.parametrize("limit", ["tmpfs", pytest.param("rlimit_fsize", marks=pytest.mark.slow)])
 def test_disk_full_names_stage_cause_free_space_and_the_resume_that_finishes(limit, cli_env, tmpfs, tmp_path):
     if limit == "tmpfs":
         if not CAN_MOUNT:
@@ -251,6 +252,7 @@ def _pool_workers(process: psutil.Process) -> list[psutil.Process]:
     return workers
 
 
+@pytest.mark.slow  # a process-pool run killed and resumed (tens of seconds): `make test-slow`
 def test_a_worker_killed_by_sigkill_is_named_with_its_signal_and_the_rerun_resumes(cli_env, tmp_path):
     """A data stage on `runner: processes`; its one worker process is SIGKILLed (as the OOM killer does)
     once it has finished a shard."""

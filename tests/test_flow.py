@@ -315,7 +315,8 @@ KILL_IN_BAND_SCRIPT = textwrap.dedent(
 )
 
 
-@pytest.mark.parametrize("kill_in", ["shard", "band"])
+# Killed in a shard: `make test`; killed in an LSH band merge: `make test-slow`.
+@pytest.mark.parametrize("kill_in", ["shard", pytest.param("band", marks=pytest.mark.slow)])
 def test_killed_stage_resumes_and_ends_byte_identical(prefect_harness, corpus, tiny_llama_dir, tmp_path, kill_in):
     from cptflow.flows.pipeline import run_pipeline
 

@@ -104,6 +104,7 @@ def test_the_forgetting_card_reads_eval_set_first_and_shows_the_gates():
     assert "Gates" not in forgetting_markdown({"forgetting_table": manifest["forgetting_table"]})
 
 
+@pytest.mark.slow  # three short cpt runs (a minute or two on 2 cores): `make test-slow`
 def test_a_cpt_gate_stops_training_after_its_checkpoint_and_a_rerun_judges_again(prepared, tmp_path):  # noqa: F811
     """on_breach: fail at an eval step raises GateBreach after that step's checkpoint; the rerun resumes
     there and breaches again without training on; report-only records every breach and finishes."""

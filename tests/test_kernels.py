@@ -479,6 +479,7 @@ def test_interpreter_child_process_passes():
     result = subprocess.run(
         [
             sys.executable,
+            "-P",  # not the checkout on sys.path: its kernels/ would shadow Hugging Face's `kernels`
             "-m",
             "pytest",
             "-q",
