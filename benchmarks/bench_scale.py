@@ -279,6 +279,11 @@ class TreeSampler(threading.Thread):
             self.stop.wait(SAMPLE_SECONDS)
 
 
+def _on_sigterm(signum, frame) -> None:
+    print(f"\nSIGTERM at {time.strftime('%H:%M:%S')}: stopping", file=sys.stderr, flush=True)
+    raise KeyboardInterrupt  # unwinds like Ctrl-C: the server is stopped on the way out
+
+
 def _die_with_parent() -> None:
     """In the server's child before exec: SIGTERM when the benchmark dies, even by SIGKILL (Linux)."""
     try:
@@ -457,6 +462,12 @@ def growth(small: dict, large: dict) -> dict:
         "cpu_exponent_net": exponent(m1, small["net_cpu_s"], m2, large["net_cpu_s"]),
         "rss_exponent": exponent(n1, rss1, n2, rss2),
         "rss_bytes_per_doc": round((rss2 - rss1) / (n2 - n1), 1),
+        # per kind of process: the flow holds the global decisions' summaries, workers the shards' work
+        "rss_bytes_per_doc_by_process": {
+            kind: round((large["peak_rss_by_process"][kind] - small["peak_rss_by_process"][kind]) / (n2 - n1), 1)
+            for kind in small["peak_rss_by_process"]
+            if kind in large["peak_rss_by_process"] and kind != "bench wrapper"
+        },
     }
     # Extrapolations, labelled as such: time by the measured power law, RSS along its measured line.
     scale = EXTRAPOLATE_TO / n2
@@ -620,8 +631,7 @@ def main(argv: list[str] | None = None) -> dict:
     from cptflow.models import resolve_model_path
 
     resolve_model_path("builtin:tiny-llama")
-    # A SIGTERM (a kill of the benchmark) unwinds like Ctrl-C: the server is stopped on the way out.
-    signal.signal(signal.SIGTERM, lambda signum, frame: sys.exit(128 + signum))
+    signal.signal(signal.SIGTERM, _on_sigterm)  # said, with its time: a stray kill otherwise leaves no trace
     with contextlib.ExitStack() as stack:
         server = None
         if args.server == "own":
