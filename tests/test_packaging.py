@@ -14,7 +14,10 @@ import pytest
 import yaml
 
 REPO = Path(__file__).resolve().parents[1]
-BNB_KERNELS_WARNING = "Failed to load CPU gemm_4bit_forward"
+# What bitsandbytes (on AVX-512 BF16 hosts) says when `from kernels import get_kernel` finds cptflow's
+# kernels/ instead of Hugging Face's. Offline, the hub kernel itself cannot be fetched either, and
+# bitsandbytes warns about that too (a download error): that one is the environment's, not a shadowing.
+SHADOWED_KERNELS = "cannot import name 'get_kernel'"
 
 
 @pytest.fixture(scope="module")
@@ -90,7 +93,7 @@ print("FUSED-OK")
                             capture_output=True, text=True, timeout=600)  # fmt: skip
     output = result.stdout + result.stderr
     assert result.returncode == 0 and "FUSED-OK" in output, output[-3000:]
-    assert BNB_KERNELS_WARNING not in output and "get_kernel" not in output, output[-3000:]
+    assert SHADOWED_KERNELS not in output and "cptflow/kernels" not in output, output[-3000:]
 
 
 @pytest.mark.slow
@@ -109,7 +112,7 @@ def test_demo_runs_from_the_wheel_outside_the_checkout(venv, tmp_path):
     )
     output = result.stdout + result.stderr
     assert result.returncode == 0, output[-4000:]
-    assert BNB_KERNELS_WARNING not in output, output[-4000:]
+    assert SHADOWED_KERNELS not in output and "cptflow/kernels" not in output, output[-4000:]
     export = list((tmp_path / "demo" / "work" / "demo" / "evaluate").glob("*/export"))
     assert export and (export[0] / "adapter" / "README.md").is_file(), output[-2000:]  # the model card
     assert (export[0] / "merged" / "model.safetensors").is_file() and (export[0] / "merged" / "README.md").is_file()
