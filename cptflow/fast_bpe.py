@@ -16,8 +16,9 @@ from __future__ import annotations
 import itertools
 import json
 import os
+import re
 import unicodedata
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import numpy as np
 
@@ -65,6 +66,68 @@ def bytes_to_unicode() -> dict[int, str]:
     return dict(zip(printable, map(chr, chars)))
 
 
+CHECK_EVERY = 100  # tokenize and mix compare the fast encoder's ids with the tokenizer's on every 100th document
+
+
+class EncoderMismatch(RuntimeError):
+    """The fast encoder and the tokenizer gave different ids for a document."""
+
+
+@dataclass
+class AddedTokenSplit:
+    """HF's added-token extraction, for tokens matched as whole tokens before the model sees the text.
+
+    As the Rust AddedVocabulary does it: leftmost-longest matches of the tokens with normalized=false on
+    the raw text, then the normalizer on each remaining piece, then matches of the normalized=true
+    tokens. Special tokens take part in matching but, as under split_special_tokens, stay text.
+    """
+
+    raw: re.Pattern | None
+    normalized: re.Pattern | None
+    ids: dict[str, int | None]  # content -> id; None for special tokens (text)
+    nfc: bool
+
+    @classmethod
+    def build(cls, added: list[dict], nfc: bool) -> "AddedTokenSplit":
+        def pattern(tokens: list[dict]) -> re.Pattern | None:
+            contents = sorted({t["content"] for t in tokens}, key=lambda c: (-len(c), c))
+            return re.compile("|".join(map(re.escape, contents))) if contents else None
+
+        ids = {t["content"]: (None if t.get("special") else t["id"]) for t in added}
+        return cls(
+            pattern([t for t in added if not t.get("normalized")]),
+            pattern([t for t in added if t.get("normalized")]),
+            ids,
+            nfc,
+        )
+
+    def _split(self, text: str, pattern: re.Pattern | None) -> list[str | int]:
+        if pattern is None:
+            return [text]
+        parts: list[str | int] = []
+        start = 0
+        for match in pattern.finditer(text):
+            token_id = self.ids[match.group()]
+            if token_id is None:  # a special token: text, and no other token matches inside it
+                continue
+            parts += [text[start : match.start()], token_id]
+            start = match.end()
+        parts.append(text[start:])
+        return parts
+
+    def split(self, text: str) -> list[str | int]:
+        """The text as pieces to encode (str, normalized) and added-token ids (int), in order."""
+        parts: list[str | int] = []
+        for part in self._split(text, self.raw):
+            if isinstance(part, str):
+                if self.nfc and not unicodedata.is_normalized("NFC", part):
+                    part = unicodedata.normalize("NFC", part)
+                parts += self._split(part, self.normalized)
+            else:
+                parts.append(part)
+        return parts
+
+
 @dataclass
 class FastEncoder:
     """Documents -> the HF tokenizer's ids with its special tokens, plus EOS, as one flat array."""
@@ -75,16 +138,42 @@ class FastEncoder:
     suffix: list[int]  # what it adds after (usually nothing); EOS is appended after this
     nfc: bool  # the tokenizer's normalizer is NFC
     threads: int = min(8, os.cpu_count() or 1)
+    added: AddedTokenSplit | None = field(default=None)  # set when non-special added tokens must be matched
+
+    def _encode_ordinary(self, texts: list[str]) -> tuple[np.ndarray, np.ndarray]:
+        """(ids uint32, lengths int64) of plain texts (no added-token matching), ranks mapped to ids."""
+        rows = self.encoding.encode_ordinary_batch(texts, num_threads=self.threads)
+        lengths = np.fromiter(map(len, rows), dtype=np.int64, count=len(rows))
+        ids = np.fromiter(itertools.chain.from_iterable(rows), dtype=np.uint32, count=int(lengths.sum()))
+        if self.rank_to_id is not None:
+            ids = self.rank_to_id[ids]
+        return ids, lengths
+
+    def _encode_with_added(self, texts: list[str]) -> tuple[np.ndarray, np.ndarray]:
+        """As _encode_ordinary, the texts first split on the added tokens (whose ids go in between)."""
+        parts_of = [self.added.split(text) for text in texts]
+        pieces = [part for parts in parts_of for part in parts if isinstance(part, str)]
+        ids, lengths = self._encode_ordinary(pieces)
+        encoded = iter(np.split(ids, np.cumsum(lengths)[:-1]) if len(pieces) else [])
+        bodies = [
+            np.concatenate(
+                [next(encoded) if isinstance(p, str) else np.asarray([p], dtype=np.uint32) for p in parts]
+                or [np.zeros(0, np.uint32)]
+            ).astype(np.uint32, copy=False)
+            for parts in parts_of
+        ]
+        body_lengths = np.fromiter(map(len, bodies), dtype=np.int64, count=len(bodies))
+        body = np.concatenate(bodies) if bodies else np.zeros(0, np.uint32)
+        return body, body_lengths
 
     def encode_documents(self, texts: list[str], eos_id: int) -> tuple[np.ndarray, np.ndarray]:
         """(tokens uint32, lengths int64): each document as prefix + text ids + suffix + EOS."""
-        if self.nfc:
-            texts = [t if unicodedata.is_normalized("NFC", t) else unicodedata.normalize("NFC", t) for t in texts]
-        rows = self.encoding.encode_ordinary_batch(texts, num_threads=self.threads)
-        body_lengths = np.fromiter(map(len, rows), dtype=np.int64, count=len(rows))
-        body = np.fromiter(itertools.chain.from_iterable(rows), dtype=np.uint32, count=int(body_lengths.sum()))
-        if self.rank_to_id is not None:
-            body = self.rank_to_id[body]
+        if self.added is not None:
+            body, body_lengths = self._encode_with_added(texts)
+        else:
+            if self.nfc:
+                texts = [t if unicodedata.is_normalized("NFC", t) else unicodedata.normalize("NFC", t) for t in texts]
+            body, body_lengths = self._encode_ordinary(texts)
         head = np.asarray(self.prefix, dtype=np.uint32)
         tail = np.asarray([*self.suffix, eos_id], dtype=np.uint32)
         lengths = body_lengths + len(head) + len(tail)
@@ -125,10 +214,14 @@ def convert(tokenizer, threads: int | None = None) -> tuple[FastEncoder | None, 
     if normalizer is not None and normalizer.get("type") != "NFC":
         return None, f"normalizer {normalizer.get('type')!r}"
     added = spec.get("added_tokens") or []
-    # With split_special_tokens special added tokens are plain text; other added tokens would still
-    # be matched by HF before the model sees the text.
-    if any(not token.get("special") for token in added):
-        return None, "non-special added tokens"
+    # With split_special_tokens special added tokens are plain text; other added tokens (Qwen's
+    # <tool_call>, <|fim_prefix|>, ...) are still matched by HF before the model sees the text, and
+    # are matched the same way here (AddedTokenSplit), unless a matching option has no equivalent.
+    plain = [token for token in added if not token.get("special")]
+    for token in plain:
+        options = [key for key in ("single_word", "lstrip", "rstrip") if token.get(key)]
+        if options:
+            return None, f"non-special added token {token['content']!r} with {', '.join(options)}"
 
     char_of = bytes_to_unicode()
     byte_of = {char: byte for byte, char in char_of.items()}
@@ -174,6 +267,8 @@ def convert(tokenizer, threads: int | None = None) -> tuple[FastEncoder | None, 
     if prefix is None:
         return None, "the tokenizer's special tokens are not a fixed prefix and suffix"
     encoder = FastEncoder(encoding, None if ids_are_ranks else mapping, prefix, suffix, normalizer is not None)
+    if plain:
+        encoder.added = AddedTokenSplit.build(added, nfc=normalizer is not None)
     if threads:
         encoder.threads = threads
     return encoder, ""
@@ -237,3 +332,34 @@ def differing_documents(tokens: np.ndarray, lengths: np.ndarray, expected: list[
         for index, ids in zip(indices, expected)
         if tokens[starts[index] : starts[index] + lengths[index]].tolist() != ids
     ]
+
+
+def choose_encoder(tokenizer, choice: str = "auto") -> tuple[FastEncoder | None, str]:
+    """(encoder, "") when the tokenizer converts exactly and agrees on the probe texts, else (None, why):
+    what tokenize and mix use, so both count and make the same ids. `choice` is `tokenize.encoder`."""
+    if choice == "huggingface":
+        return None, "tokenize.encoder = huggingface"
+    if tokenizer.eos_token_id is None:
+        return None, "the tokenizer has no EOS token"
+    encoder, why = convert(tokenizer)
+    if encoder is not None:
+        why = verify(encoder, tokenizer)
+    return (None, why) if why else (encoder, "")
+
+
+def encode_checked(
+    encoder: FastEncoder, texts: list[str], tokenizer, *, compare=None
+) -> tuple[np.ndarray, np.ndarray, int]:
+    """`encoder.encode_documents` with every CHECK_EVERY-th document also encoded by the tokenizer itself:
+    (tokens, lengths, documents checked). A difference raises EncoderMismatch rather than change the ids.
+    `compare`: the comparison (default `differing_documents`; a caller's tests may swap in their own)."""
+    tokens, lengths = encoder.encode_documents(texts, tokenizer.eos_token_id)
+    sample = range(0, len(texts), CHECK_EVERY)
+    if differing := (compare or differing_documents)(
+        tokens, lengths, document_token_ids([texts[i] for i in sample], tokenizer), sample
+    ):
+        index = differing[0]
+        raise EncoderMismatch(
+            f"fast encoder and tokenizer disagree on document {index} of the batch ({texts[index][:60]!r})"
+        )
+    return tokens, lengths, len(sample)

@@ -117,3 +117,24 @@ def run_data_stage_plain(run: StageRun, cfg: PipelineConfig, force: bool = False
                 module.reduce(run, cfg, item)
         module.commit(run, cfg, counts, started)
         return "ran"
+
+
+class StageSelectionError(ValueError):
+    pass
+
+
+def select_stages(
+    only: list[str] | None, from_stage: str | None, force: list[str] | None
+) -> tuple[list[str], set[str]]:
+    """(stages to execute, stages to recompute even if done) from --only/--from/--force."""
+    for name in [*(only or []), *([from_stage] if from_stage else []), *(force or [])]:
+        if name not in PIPELINE_STAGES:
+            raise StageSelectionError(f"unknown stage '{name}' (this pipeline runs: {', '.join(PIPELINE_STAGES)})")
+    selected = list(PIPELINE_STAGES)
+    forced = set(force or [])
+    if from_stage:
+        selected = selected[selected.index(from_stage) :]
+        forced |= set(selected)
+    if only:
+        selected = [s for s in selected if s in only]
+    return selected, forced

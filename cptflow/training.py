@@ -38,7 +38,7 @@ logger = logging.getLogger(__name__)
 
 IGNORE_INDEX = -100
 ALL_LINEAR = "all-linear"
-EMBEDDING_MODULES = ("embed_tokens", "lm_head")
+EMBEDDING_MODULES = ("embed_tokens", "lm_head")  # Llama's names: the fallback when the model names none
 CHECKPOINT_PREFIX = "step-"
 
 
@@ -303,14 +303,15 @@ def add_adapters(model, tcfg: TrainingConfig, *, adapter_dir: str | Path | None 
             lora_dropout=tcfg.lora.dropout,
             use_rslora=tcfg.lora.rslora,
             target_modules=lora_targets(model, tcfg)[0],
-            modules_to_save=list(EMBEDDING_MODULES) if tcfg.train_embeddings else None,
+            modules_to_save=list(embedding_modules(model)) if tcfg.train_embeddings else None,
             ensure_weight_tying=tied and tcfg.train_embeddings,
             bias="none",
             task_type="CAUSAL_LM",
         )
         model = get_peft_model(model, config)
+    embeddings = embedding_modules(model)
     for name, parameter in model.named_parameters():
-        if is_embedding_parameter(name):
+        if is_embedding_parameter(name, embeddings):
             # Frozen when the stage asks for it (sft may keep cpt's embeddings as they are).
             parameter.requires_grad_(tcfg.train_embeddings and "modules_to_save" in name)
             if parameter.requires_grad and parameter.dtype != torch.float32:
@@ -318,8 +319,25 @@ def add_adapters(model, tcfg: TrainingConfig, *, adapter_dir: str | Path | None 
     return model
 
 
-def is_embedding_parameter(name: str) -> bool:
-    return any(module in name.split(".") for module in EMBEDDING_MODULES)
+def embedding_modules(model) -> tuple[str, ...]:
+    """The names of the model's input embedding and output head, from the model itself
+    (get_input_embeddings / get_output_embeddings): `embed_tokens`, `lm_head` for Llama and most
+    families, `wte`, `lm_head` for GPT-2. Llama's names where the model does not say."""
+    base = model.get_base_model() if hasattr(model, "get_base_model") else model
+    wanted = []
+    for getter in ("get_input_embeddings", "get_output_embeddings"):
+        try:
+            module = getattr(base, getter)()
+        except (AttributeError, NotImplementedError):
+            module = None
+        if module is not None:
+            wanted.append(module)
+    names = [name.rsplit(".", 1)[-1] for name, module in base.named_modules() if any(module is w for w in wanted)]
+    return tuple(dict.fromkeys(names)) or EMBEDDING_MODULES
+
+
+def is_embedding_parameter(name: str, modules: tuple[str, ...] = EMBEDDING_MODULES) -> bool:
+    return any(module in name.split(".") for module in modules)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -360,10 +378,11 @@ def build_param_groups(model, tcfg: TrainingConfig) -> list[dict]:
             "weight_decay": 0.0,
         },
     }
+    embeddings = embedding_modules(model)
     for name, parameter in model.named_parameters():  # tied parameters are listed once
         if not parameter.requires_grad:
             continue
-        if is_embedding_parameter(name):
+        if is_embedding_parameter(name, embeddings):
             key = "embeddings"
         elif parameter.ndim < 2 or "norm" in name or name.endswith(".bias"):
             key = "no_decay"
@@ -708,12 +727,37 @@ def set_rng_state(state: dict) -> None:
         torch.cuda.set_rng_state_all(state["cuda"])
 
 
+def saved_copy_modules(weights_path: Path) -> list[str]:
+    """The modules an adapter file holds full trained copies of (modules_to_save: embeddings, head), by
+    the base model's names: every tensor that is not a LoRA weight, PEFT's prefix and `.weight` taken off."""
+    from safetensors import safe_open
+
+    with safe_open(str(weights_path), framework="pt") as handle:
+        names = [key.removeprefix("base_model.model.") for key in handle.keys()]
+    modules = [name.rpartition(".")[0] for name in names if not any(p.startswith("lora_") for p in name.split("."))]
+    return list(dict.fromkeys(modules))
+
+
 def save_adapter_files(model, directory: Path) -> None:
-    """`save_pretrained` (safetensors), with adapter_config.json made byte-stable: PEFT keeps
-    target_modules in a set, whose order changes with the interpreter's hash seed."""
+    """`save_pretrained` (safetensors), with adapter_config.json made byte-stable (PEFT keeps
+    target_modules in a set, whose order changes with the interpreter's hash seed) and naming every
+    module whose trained copy the file holds in modules_to_save.
+
+    The second is for tied embeddings: ensure_weight_tying takes the tied head out of modules_to_save
+    (it is tied to the embedding's copy instead) but saves its copy, and on reload PEFT re-ties the
+    head only when modules_to_save has an entry called `embed_tokens` or `lm_head`. GPT-2's
+    ['wte', 'transformer.wte'] has neither, so its head came back as the base's plain Linear: sft,
+    continuing from cpt's adapter, saved no head, and evaluate's sft model ran with the base head
+    (and the cpt adapter's head weight, loaded into that plain Linear, overwrote the tied base
+    embedding under it). With the head named, every reload wraps and re-ties it."""
     model.save_pretrained(str(directory), safe_serialization=True)
     config_path = Path(directory) / "adapter_config.json"
     config = read_json(config_path)
+    if config.get("modules_to_save"):
+        named = config["modules_to_save"]
+        for module in saved_copy_modules(Path(directory) / "adapter_model.safetensors"):
+            if not any(module == entry or module.endswith("." + entry) for entry in named):
+                named.append(module)
     for key in ("target_modules", "modules_to_save"):
         if isinstance(config.get(key), list):
             config[key] = sorted(config[key])

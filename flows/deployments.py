@@ -23,6 +23,7 @@ from prefect.exceptions import ObjectNotFound
 from prefect.settings import PREFECT_API_URL
 
 from cptflow.config import PipelineConfig, load_config
+from cptflow.flows.crashes import ensure_crash_automation, watch_crashes
 from cptflow.flows.pipeline import cptflow_pipeline, result_storage
 from cptflow.plan import PIPELINE_STAGES
 
@@ -143,6 +144,10 @@ def serve_deployments(
     scheduled = [d for d in deployments if d.schedules]
     if scheduled and warn is not None:
         watch_schedule(f"{cptflow_pipeline.name}/{scheduled[0].name}", schedule_check_seconds(), warn)
+    # Runs killed without a word (SIGKILL, OOM, a lost machine) are marked Crashed by the server and get
+    # their failure report from here while serving.
+    ensure_crash_automation()
+    watch_crashes(log=warn)
     with result_storage(cfg):
         serve(*deployments)
 

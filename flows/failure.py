@@ -34,7 +34,7 @@ from prefect.context import FlowRunContext
 from prefect.logging import get_run_logger
 from prefect.logging.configuration import ensure_logging_setup
 from prefect.logging.handlers import PrefectConsoleHandler
-from prefect.runtime import flow_run
+from prefect.runtime import deployment, flow_run
 
 from cptflow.config import PipelineConfig
 from cptflow.failures import (
@@ -202,20 +202,36 @@ def publish_failure(
         "command": report["command"],
         "flow_run_id": run_id,
     }
-    markdown = "\n".join(
+    markdown = failure_markdown(cfg.name, stage, report, retry=deployment.get_id() is not None)
+    try:
+        create_markdown_artifact(
+            key="pipeline-failure", markdown=markdown, description=f"cptflow {cfg.name}: failed in {stage}"
+        )
+    except Exception as err:  # the server being down must not replace the stage's error
+        logger.warning("could not create the pipeline-failure artifact: %s", type(err).__name__)
+    notify(cfg, payload)
+    return payload
+
+
+def failure_markdown(pipeline: str, stage: str | None, report: dict, *, retry: bool, crashed: bool = False) -> str:
+    """The `pipeline-failure` artifact: the short block, then the commands that work for this run (*Retry*
+    only where the run has a deployment: `prefect flow-run retry` needs one)."""
+    if stage:
+        where = f"{'Crashed' if crashed else 'Failed'} in stage **{stage}**."
+    else:
+        where = "Failed after the last stage (all selected stages were done)."
+    return "\n".join(
         [
-            f"# cptflow run failed: {cfg.name}",
+            f"# cptflow run {'crashed' if crashed else 'failed'}: {pipeline}",
             "",
-            f"Failed in stage **{stage}**."
-            if stage
-            else "Failed after the last stage (all selected stages were done).",
+            where,
             "",
             "```",
             *failure_lines(report),
             "```",
             "",
             "Resume (stages before it stay cached; a data stage redoes only its unfinished shards, a training",
-            "stage continues from its latest checkpoint), or *Retry* on this flow run:",
+            "stage continues from its latest checkpoint)" + (", or *Retry* on this flow run:" if retry else ":"),
             "",
             "```bash",
             report["resume"],
@@ -229,14 +245,6 @@ def publish_failure(
             *(["", "Error message:", "", "```", report["error"], "```"] if report["error"] != report["cause"] else []),
         ]
     )
-    try:
-        create_markdown_artifact(
-            key="pipeline-failure", markdown=markdown, description=f"cptflow {cfg.name}: failed in {stage}"
-        )
-    except Exception as err:  # the server being down must not replace the stage's error
-        logger.warning("could not create the pipeline-failure artifact: %s", type(err).__name__)
-    notify(cfg, payload)
-    return payload
 
 
 # ----------------------------------------------------------------------------------------------------

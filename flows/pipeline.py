@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import contextlib
 import fcntl
+import threading
 import time
 from datetime import datetime, timezone
 from pathlib import Path
@@ -29,6 +30,13 @@ from prefect.logging import get_run_logger
 
 from cptflow.config import PipelineConfig, RunnerConfig, load_config
 from cptflow.docshards import ShardCounts
+from cptflow.flows.crashes import (
+    describe_holders,
+    ensure_crash_automation,
+    report_crashed_runs,
+    slot_holders,
+    slot_lease_seconds,
+)
 from cptflow.flows.failure import (
     failed_stage,
     publish_failure,
@@ -37,14 +45,20 @@ from cptflow.flows.failure import (
     warn_if_low_space,
 )
 from cptflow.gates import GateBreach, enforce
-from cptflow.plan import DATA_STAGES, PIPELINE_STAGES, UPSTREAM, StageRun, gate_summary, plan_pipeline, stage_module
+from cptflow.plan import (
+    DATA_STAGES,
+    PIPELINE_STAGES,
+    UPSTREAM,
+    StageRun,
+    StageSelectionError,
+    gate_summary,
+    plan_pipeline,
+    select_stages,
+    stage_module,
+)
 from cptflow.store import read_manifest, reset_stage_dir, stage_lock
 from cptflow.training import TrainingReporter
 from cptflow.training_process import is_deterministic, launch_stage
-
-
-class StageSelectionError(ValueError):
-    pass
 
 
 class LocalDaskCluster:
@@ -98,23 +112,6 @@ def make_task_runner(runner: RunnerConfig, dask_cluster: LocalDaskCluster | None
     return DaskTaskRunner(cluster_kwargs={"n_workers": runner.dask_workers, "threads_per_worker": 1, "processes": True})
 
 
-def select_stages(
-    only: list[str] | None, from_stage: str | None, force: list[str] | None
-) -> tuple[list[str], set[str]]:
-    """(stages to execute, stages to recompute even if done) from --only/--from/--force."""
-    for name in [*(only or []), *([from_stage] if from_stage else []), *(force or [])]:
-        if name not in PIPELINE_STAGES:
-            raise StageSelectionError(f"unknown stage '{name}' (this pipeline runs: {', '.join(PIPELINE_STAGES)})")
-    selected = list(PIPELINE_STAGES)
-    forced = set(force or [])
-    if from_stage:
-        selected = selected[selected.index(from_stage) :]
-        forced |= set(selected)
-    if only:
-        selected = [s for s in selected if s in only]
-    return selected, forced
-
-
 def _stage_report(run: StageRun, state: str) -> dict:
     manifest = read_manifest(run.path) or {}
     return {
@@ -163,11 +160,11 @@ def _stage_cache_key(context, parameters) -> str:
 def commit_stage(
     stage: str, run: StageRun, cfg: PipelineConfig, shard_counts: list[ShardCounts] | None, started: float
 ) -> dict:
-    """Global decisions (duplicates, percentile bands), final shards, manifest, artifacts."""
+    """Global decisions (duplicates, percentile bands), final shards, manifest."""
     if run.is_done():  # the Prefect cache was lost but the store has the result: no work
         return {"stage": stage, "fingerprint": run.fingerprint, "state": "cached"}
-    manifest = stage_module(stage).commit(run, cfg, shard_counts, started)
-    publish_artifacts(manifest, run.path)
+    stage_module(stage).commit(run, cfg, shard_counts, started)
+    # Its artifacts are published by the pipeline run (run_stage), so that they sit on the run page.
     # Small and independent of the work directory: the cache key is the fingerprint alone.
     return {"stage": stage, "fingerprint": run.fingerprint, "state": "ran"}
 
@@ -339,6 +336,53 @@ def local_slot(name: str, limit: int, on_wait, directory: Path | None = None) ->
         time.sleep(1.0)
 
 
+SLOT_WAIT_REPORT_SECONDS = 60.0  # how often a waiting stage says again who holds the slot
+
+
+@contextlib.contextmanager
+def server_slot(name: str, stage: str, logger):
+    """A slot of the server's global concurrency limit `name`, as a lease the server takes back about a
+    minute after its holder dies (flows/crashes.py). While the limit is full, the stage says which run
+    holds it and since when, and says it again every SLOT_WAIT_REPORT_SECONDS until it gets one."""
+    from prefect.client.orchestration import get_client
+    from prefect.concurrency.sync import concurrency
+
+    lease = slot_lease_seconds()
+    acquired = threading.Event()
+
+    def say_who_holds_it() -> None:
+        while not acquired.is_set():
+            with get_client(sync_client=True) as client:
+                limit = client.read_global_concurrency_limit_by_name(name)
+            if limit.active_slots < limit.limit:  # free now: the acquisition loop takes it
+                return
+            try:
+                found = slot_holders(name)
+                for _ in range(5):  # the holder's `acquired` event may still be on its way to the server
+                    if found or acquired.wait(2.0):
+                        break
+                    found = slot_holders(name)
+                holders = describe_holders(found, lease)
+            except Exception:  # naming the holder is a courtesy, not part of the wait
+                holders = "its holder could not be read from the server"
+            if acquired.is_set():
+                return
+            logger.info("%s: waiting for a slot of concurrency limit '%s': %s", stage, name, holders)
+            acquired.wait(SLOT_WAIT_REPORT_SECONDS)
+
+    reporter = threading.Thread(target=say_who_holds_it, name="cptflow-slot-wait", daemon=True)
+    reporter.start()
+    try:
+        # A renewal that fails once (a server restart) must not kill a training run: the lease is renewed
+        # again at the next interval.
+        with concurrency(name, occupy=1, strict=True, lease_duration=lease, raise_on_lease_renewal_failure=False):
+            acquired.set()
+            logger.info("%s: holds a slot of concurrency limit '%s'", stage, name)
+            yield
+    finally:
+        acquired.set()
+
+
 @contextlib.contextmanager
 def gpu_slot(cfg: PipelineConfig, stage: str):
     """A slot of `gpu_concurrency` while a stage trains.
@@ -348,7 +392,6 @@ def gpu_slot(cfg: PipelineConfig, stage: str):
     file instead: that server keeps its slot leases in memory and runs no lease reaper, so a run
     killed while training would hold the slot for good.
     """
-    from prefect.concurrency.sync import concurrency
     from prefect.settings import PREFECT_API_URL
 
     slot, logger = cfg.gpu_concurrency, get_run_logger()
@@ -356,8 +399,7 @@ def gpu_slot(cfg: PipelineConfig, stage: str):
         yield
     elif PREFECT_API_URL.value():
         ensure_concurrency_limit(slot.name, slot.limit)
-        logger.info("%s: waiting for a slot of concurrency limit '%s'", stage, slot.name)
-        with concurrency(slot.name, occupy=1, strict=True):
+        with server_slot(slot.name, stage, logger):
             yield
     else:
 
@@ -425,6 +467,9 @@ def run_stage(
         result = data_stage.with_options(name=stage, task_runner=runner)(
             stage, run, cfg, force=stage in forced, upstream=upstream
         )
+        # On the pipeline run, not the stage's subflow: its page carries every data stage's counts, cached
+        # or recomputed, one card per kind.
+        publish_artifacts(read_manifest(run.path), run.path)
         return result["report"], result
     if stage in forced:
         reset_stage_dir(run.path)
@@ -486,13 +531,16 @@ def cptflow_pipeline(
     runs = plan_pipeline(cfg)
     check_upstreams_available(runs, selected)
 
+    look_after_crashed_runs()
     reports, upstream = [], None
     local_dask = cfg.runner.kind == "dask" and not cfg.runner.dask_address
     dask_cluster = LocalDaskCluster(cfg.runner) if local_dask else None
     try:
-        for stage in PIPELINE_STAGES:  # each stage receives the one before it: the graph is the chain
-            report, upstream = run_stage(stage, runs, cfg, selected, forced, upstream, dask_cluster)
-            reports.append(report)
+        # The tag marks the stages' subflows as cptflow's too: the crash automation watches them as well.
+        with tags("cptflow", cfg.name):
+            for stage in PIPELINE_STAGES:  # each stage receives the one before it: the graph is the chain
+                report, upstream = run_stage(stage, runs, cfg, selected, forced, upstream, dask_cluster)
+                reports.append(report)
     except Exception as error:  # a stage failed: say which one, and how to rerun from it
         publish_failure(
             cfg,
@@ -511,7 +559,19 @@ def cptflow_pipeline(
             dask_cluster.close()
 
     publish_run_summary(cfg, reports)
+    look_after_crashed_runs()  # one marked Crashed while this run worked (a killed run's server came back)
     return reports
+
+
+def look_after_crashed_runs() -> None:
+    """The server's crash automation in place, and a failure report on every run it marked Crashed
+    (a killed run cannot write its own). Never fails the run: a warning says what went wrong."""
+    logger = get_run_logger()
+    try:
+        ensure_crash_automation()
+        report_crashed_runs(logger.warning)
+    except Exception as error:
+        logger.warning("could not check for crashed runs on the Prefect server: %s: %s", type(error).__name__, error)
 
 
 def check_upstreams_available(runs: dict[str, StageRun], selected: list[str]) -> None:

@@ -1,4 +1,4 @@
-"""Route a loaded Hugging Face model's RMSNorm and SwiGLU MLP modules through `kernels/`.
+"""Route a loaded Hugging Face model's RMSNorm and gated MLP modules through `kernels/`.
 
 Called by the training stages after loading (and LoRA-wrapping) the model; per instance, no library edits.
 """
@@ -6,22 +6,18 @@ Called by the training stages after loading (and LoRA-wrapping) the model; per i
 from __future__ import annotations
 
 import types
+from dataclasses import dataclass
 
 from torch import nn
 
+from cptflow.kernels.geglu import geglu as fused_geglu
+from cptflow.kernels.rms_norm import gemma_rms_norm as fused_gemma_rms_norm
 from cptflow.kernels.rms_norm import rms_norm as fused_rms_norm
 from cptflow.kernels.swiglu import swiglu as fused_swiglu
+from cptflow.kernels.swiglu import swiglu_gate_up as fused_swiglu_gate_up
 
-# Families whose RMSNorm is exactly `weight * (x * rsqrt(mean(x^2) + eps)).to(input_dtype)` and
-# whose MLP is `down(act(gate(x)) * up(x))`. Gemma is absent on purpose: its norm scales by
-# (1 + weight) and casts after the multiply.
-FAMILY_MODULES = {
-    "llama": ("LlamaRMSNorm", "LlamaMLP"),
-    "mistral": ("MistralRMSNorm", "MistralMLP"),
-    "qwen2": ("Qwen2RMSNorm", "Qwen2MLP"),
-    "qwen3": ("Qwen3RMSNorm", "Qwen3MLP"),
-}
 SILU_ACTIVATIONS = ("silu", "swish")
+GELU_TANH_ACTIVATIONS = ("gelu_pytorch_tanh",)
 MODES = ("auto", "on", "off")
 
 
@@ -29,9 +25,76 @@ def _rms_norm_forward(self, hidden_states):
     return fused_rms_norm(hidden_states, self.weight, self.variance_epsilon)
 
 
+def _gemma_rms_norm_forward(self, x):
+    return fused_gemma_rms_norm(x, self.weight, self.eps)
+
+
+# Only the submodules are called, so LoRA-wrapped or 4-bit projections keep working.
 def _swiglu_mlp_forward(self, x):
-    # Only the submodules are called, so LoRA-wrapped or 4-bit projections keep working.
     return self.down_proj(fused_swiglu(self.gate_proj(x), self.up_proj(x)))
+
+
+def _fused_gate_up_swiglu_mlp_forward(self, hidden_states):
+    # Phi-3: one projection gives [gate | up]; the kernel reads the halves in place and writes one gradient.
+    return self.down_proj(fused_swiglu_gate_up(self.gate_up_proj(hidden_states)))
+
+
+def _geglu_mlp_forward(self, x):
+    return self.down_proj(fused_geglu(self.gate_proj(x), self.up_proj(x)))
+
+
+@dataclass(frozen=True)
+class FamilyKernels:
+    """Which module classes of a family get which forward, and which activation the MLP kernel assumes."""
+
+    norm_class: str
+    norm_forward: types.FunctionType
+    mlp_class: str
+    mlp_forward: types.FunctionType
+    activation_attr: str  # the config field the MLP's activation comes from
+    activations: tuple[str, ...]  # values of it the MLP kernel computes
+
+
+def _llama_like(prefix: str) -> FamilyKernels:
+    """RMSNorm exactly `weight * (x * rsqrt(mean(x^2) + eps)).to(input_dtype)`, MLP `down(silu(gate(x)) * up(x))`."""
+    return FamilyKernels(
+        f"{prefix}RMSNorm", _rms_norm_forward, f"{prefix}MLP", _swiglu_mlp_forward, "hidden_act", SILU_ACTIVATIONS
+    )
+
+
+def _gemma(prefix: str, activation_attr: str) -> FamilyKernels:
+    """RMSNorm `(x * rsqrt(mean(x^2) + eps) * (1 + weight)).type_as(x)` in fp32; MLP `down(gelu_tanh(gate) * up)`."""
+    return FamilyKernels(
+        f"{prefix}RMSNorm",
+        _gemma_rms_norm_forward,
+        f"{prefix}MLP",
+        _geglu_mlp_forward,
+        activation_attr,
+        GELU_TANH_ACTIVATIONS,
+    )
+
+
+# Keyed by `config.model_type` (transformers 5.x module code checked for each). Absent on purpose:
+# Phi-1/2 ("phi": LayerNorm and a plain GELU MLP), GPT-2 and other LayerNorm families, Gemma 3n
+# (its MLP sparsifies activations), and everything not checked yet.
+FAMILIES = {
+    "llama": _llama_like("Llama"),
+    "mistral": _llama_like("Mistral"),
+    "qwen2": _llama_like("Qwen2"),
+    "qwen3": _llama_like("Qwen3"),
+    # Phi3RMSNorm is Llama's formula; Phi3MLP fuses gate and up into one gate_up_proj.
+    "phi3": FamilyKernels(
+        "Phi3RMSNorm", _rms_norm_forward, "Phi3MLP", _fused_gate_up_swiglu_mlp_forward, "hidden_act", SILU_ACTIVATIONS
+    ),
+    "gemma": _gemma("Gemma", "hidden_act"),
+    "gemma2": _gemma("Gemma2", "hidden_activation"),
+    "gemma3_text": _gemma("Gemma3", "hidden_activation"),
+    # Gemma3ForConditionalGeneration: the text model's modules (and the projector's Gemma3RMSNorm);
+    # the SigLIP vision tower has LayerNorm and an ungated MLP, left alone.
+    "gemma3": _gemma("Gemma3", "hidden_activation"),
+}
+# (RMSNorm class, MLP class) per family: what `kernels_for_family` answers.
+FAMILY_MODULES = {name: (family.norm_class, family.mlp_class) for name, family in FAMILIES.items()}
 
 
 def _model_config(model: nn.Module):
@@ -49,11 +112,13 @@ def kernels_for_family(model_type: str) -> tuple[str, str] | None:
 
 
 def apply_kernels(model: nn.Module, rms_norm: str = "auto", swiglu: str = "auto") -> dict:
-    """Replace the `forward` of each RMSNorm and SwiGLU MLP instance in `model`; report what changed.
+    """Replace the `forward` of each RMSNorm and gated MLP instance in `model`; report what changed.
 
-    "auto": patch where the model family (and, for the MLP, a SiLU activation) supports it, else
-    report why not. "on": the same, but raise ValueError where it does not apply. "off": leave
-    those modules untouched. Kernels dispatch per tensor, so a patched model still runs on CPU.
+    `swiglu` switches the family's gated-MLP kernel: SwiGLU for Llama/Mistral/Qwen/Phi-3, GeGLU-tanh
+    for Gemma. "auto": patch where the model family (and, for the MLP, the activation the kernel
+    computes) supports it, else report why not. "on": the same, but raise ValueError where it does
+    not apply. "off": leave those modules untouched. Kernels dispatch per tensor, so a patched model
+    still runs on CPU.
     """
     modes = {"rms_norm": rms_norm, "swiglu": swiglu}
     for name, mode in modes.items():
@@ -69,17 +134,23 @@ def apply_kernels(model: nn.Module, rms_norm: str = "auto", swiglu: str = "auto"
         report[name]["reason"] = reason
         modes[name] = "off"
 
-    family = kernels_for_family(model_type)
-    for name in modes:
-        if modes[name] != "off" and family is None:
-            skip(name, f"model_type {model_type!r} is not supported (supported: {sorted(FAMILY_MODULES)})")
-    hidden_act = getattr(config, "hidden_act", None)
-    if modes["swiglu"] != "off" and hidden_act not in SILU_ACTIVATIONS:
-        skip("swiglu", f"{model_type} hidden_act is {hidden_act!r}, not SiLU")
+    family = FAMILIES.get(model_type)
     if family is None:
+        for name in modes:
+            if modes[name] != "off":
+                skip(name, f"model_type {model_type!r} is not supported (supported: {sorted(FAMILIES)})")
         return report
+    # Multimodal configs (Gemma 3) keep the language model's activation in their text config.
+    text_config = config.get_text_config() if hasattr(config, "get_text_config") else config
+    activation = getattr(text_config, family.activation_attr, None)
+    if modes["swiglu"] != "off" and activation not in family.activations:
+        kernel = "SiLU" if family.activations == SILU_ACTIVATIONS else "gelu_pytorch_tanh"
+        skip("swiglu", f"{model_type} {family.activation_attr} is {activation!r}, not {kernel}")
 
-    targets = {"rms_norm": (family[0], _rms_norm_forward), "swiglu": (family[1], _swiglu_mlp_forward)}
+    targets = {
+        "rms_norm": (family.norm_class, family.norm_forward),
+        "swiglu": (family.mlp_class, family.mlp_forward),
+    }
     for module in model.modules():
         for name, (class_name, forward) in targets.items():
             if modes[name] != "off" and type(module).__name__ == class_name:

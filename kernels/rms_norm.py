@@ -1,6 +1,7 @@
-"""RMSNorm as one Triton kernel per direction, numerically matching Hugging Face's LlamaRMSNorm.
+"""RMSNorm as one Triton kernel per direction, numerically matching Hugging Face's LlamaRMSNorm or GemmaRMSNorm.
 
-Installed into Llama/Mistral/Qwen models by `kernels/patch.py`; CPU tensors use the PyTorch reference.
+Installed into Llama/Mistral/Qwen/Phi-3 (`rms_norm`) and Gemma 1/2/3 (`gemma_rms_norm`) models by
+`kernels/patch.py`; CPU tensors use the PyTorch references.
 """
 
 from __future__ import annotations
@@ -16,8 +17,11 @@ except ImportError:
 
 
 @triton_jit
-def _rms_norm_forward_kernel(Y, X, W, InvRms, stride_y, stride_x, n_cols, eps, BLOCK: tl.constexpr):
-    """One program per row: y = w * (x / rms(x)), with the normalised row rounded to x's dtype first."""
+def _rms_norm_forward_kernel(
+    Y, X, W, InvRms, stride_y, stride_x, n_cols, eps, GEMMA: tl.constexpr, BLOCK: tl.constexpr
+):
+    """One program per row. Llama: y = w * (x / rms(x)), the normalised row rounded to x's dtype first.
+    GEMMA: y = (1 + w) * (x / rms(x)), all in fp32, rounded once at the end."""
     row = tl.program_id(0).to(tl.int64)
     cols = tl.arange(0, BLOCK)
     mask = cols < n_cols
@@ -25,9 +29,12 @@ def _rms_norm_forward_kernel(Y, X, W, InvRms, stride_y, stride_x, n_cols, eps, B
     w = tl.load(W + cols, mask=mask, other=0.0).to(tl.float32)
     inv_rms = 1.0 / tl.sqrt(tl.sum(x * x, axis=0) / n_cols + eps)
     tl.store(InvRms + row, inv_rms)
-    # HF casts the normalised row back to the input dtype *before* the weight multiply.
-    x_normed = (x * inv_rms).to(X.dtype.element_ty).to(tl.float32)
-    tl.store(Y + row * stride_y + cols, (x_normed * w).to(Y.dtype.element_ty), mask=mask)
+    if GEMMA:
+        y = (x * inv_rms) * (1.0 + w)
+    else:
+        # HF's Llama casts the normalised row back to the input dtype *before* the weight multiply.
+        y = (x * inv_rms).to(X.dtype.element_ty).to(tl.float32) * w
+    tl.store(Y + row * stride_y + cols, y.to(Y.dtype.element_ty), mask=mask)
 
 
 @triton_jit
@@ -45,6 +52,7 @@ def _rms_norm_backward_kernel(
     n_cols,
     rows_per_program,
     COMPUTE_DW: tl.constexpr,
+    GEMMA: tl.constexpr,
     BLOCK: tl.constexpr,
 ):
     """Persistent programs over row ranges; each sums its rows' weight gradient in registers."""
@@ -54,6 +62,8 @@ def _rms_norm_backward_kernel(
     cols = tl.arange(0, BLOCK)
     mask = cols < n_cols
     w = tl.load(W + cols, mask=mask, other=0.0).to(tl.float32)
+    if GEMMA:
+        w = w + 1.0
     dw = tl.zeros([BLOCK], dtype=tl.float32)
 
     # Pointers advance row by row: 64-bit from the start, so rows * stride cannot overflow int32.
@@ -70,7 +80,10 @@ def _rms_norm_backward_kernel(
         dx = inv_rms * (dx_normed - x_normed * (tl.sum(dx_normed * x_normed, axis=0) / n_cols))
         tl.store(dx_ptr + cols, dx.to(DX.dtype.element_ty), mask=mask)
         if COMPUTE_DW:
-            dw += dy * x_normed.to(X.dtype.element_ty).to(tl.float32)
+            if GEMMA:  # the weight multiplies the fp32 normalised row
+                dw += dy * x_normed
+            else:
+                dw += dy * x_normed.to(X.dtype.element_ty).to(tl.float32)
         dx_ptr += stride_dx
         dy_ptr += stride_dy
         x_ptr += stride_x
@@ -83,11 +96,12 @@ class RMSNormFunction(torch.autograd.Function):
     """Saves x and the per-row inverse RMS (4 bytes a row) instead of the normalised activations."""
 
     @staticmethod
-    def forward(ctx, x, weight, eps):
+    def forward(ctx, x, weight, eps, gemma):
         shape = x.shape
         x2d = x.reshape(-1, shape[-1]).contiguous()
         n_rows, n_cols = x2d.shape
-        out_dtype = torch.promote_types(x.dtype, weight.dtype)  # what `weight * x_normed` gives in HF
+        # What HF returns: `weight * x_normed` promotes (Llama); Gemma's `.type_as(x)` keeps x's dtype.
+        out_dtype = x.dtype if gemma else torch.promote_types(x.dtype, weight.dtype)
         y = torch.empty((n_rows, n_cols), dtype=out_dtype, device=x.device)
         inv_rms = torch.empty(n_rows, dtype=torch.float32, device=x.device)
         block = next_power_of_2(n_cols)
@@ -100,11 +114,13 @@ class RMSNormFunction(torch.autograd.Function):
             x2d.stride(0),
             n_cols,
             eps,
+            GEMMA=gemma,
             BLOCK=block,
             num_warps=num_warps_for(block),
         )
         ctx.save_for_backward(x2d, weight, inv_rms)
         ctx.shape = shape
+        ctx.gemma = gemma
         return y.view(shape)
 
     @staticmethod
@@ -131,11 +147,12 @@ class RMSNormFunction(torch.autograd.Function):
             n_cols,
             -(-n_rows // programs),
             COMPUTE_DW=compute_dw,
+            GEMMA=ctx.gemma,
             BLOCK=block,
             num_warps=num_warps_for(block),
         )
         dw = dw_partial.sum(0).to(weight.dtype) if compute_dw else None
-        return dx.view(ctx.shape), dw, None
+        return dx.view(ctx.shape), dw, None, None
 
 
 def rms_norm_reference(x: torch.Tensor, weight: torch.Tensor, eps: float = 1e-6) -> torch.Tensor:
@@ -153,4 +170,21 @@ def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float = 1e-6) -> torch.
         raise ValueError(f"weight {tuple(weight.shape)} does not match the last dim of x {tuple(x.shape)}")
     if x.numel() == 0 or not use_triton(x):
         return rms_norm_reference(x, weight, eps)
-    return RMSNormFunction.apply(x, weight, eps)
+    return RMSNormFunction.apply(x, weight, eps, False)
+
+
+def gemma_rms_norm_reference(x: torch.Tensor, weight: torch.Tensor, eps: float = 1e-6) -> torch.Tensor:
+    """Hugging Face's GemmaRMSNorm / Gemma2RMSNorm / Gemma3RMSNorm.forward, op for op (transformers 5.x)."""
+    output = x.float()
+    output = output * torch.rsqrt(output.pow(2).mean(-1, keepdim=True) + eps)
+    output = output * (1.0 + weight.float())
+    return output.type_as(x)
+
+
+def gemma_rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float = 1e-6) -> torch.Tensor:
+    """Gemma's RMSNorm, `(1 + weight) * x / rms(x)` in fp32 cast to x's dtype: Triton where `rms_norm` runs it."""
+    if x.shape[-1] != weight.shape[0]:
+        raise ValueError(f"weight {tuple(weight.shape)} does not match the last dim of x {tuple(x.shape)}")
+    if x.numel() == 0 or not use_triton(x):
+        return gemma_rms_norm_reference(x, weight, eps)
+    return RMSNormFunction.apply(x, weight, eps, True)

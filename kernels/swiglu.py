@@ -1,6 +1,7 @@
 """SwiGLU activation `silu(gate) * up` as one Triton kernel per direction.
 
-The MLP of Llama/Mistral/Qwen calls it after `kernels/patch.py`; CPU tensors use the PyTorch reference.
+The MLP of Llama/Mistral/Qwen calls `swiglu` after `kernels/patch.py`, Phi-3's (one fused gate_up_proj)
+`swiglu_gate_up`; CPU tensors use the PyTorch references.
 """
 
 from __future__ import annotations
@@ -46,6 +47,35 @@ def _swiglu_backward_kernel(DGate, DUp, DOut, Gate, Up, n_elements, BLOCK: tl.co
     tl.store(DUp + offsets, d_up.to(DUp.dtype.element_ty), mask=mask)
 
 
+@triton_jit
+def _swiglu_gate_up_forward_kernel(Out, GateUp, stride_in, n_cols, BLOCK: tl.constexpr):
+    """Program (row, column block) of a [rows, 2 * n_cols] input holding [gate | up]: no split copies."""
+    row = tl.program_id(0).to(tl.int64)
+    cols = tl.program_id(1) * BLOCK + tl.arange(0, BLOCK)
+    mask = cols < n_cols
+    gate = tl.load(GateUp + row * stride_in + cols, mask=mask, other=0.0).to(tl.float32)
+    up = tl.load(GateUp + row * stride_in + n_cols + cols, mask=mask, other=0.0).to(tl.float32)
+    silu = (gate * tl.sigmoid(gate)).to(Out.dtype.element_ty).to(tl.float32)
+    tl.store(Out + row * n_cols + cols, (silu * up).to(Out.dtype.element_ty), mask=mask)
+
+
+@triton_jit
+def _swiglu_gate_up_backward_kernel(DGateUp, DOut, GateUp, stride_in, n_cols, BLOCK: tl.constexpr):
+    """Writes [d_gate | d_up] into one [rows, 2 * n_cols] gradient: autograd has no halves to concatenate."""
+    row = tl.program_id(0).to(tl.int64)
+    cols = tl.program_id(1) * BLOCK + tl.arange(0, BLOCK)
+    mask = cols < n_cols
+    dout = tl.load(DOut + row * n_cols + cols, mask=mask, other=0.0).to(tl.float32)
+    gate = tl.load(GateUp + row * stride_in + cols, mask=mask, other=0.0).to(tl.float32)
+    up = tl.load(GateUp + row * stride_in + n_cols + cols, mask=mask, other=0.0).to(tl.float32)
+    sigmoid = tl.sigmoid(gate)
+    silu = gate * sigmoid
+    d_up = dout * silu.to(DGateUp.dtype.element_ty).to(tl.float32)
+    d_gate = dout * up * sigmoid * (1.0 + gate * (1.0 - sigmoid))
+    tl.store(DGateUp + row * 2 * n_cols + cols, d_gate.to(DGateUp.dtype.element_ty), mask=mask)
+    tl.store(DGateUp + row * 2 * n_cols + n_cols + cols, d_up.to(DGateUp.dtype.element_ty), mask=mask)
+
+
 class SwiGLUFunction(torch.autograd.Function):
     """Saves gate and up (the MLP holds them anyway for the projections' backward), nothing else."""
 
@@ -68,6 +98,36 @@ class SwiGLUFunction(torch.autograd.Function):
         return grad_gate, grad_up
 
 
+class SwiGLUGateUpFunction(torch.autograd.Function):
+    """Saves the [gate | up] projection output (what Phi3MLP's eager chunk views keep alive), nothing else."""
+
+    @staticmethod
+    def forward(ctx, gate_up):
+        shape = gate_up.shape
+        gate_up2d = gate_up.reshape(-1, shape[-1])
+        if gate_up2d.stride(-1) != 1:
+            gate_up2d = gate_up2d.contiguous()
+        n_rows, n_cols = gate_up2d.shape[0], shape[-1] // 2
+        out = torch.empty((n_rows, n_cols), dtype=gate_up.dtype, device=gate_up.device)
+        grid = (n_rows, -(-n_cols // BLOCK))
+        _swiglu_gate_up_forward_kernel[grid](out, gate_up2d, gate_up2d.stride(0), n_cols, BLOCK=BLOCK, num_warps=4)
+        ctx.save_for_backward(gate_up2d)
+        ctx.shape = shape
+        return out.view(*shape[:-1], n_cols)
+
+    @staticmethod
+    def backward(ctx, grad_out):
+        (gate_up2d,) = ctx.saved_tensors
+        n_rows, n_cols = gate_up2d.shape[0], ctx.shape[-1] // 2
+        grad_out = grad_out.reshape(n_rows, n_cols).contiguous()
+        grad_gate_up = torch.empty((n_rows, 2 * n_cols), dtype=gate_up2d.dtype, device=gate_up2d.device)
+        grid = (n_rows, -(-n_cols // BLOCK))
+        _swiglu_gate_up_backward_kernel[grid](
+            grad_gate_up, grad_out, gate_up2d, gate_up2d.stride(0), n_cols, BLOCK=BLOCK, num_warps=4
+        )
+        return grad_gate_up.view(ctx.shape)
+
+
 def swiglu_reference(gate: torch.Tensor, up: torch.Tensor) -> torch.Tensor:
     """What LlamaMLP computes between its projections: `act_fn(gate) * up` with act_fn = SiLU."""
     return F.silu(gate) * up
@@ -81,3 +141,18 @@ def swiglu(gate: torch.Tensor, up: torch.Tensor) -> torch.Tensor:
     if gate.numel() == 0 or gate.dtype != up.dtype or not use_triton(gate):
         return swiglu_reference(gate, up)
     return SwiGLUFunction.apply(gate, up)
+
+
+def swiglu_gate_up_reference(gate_up: torch.Tensor) -> torch.Tensor:
+    """What Phi3MLP computes between its projections: `up * act_fn(gate)` of the halves, act_fn = SiLU."""
+    gate, up = gate_up.chunk(2, dim=-1)
+    return up * F.silu(gate)
+
+
+def swiglu_gate_up(gate_up: torch.Tensor) -> torch.Tensor:
+    """silu(gate) * up for `gate_up = [gate | up]` (last dim), read in place: Triton where `swiglu` runs it."""
+    if gate_up.shape[-1] % 2:
+        raise ValueError(f"gate_up's last dim must be even ([gate | up]), got {tuple(gate_up.shape)}")
+    if gate_up.numel() == 0 or not use_triton(gate_up):
+        return swiglu_gate_up_reference(gate_up)
+    return SwiGLUGateUpFunction.apply(gate_up)

@@ -4,7 +4,9 @@ Starts a Prefect server (`cptflow ui` on a free port, a throw-away database), ru
 against it in a fresh work directory, then opens the flow run's page in headless Chromium (Playwright
 driving the system's browser, e.g. Debian's `chromium`), checks that `pipeline-summary` and
 `evaluate-forgetting` are listed and render (a heading, a table), that the run graph is the chain
-clean → quality → … → evaluate (each stage's only parent is the stage before it), and saves screenshots
+clean → quality → … → evaluate (each stage's only parent is the stage before it), that the run page
+lists every data stage's counts table, that a run SIGKILLed before it shows Crashed with its
+`pipeline-failure` report (the server's crash automation, flows/crashes.py), and saves screenshots
 of the run graph (work/ui-check/ui-check-graph.png), the run's Artifacts tab (ui-check.png) and the
 rendered summary (ui-check-summary.png), full page, under the ignored work/ (docs/ keeps a curated copy:
 `--screenshot docs/ui-check.png` writes there).
@@ -38,6 +40,9 @@ EXPECTED = {
     "pipeline-summary": "cptflow run:",
     "evaluate-forgetting": "base",
 }
+# Listed on the pipeline run's Artifacts tab too (not only on each stage's subflow).
+COUNTS = [f"{stage}-counts" for stage in ("clean", "quality", "perplexity", "mix", "tokenize")]
+CRASH_AFTER_SECONDS = "45"  # the crash automation's window for this check (the default is 90 s)
 BROWSERS = ("chromium", "chromium-browser", "google-chrome", "google-chrome-stable", "chrome")
 
 
@@ -102,7 +107,12 @@ def graph_problems(api_url: str, flow_run_id: str) -> list[str]:
 
 
 def check_in_browser(
-    ui_url: str, flow_run_id: str, artifacts: dict[str, dict], browser: str, screenshot: Path
+    ui_url: str,
+    flow_run_id: str,
+    artifacts: dict[str, dict],
+    browser: str,
+    screenshot: Path,
+    crashed_run_id: str | None = None,
 ) -> list[str]:
     """Problems seen in the UI; an empty list means every expected artifact is listed and renders."""
     from playwright.sync_api import sync_playwright
@@ -116,7 +126,7 @@ def check_in_browser(
         screenshot.parent.mkdir(parents=True, exist_ok=True)
         page.screenshot(path=str(screenshot.with_name(f"{screenshot.stem}-graph{screenshot.suffix}")), full_page=True)
         page.get_by_role("tablist").get_by_text("Artifacts", exact=True).click()
-        for key in EXPECTED:
+        for key in [*EXPECTED, *COUNTS]:
             try:
                 page.get_by_text(key, exact=True).first.wait_for(timeout=30_000)
             except Exception:
@@ -136,7 +146,56 @@ def check_in_browser(
                 page.screenshot(
                     path=str(screenshot.with_name(f"{screenshot.stem}-summary{screenshot.suffix}")), full_page=True
                 )
+        if crashed_run_id:
+            page.goto(f"{ui_url}/runs/flow-run/{crashed_run_id}", wait_until="networkidle")
+            try:
+                page.get_by_text("Crashed", exact=True).first.wait_for(timeout=30_000)
+            except Exception:
+                problems.append("killed run's page: no 'Crashed' state shown")
+            page.get_by_role("tablist").get_by_text("Artifacts", exact=True).click()
+            try:
+                page.get_by_text("pipeline-failure", exact=True).first.wait_for(timeout=30_000)
+            except Exception:
+                problems.append("killed run's page: no 'pipeline-failure' artifact listed")
+            page.screenshot(
+                path=str(screenshot.with_name(f"{screenshot.stem}-crashed{screenshot.suffix}")), full_page=True
+            )
         chromium.close()
+    return problems
+
+
+def start_and_kill_a_run(config: str, work_dir: str, env: dict, api_url: str) -> str:
+    """A pipeline run SIGKILLed (with its whole process group) once its first stage works: nothing tells
+    the server, so only its missing heartbeats can mark it Crashed. Returns its flow run id."""
+    killed = subprocess.Popen(
+        [sys.executable, "-m", "cptflow.cli", "run", config, "--work-dir", work_dir],
+        env=env,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+        start_new_session=True,
+    )
+    deadline = time.monotonic() + 300
+    while True:
+        runs = httpx.post(
+            f"{api_url}/flow_runs/filter",
+            json={"flows": {"name": {"any_": ["data-stage"]}}, "flow_runs": {"state": {"type": {"any_": ["RUNNING"]}}}},
+            timeout=30,
+        ).json()
+        if runs:
+            break
+        if killed.poll() is not None or time.monotonic() > deadline:
+            raise SystemExit("ui-check: the run to kill never reached its first stage")
+        time.sleep(1)
+    os.killpg(killed.pid, signal.SIGKILL)
+    killed.wait()
+    return latest_pipeline_run(api_url)["id"]
+
+
+def crash_problems(api_url: str, flow_run_id: str) -> list[str]:
+    run = httpx.get(f"{api_url}/flow_runs/{flow_run_id}", timeout=30).json()
+    problems = [] if run["state_type"] == "CRASHED" else [f"killed run: state {run['state_type']}, not CRASHED"]
+    if "pipeline-failure" not in run_artifacts(api_url, flow_run_id):
+        problems.append("killed run: no pipeline-failure artifact")
     return problems
 
 
@@ -178,9 +237,12 @@ def main() -> int:
         wait_healthy(api_url, timeout=180)
         print(f"ui-check: Prefect server at {api_url}")
 
+        crashed_run_id = None
         if not args.no_run:
             work_dir = args.work_dir or str(scratch / "work")
-            env = dict(os.environ, PREFECT_API_URL=api_url)
+            env = dict(os.environ, PREFECT_API_URL=api_url, CPTFLOW_CRASH_AFTER_SECONDS=CRASH_AFTER_SECONDS)
+            crashed_run_id = start_and_kill_a_run(args.config, work_dir, env, api_url)
+            print(f"ui-check: killed run {crashed_run_id}; the full run follows (it resumes the killed one's work)")
             started = time.monotonic()
             subprocess.run(
                 [sys.executable, "-m", "cptflow.cli", "run", args.config, "--work-dir", work_dir], env=env, check=True
@@ -190,9 +252,14 @@ def main() -> int:
         flow_run = latest_pipeline_run(api_url)
         artifacts = run_artifacts(api_url, flow_run["id"])
         problems = [f"API: flow run has no artifact '{key}'" for key in EXPECTED if key not in artifacts]
+        problems += [f"API: flow run has no artifact '{key}'" for key in COUNTS if key not in artifacts]
         problems += graph_problems(api_url, flow_run["id"])
+        if crashed_run_id:
+            problems += crash_problems(api_url, crashed_run_id)
         ui_url = api_url.removesuffix("/api")
-        problems += check_in_browser(ui_url, flow_run["id"], artifacts, browser, Path(args.screenshot))
+        problems += check_in_browser(
+            ui_url, flow_run["id"], artifacts, browser, Path(args.screenshot), crashed_run_id=crashed_run_id
+        )
     finally:
         if server is not None:
             server.send_signal(signal.SIGINT)
@@ -205,7 +272,10 @@ def main() -> int:
     for problem in problems:
         print(f"ui-check: FAIL {problem}", file=sys.stderr)
     if not problems:
-        print(f"ui-check: ok: {', '.join(EXPECTED)} render on the flow run page; screenshot {args.screenshot}")
+        print(
+            f"ui-check: ok: {', '.join(EXPECTED)} render and every data stage's counts are listed on the flow "
+            f"run page; the killed run shows Crashed with its failure report; screenshot {args.screenshot}"
+        )
     return 1 if problems else 0
 
 

@@ -47,7 +47,6 @@ from cptflow.fast_bpe import differing_documents
 from cptflow.models import load_tokenizer, model_fingerprint, resolve_model_path
 from cptflow.stage import Artifact, commit_data_stage, counts_artifact, upstream_shard_path, upstream_shards
 from cptflow.store import WORK, atomic_path, atomic_write_json, file_entry, read_json
-from cptflow.tokenization import document_token_ids
 
 logger = logging.getLogger(__name__)
 
@@ -59,7 +58,7 @@ REASON_UNUSED = "unused_within_budget"
 EVAL_SETS = {"domain": "domain_eval", "general": "general_eval"}
 STREAM_SHARD_PREFIX = "stream-"
 TOKENIZE_BATCH_DOCUMENTS = 1000
-CHECK_EVERY = 100  # as in tokenize: the fast encoder's ids are compared with the tokenizer's on every 100th document
+CHECK_EVERY = fast_bpe.CHECK_EVERY  # as in tokenize: every 100th document is also encoded by the tokenizer
 READ_CHUNK_DOCUMENTS = 10_000  # documents read from upstream at a time by a writer (sorted by file and offset)
 QUEUE_CHUNK = 1 << 16  # a role's shuffled queue is turned into Python ints this many at a time
 
@@ -236,8 +235,7 @@ def _tokenizer(name: str, trust_remote_code: bool):
     return load_tokenizer(resolve_model_path(name), trust_remote_code=trust_remote_code)
 
 
-class EncoderMismatch(RuntimeError):
-    """The fast encoder and the tokenizer gave different ids for a document."""
+EncoderMismatch = fast_bpe.EncoderMismatch  # the fast encoder and the tokenizer gave different ids
 
 
 _COUNTER_LOCK = threading.Lock()  # shard threads share one tokenizer and encoder, built once
@@ -246,17 +244,9 @@ _COUNTER_LOCK = threading.Lock()  # shard threads share one tokenizer and encode
 @functools.lru_cache(maxsize=2)
 def _build_counter(name: str, trust_remote_code: bool, choice: str):
     tokenizer = _tokenizer(name, trust_remote_code)
-    encoder, why = None, "tokenize.encoder = huggingface"
-    if choice != "huggingface":
-        if tokenizer.eos_token_id is None:
-            why = "the tokenizer has no EOS token"
-        else:
-            encoder, why = fast_bpe.convert(tokenizer)
-            if encoder is not None:
-                why = fast_bpe.verify(encoder, tokenizer)
+    encoder, why = fast_bpe.choose_encoder(tokenizer, choice)
     if why:
         logger.info("mix: the Hugging Face tokenizer counts tokens (no exact fast encoder: %s)", why)
-        encoder = None
     # A call like ours settles the Rust tokenizer's per-call settings (split_special_tokens, truncation)
     # once, so the shard threads' calls never mutate it concurrently ("Already borrowed").
     document_tokens(["a"], tokenizer)
@@ -278,15 +268,8 @@ def count_tokens(texts: list[str], tokenizer, encoder) -> np.ndarray:
     also made by the tokenizer, as tokenize checks them: a difference raises EncoderMismatch."""
     if encoder is None:
         return np.asarray(document_tokens(texts, tokenizer), dtype=np.int64).reshape(len(texts))
-    tokens, lengths = encoder.encode_documents(texts, tokenizer.eos_token_id)
-    sample = range(0, len(texts), CHECK_EVERY)
-    if differing := differing_documents(
-        tokens, lengths, document_token_ids([texts[i] for i in sample], tokenizer), sample
-    ):
-        index = differing[0]
-        raise EncoderMismatch(
-            f"fast encoder and tokenizer disagree on document {index} of the batch ({texts[index][:60]!r})"
-        )
+    # differing_documents through this module: tests/test_mix.py swaps it to force a mismatch.
+    _, lengths, _ = fast_bpe.encode_checked(encoder, texts, tokenizer, compare=differing_documents)
     return lengths.astype(np.int64, copy=False)
 
 

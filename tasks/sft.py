@@ -12,6 +12,7 @@ import hashlib
 import json
 import logging
 import math
+import re
 import time
 from collections import Counter
 from pathlib import Path
@@ -24,7 +25,14 @@ from pydantic import BaseModel, ConfigDict, Field, model_validator
 from cptflow import distributed
 from cptflow.models import load_tokenizer
 from cptflow.stage import Artifact
-from cptflow.store import atomic_write_json, commit_manifest, file_fingerprint, now_iso, read_manifest
+from cptflow.store import (
+    atomic_write_json,
+    atomic_write_text,
+    commit_manifest,
+    file_fingerprint,
+    now_iso,
+    read_manifest,
+)
 from cptflow.token_reader import TokenShardDataset
 from cptflow.token_shards import tokenizer_fingerprint
 from cptflow.training import (
@@ -102,6 +110,10 @@ class SftConfig(TrainingConfig):
     data: list[SftDataFile] = Field(default_factory=list, description="Instruction files (required to run sft)")
     max_length: int = Field(512, gt=8, description="Tokens per example; longer examples are truncated (counted)")
     chat_template: str | None = Field(None, description="Jinja chat template used when the tokenizer has none")
+    system_message: Literal["merge", "drop", "error"] = Field(
+        "merge", description="For a chat template without a system role (it raises, or leaves the system text out): "
+        "merge folds the system text into the first user turn, drop leaves it out, error stops at the first such line",
+    )  # fmt: skip
     eval_fraction: float = Field(
         0.1, ge=0, lt=1, description="Examples held out (by a hash of their content) for sft_eval"
     )
@@ -133,6 +145,18 @@ class SftConfig(TrainingConfig):
 
 class SftDataError(ValueError):
     """An instruction file that cannot be read at all (missing, or no usable example)."""
+
+
+class ConversationRejected(SftDataError):
+    """One conversation the chat template cannot render, or whose answers are not in its rendering."""
+
+    def __init__(self, reason: str, detail: str):
+        super().__init__(f"{reason}: {detail}")
+        self.reason = reason
+
+
+class SystemRoleUnsupported(SftDataError):
+    """A system message, a template without a system role, and `system_message: error`."""
 
 
 def sft_data_fingerprints(cfg) -> list[dict]:
@@ -195,48 +219,209 @@ def _render(tokenizer, messages: list[dict], template: str | None, *, add_genera
     )
 
 
-def tokenize_conversation(messages: list[dict], tokenizer, template: str | None, max_length: int) -> dict:
-    """input_ids with labels on the assistant answers (each ending in EOS) and -100 elsewhere.
+GENERATION_BLOCK = re.compile(r"\{%-?\s*generation\s*-?%\}")
 
-    Each answer is located in the rendered text: the conversation rendered up to it with the generation
-    prompt, and up to and including it, differ by the answer. Matching is on text, then token offsets,
-    because BPE merges across a turn boundary make token-level prefixes unreliable. A template that
-    does not put EOS after an answer gets one, so the model learns to stop.
-    Returns {"input_ids", "labels", "truncated"}.
+
+def _without_system(messages: list[dict], mode: str) -> list[dict]:
+    """merge: the system texts go in front of the first user turn ("system\n\nuser"); drop: they go."""
+    rest = [m for m in messages if m["role"] != "system"]
+    if mode == "drop":
+        return rest
+    system = "\n\n".join(m["content"].strip() for m in messages if m["role"] == "system" and m["content"].strip())
+    if not system:
+        return rest
+    for index, message in enumerate(rest):
+        if message["role"] == "user":
+            merged = f"{system}\n\n{message['content']}" if message["content"].strip() else system
+            return rest[:index] + [{**message, "content": merged}] + rest[index + 1 :]
+    return [{"role": "user", "content": system}] + rest
+
+
+def render_conversation(
+    messages: list[dict], tokenizer, template: str | None, system_message: str = "merge"
+) -> tuple[str, list[dict], str | None]:
+    """(rendered text, the messages rendered, "merged" / "dropped" / None), rendered once.
+
+    A template without a system role either raises on a system message (Gemma 2) or leaves its text out
+    (Mistral v0.3 unless the user turn is last); then the system text is merged into the first user turn
+    or dropped, as `system_message` says, or SystemRoleUnsupported is raised.
     """
-    eos = tokenizer.eos_token
-    full = _render(tokenizer, messages, template, add_generation_prompt=False)
-    text, spans, consumed = "", [], 0
-    for index, message in enumerate(messages):
-        if message["role"] != "assistant":
+    from jinja2 import TemplateError
+
+    try:
+        text, error = _render(tokenizer, messages, template, add_generation_prompt=False), None
+    except TemplateError as err:
+        text, error = None, err
+    systems = [m["content"].strip() for m in messages if m["role"] == "system"]
+    if not systems:
+        if error is not None:
+            raise ConversationRejected("template_error", str(error))
+        return text, messages, None
+    if error is None and all(s in text for s in systems):
+        return text, messages, None
+    mode = "drop" if system_message == "error" else system_message
+    fallback = _without_system(messages, mode)
+    try:
+        text = _render(tokenizer, fallback, template, add_generation_prompt=False)
+    except TemplateError as err:  # not (only) the system message: the template refuses the conversation
+        raise ConversationRejected("template_error", str(error or err)) from err
+    if system_message == "error":
+        how = f"raises {error}" if error is not None else "leaves the system text out"
+        raise SystemRoleUnsupported(
+            f"the chat template has no system role (it {how}); set sft.system_message to merge or drop"
+        )
+    return text, fallback, "merged" if mode == "merge" else "dropped"
+
+
+def _special_tokens(tokenizer) -> set[str]:
+    added = getattr(tokenizer, "added_tokens_decoder", {}) or {}
+    return {t.content for t in added.values() if getattr(t, "special", False)} | set(tokenizer.all_special_tokens)
+
+
+def end_tokens(tokenizer, template: str | None) -> list[str]:
+    """Special tokens that can close an answer: EOS and the tokenizer's other special tokens, less BOS / UNK
+    and those the generation prompt opens a turn with (`<|im_start|>`, `<|start_header_id|>`, ...), longest
+    first so `<|end_of_text|>` is not read as `<|end|>`."""
+    opening = set()
+    probe = [{"role": "user", "content": "x"}]
+    try:
+        plain = _render(tokenizer, probe, template, add_generation_prompt=False)
+        prompt = _render(tokenizer, probe, template, add_generation_prompt=True)
+        common = 0
+        while common < min(len(plain), len(prompt)) and plain[common] == prompt[common]:
+            common += 1
+        opening = {t for t in _special_tokens(tokenizer) if t in prompt[common:]}
+    except Exception:  # noqa: BLE001 - a template that cannot render the probe just has no known opening tokens
+        pass
+    candidates = _special_tokens(tokenizer) - opening - {tokenizer.bos_token, tokenizer.unk_token, None}
+    if tokenizer.eos_token:
+        candidates.add(tokenizer.eos_token)
+    return sorted((t for t in candidates if t), key=len, reverse=True)
+
+
+def _find_answer(text: str, content: str, cursor: int) -> tuple[int, int] | None:
+    """(start, end) of one assistant content in the rendered text at or after `cursor`. A template may trim
+    it, or split `<think>reasoning</think>answer` and keep only the answer (Qwen3, earlier turns) or
+    re-render the reasoning (Qwen3, the last turn): then the span runs from that `<think>` to the answer."""
+    body = content.strip()
+    position = text.find(body, cursor)
+    if position >= 0:
+        return position, position + len(body)
+    if "</think>" not in body:
+        return None
+    answer = body.split("</think>")[-1].strip()
+    position = text.find(answer, cursor) if answer else -1
+    if position < 0:
+        return None
+    start = position
+    reasoning = body.split("</think>")[0].split("<think>")[-1].strip()
+    found = text.rfind(reasoning, cursor, position) if reasoning else -1
+    if found >= 0:
+        opening = text.rfind("<think>", cursor, found)
+        start = opening if opening >= 0 else found
+    return start, position + len(answer)
+
+
+def _content_spans(text: str, messages: list[dict]) -> list[tuple[int, int]]:
+    """Each non-empty assistant content, found in order: the search for an answer starts after the user turn
+    before it, so an answer quoted in a question is not taken for the answer. System messages are skipped
+    (templates move them: Mistral into the last user turn, Gemma 3 into the first)."""
+    spans, cursor = [], 0
+    for message in messages:
+        body = message["content"].strip()
+        if message["role"] == "system" or not body:
             continue
-        prefix = _render(tokenizer, messages[:index], template, add_generation_prompt=True)
-        through = _render(tokenizer, messages[: index + 1], template, add_generation_prompt=False)
-        if not (full.startswith(through) and through.startswith(prefix) and len(prefix) >= consumed):
-            raise SftDataError(
-                "the chat template renders a conversation differently from its prefix; answers cannot be located"
+        if message["role"] == "user":
+            position = text.find(body, cursor)
+            if position >= 0:
+                cursor = position + len(body)
+            continue
+        span = _find_answer(text, message["content"], cursor)
+        if span is None:
+            raise ConversationRejected(
+                "answer_not_in_rendering", f"the chat template's rendering does not contain the answer {body[:60]!r}"
             )
-        answer = full[len(prefix) : len(through)]
-        if eos in answer:
-            cut = answer.rindex(eos) + len(eos)  # through the last EOS; a trailing newline is not trained
-            trained, tail = answer[:cut], answer[cut:]
+        spans.append(span)
+        cursor = span[1]
+    return spans
+
+
+def _generation_spans(messages: list[dict], tokenizer, template: str, text: str) -> list[tuple[int, int]] | None:
+    """Character spans of the template's {% generation %} blocks (its own assistant mask), or None."""
+    out = tokenizer.apply_chat_template(
+        messages,
+        chat_template=template,
+        tokenize=True,
+        return_dict=True,
+        return_assistant_tokens_mask=True,
+        tokenizer_kwargs={"return_offsets_mapping": True},
+    )
+    offsets, mask = out["offset_mapping"], out["assistant_masks"]
+    if len(offsets) != len(mask) or not any(mask):
+        return None
+    spans: list[tuple[int, int]] = []
+    for index, ((start, end), masked) in enumerate(zip(offsets, mask)):
+        if not masked:
+            continue
+        if index and mask[index - 1] and spans:  # the block goes on: one span per run of masked tokens
+            spans[-1] = (spans[-1][0], max(spans[-1][1], end))
         else:
-            content = answer.rstrip()
-            trained, tail = content + eos, answer[len(content) :]
-        text += full[consumed : len(prefix)]
-        spans.append((len(text), len(text) + len(trained)))
-        text += trained + tail
-        consumed = len(through)
-    text += full[consumed:]
+            spans.append((start, end))
+    return spans
+
+
+def tokenize_conversation(
+    messages: list[dict], tokenizer, template: str | None, max_length: int, system_message: str = "merge"
+) -> dict:
+    """input_ids with labels on the assistant answers, each with exactly one end token, and -100 elsewhere.
+
+    The conversation is rendered once. Answers are located by the template's own assistant mask when it has
+    {% generation %} blocks, else by finding each assistant content in order in the rendering (templates
+    that drop earlier reasoning, add BOS or wrap turns in [INST] included; no template is assumed to render
+    a prefix of a conversation as a prefix of its rendering). An answer is trained with the template's own
+    terminator right after it (`<|im_end|>`, `<|eot_id|>`, `<end_of_turn>`, `</s>`, `<|end|>`); only when the
+    template puts none there does it get EOS, once. Matching is on text, then token offsets, because BPE
+    merges across a turn boundary make token-level prefixes unreliable; a token that straddles the start of
+    an answer (" About" after "[/INST]") is trained. Returns {"input_ids", "labels", "truncated", "system"}.
+    """
+    text, rendered, system = render_conversation(messages, tokenizer, template, system_message)
+    source = template if template is not None else tokenizer.chat_template
+    spans = None
+    if source and GENERATION_BLOCK.search(source):
+        spans = _generation_spans(rendered, tokenizer, source, text)
+    if spans is None:
+        spans = _content_spans(text, rendered)
+    terminators = end_tokens(tokenizer, template)
+    eos = tokenizer.eos_token
+    trained, shift = [], 0
+    for start, end in spans:
+        start, end = start + shift, end + shift
+        closing = text[start:end].rstrip()
+        if any(closing.endswith(t) for t in terminators):  # a generation block that holds its terminator
+            trained.append((start, start + len(closing)))
+            continue
+        gap = len(text[end:]) - len(text[end:].lstrip())
+        follower = next((t for t in terminators if text.startswith(t, end + gap)), None)
+        if follower is not None:
+            trained.append((start, end + gap + len(follower)))
+        else:  # the template ends answers with no end token: EOS, once, so the model learns to stop
+            text = text[:end] + eos + text[end:]
+            shift += len(eos)
+            trained.append((start, end + len(eos)))
     # The template renders BOS itself (as apply_chat_template(tokenize=True) assumes).
     encoded = tokenizer(text, add_special_tokens=False, return_offsets_mapping=True)
     input_ids = list(encoded["input_ids"])
     labels = [IGNORE_INDEX] * len(input_ids)
     for position, (start, end) in enumerate(encoded["offset_mapping"]):
-        if end > start and any(s <= start < e for s, e in spans):
+        if end > start and any(start < e and end > s for s, e in trained):
             labels[position] = input_ids[position]
     truncated = len(input_ids) > max_length
-    return {"input_ids": input_ids[:max_length], "labels": labels[:max_length], "truncated": truncated}
+    return {
+        "input_ids": input_ids[:max_length],
+        "labels": labels[:max_length],
+        "truncated": truncated,
+        "system": system,
+    }
 
 
 def held_out(messages: list[dict], fraction: float, seed: int) -> bool:
@@ -244,12 +429,51 @@ def held_out(messages: list[dict], fraction: float, seed: int) -> bool:
     return int.from_bytes(digest[:8], "big") / 2**64 < fraction
 
 
-def load_examples(cfg, tokenizer, template: str | None) -> tuple[list[dict], list[dict], dict]:
-    """(train examples, eval examples, counts). Every line is counted: kept, held out, or rejected with a reason."""
+REJECTS_LOGGED = 5  # rejected lines named one by one in the log; the rest are counted, all are in the file
+REJECTS_FILE = "rejects.jsonl"
+
+
+class Rejections:
+    """Rejected lines of the instruction files: the first REJECTS_LOGGED in the log with file:line, every
+    one in `rejects.jsonl` beside the manifest, and a count per reason (a bad file gives one summary, not a
+    line per record)."""
+
+    def __init__(self):
+        self.by_reason: Counter = Counter()
+        self.records: list[dict] = []
+
+    def add(self, path: Path, line_number: int, reason: str, detail: str | None = None) -> None:
+        self.by_reason[reason] += 1
+        self.records.append({"file": path.name, "line": line_number, "reason": reason, "detail": detail})
+        if len(self.records) <= REJECTS_LOGGED and distributed.is_main():
+            logger.warning("%s:%d: rejected (%s)", path.name, line_number, detail or reason)
+
+    def first(self) -> str:
+        return ", ".join(f"{r['file']}:{r['line']} ({r['reason']})" for r in self.records[:REJECTS_LOGGED])
+
+    def summary(self) -> str | None:
+        if not self.records:
+            return None
+        reasons = ", ".join(f"{reason}: {count}" for reason, count in sorted(self.by_reason.items()))
+        more = len(self.records) - REJECTS_LOGGED
+        named = f"; {more} more not logged" if more > 0 else ""
+        return f"sft: {len(self.records)} lines rejected ({reasons}){named}; every one is in {REJECTS_FILE}"
+
+
+def write_rejects(directory: Path, records: list[dict]) -> None:
+    atomic_write_text(directory / REJECTS_FILE, "".join(json.dumps(r, sort_keys=True) + "\n" for r in records))
+
+
+def load_examples(
+    cfg, tokenizer, template: str | None, rejects: list[dict] | None = None
+) -> tuple[list[dict], list[dict], dict]:
+    """(train examples, eval examples, counts). Every line is counted: kept, held out, or rejected with a
+    reason; each rejected line ({file, line, reason, detail}) is appended to `rejects` if given."""
     section: SftConfig = cfg.sft
     if not section.data:
         raise SftDataError("sft.data names no instruction file; add one (JSONL, Alpaca or chat form)")
-    train, held, rejected = [], [], Counter()
+    train, held, system_counts = [], [], Counter()
+    rejections = Rejections()
     per_file = {}
     for item in section.data:
         path = cfg.resolve(item.path)
@@ -264,21 +488,31 @@ def load_examples(cfg, tokenizer, template: str | None) -> tuple[list[dict], lis
                 try:
                     record = json.loads(line)
                 except json.JSONDecodeError as err:
-                    reason = "invalid_json"
-                    logger.warning("%s:%d: %s (%s)", path, line_number, reason, err.msg)
-                    counts[f"rejected:{reason}"] += 1
-                    rejected[reason] += 1
+                    rejections.add(path, line_number, "invalid_json", f"invalid_json: {err.msg}")
+                    counts["rejected:invalid_json"] += 1
                     continue
                 messages, reason = to_messages(record, item.format)
                 if messages is None:
-                    logger.warning("%s:%d: rejected (%s)", path, line_number, reason)
+                    rejections.add(path, line_number, reason)
                     counts[f"rejected:{reason}"] += 1
-                    rejected[reason] += 1
                     continue
-                example = tokenize_conversation(messages, tokenizer, template, section.max_length)
+                try:
+                    example = tokenize_conversation(
+                        messages, tokenizer, template, section.max_length, section.system_message
+                    )
+                except SystemRoleUnsupported as err:
+                    raise SftDataError(f"{path}:{line_number}: {err}") from err
+                except ConversationRejected as err:
+                    rejections.add(path, line_number, err.reason, str(err))
+                    counts[f"rejected:{err.reason}"] += 1
+                    continue
+                system = example.pop("system")  # "merged" / "dropped" when the template has no system role
+                if system:
+                    system_counts[system] += 1
+                    counts[f"system_{system}"] += 1
                 if not any(label != IGNORE_INDEX for label in example["labels"]):
+                    rejections.add(path, line_number, "answer_truncated_away")
                     counts["rejected:answer_truncated_away"] += 1
-                    rejected["answer_truncated_away"] += 1
                     continue
                 counts["truncated"] += example["truncated"]
                 example["source"] = f"{path.name}:{line_number}"
@@ -289,9 +523,15 @@ def load_examples(cfg, tokenizer, template: str | None) -> tuple[list[dict], lis
                     train.append(example)
                     counts["train"] += 1
         per_file[str(path)] = dict(sorted(counts.items()))
+    rejected = rejections.by_reason
+    if rejects is not None:
+        rejects.extend(rejections.records)
+    if rejections.records and distributed.is_main():
+        logger.warning("%s", rejections.summary())
     if not train:
         raise SftDataError(
-            f"sft: no usable training example in {[d.path for d in section.data]} (rejected: {dict(rejected)})"
+            f"sft: no usable training example in {[d.path for d in section.data]} (rejected: {dict(rejected)}; "
+            f"first: {rejections.first()})"
         )
     counts = {
         "in": sum(c["in"] for c in per_file.values()),
@@ -299,6 +539,8 @@ def load_examples(cfg, tokenizer, template: str | None) -> tuple[list[dict], lis
         "held_out": len(held),
         "rejected": dict(sorted(rejected.items())),
         "truncated": sum(c.get("truncated", 0) for c in per_file.values()),
+        # Conversations whose system message the chat template has no role for (sft.system_message).
+        "system_message": {"mode": section.system_message, **{k: system_counts[k] for k in ("merged", "dropped")}},
         "by_file": per_file,
     }
     assert counts["in"] == counts["train"] + counts["held_out"] + sum(rejected.values())
@@ -434,7 +676,7 @@ def chat_template_for(tokenizer, section: SftConfig) -> tuple[str, str]:
 # ---------------------------------------------------------------------------------------------
 # The stage, as the pipeline sees it (cptflow/plan.py lists the stage modules in DAG order)
 # ---------------------------------------------------------------------------------------------
-STAGE_VERSION = 1
+STAGE_VERSION = 2  # 2: answers located per chat template, one end token each (issue 16)
 NAME = "sft"
 UPSTREAM = "cpt"
 Config = SftConfig
@@ -472,7 +714,16 @@ def run(run, cfg, reporter: TrainingReporter | None = None, *, stop_after_steps:
 
     tokenizer = load_tokenizer(str(adapter_dir))
     template, template_source = chat_template_for(tokenizer, section)
-    train_examples, eval_examples, counts = load_examples(cfg, tokenizer, template)
+    rejects: list[dict] = []  # rank 0 writes them to rejects.jsonl, beside the manifest
+    try:
+        train_examples, eval_examples, counts = load_examples(cfg, tokenizer, template, rejects)
+    except SftDataError as err:
+        if not rejects:
+            raise
+        if distributed.is_main():
+            run.path.mkdir(parents=True, exist_ok=True)
+            write_rejects(run.path, rejects)
+        raise SftDataError(f"{err}; every rejected line is in {run.path / REJECTS_FILE}") from None
     if template_source != "tokenizer":
         tokenizer.chat_template = template  # saved with the adapter, so generation renders prompts the same way
 
@@ -540,6 +791,7 @@ def run(run, cfg, reporter: TrainingReporter | None = None, *, stop_after_steps:
 
     save_adapter(model, tokenizer, run.path / "adapter")
     write_history(run.path / "train_log.jsonl", result.history)
+    write_rejects(run.path, rejects)
     atomic_write_json(run.path / "data_counts.json", counts)
     best = best_checkpoint(checkpoints, METRIC if sft_eval else "domain_eval")
     manifest = {

@@ -19,7 +19,6 @@ from pydantic import BaseModel, ConfigDict, Field
 
 from cptflow import __version__, fast_bpe
 from cptflow.docshards import ShardCounts, load_finished_shard, mark_shard_finished, read_documents, shard_work_file
-from cptflow.fast_bpe import differing_documents
 from cptflow.models import load_tokenizer, model_fingerprint, resolve_model_path
 from cptflow.stage import Artifact, commit_data_stage, counts_artifact, upstream_shard_path, upstream_shards
 from cptflow.store import WORK, atomic_path, atomic_write_json, read_json
@@ -66,11 +65,8 @@ class TokenizeConfig(BaseModel):
 # ---------------------------------------------------------------------------------------------
 
 
-CHECK_EVERY = 100  # the fast encoder's ids are compared with the tokenizer's on every 100th document
-
-
-class EncoderMismatch(RuntimeError):
-    """The fast encoder and the tokenizer gave different ids for a document."""
+CHECK_EVERY = fast_bpe.CHECK_EVERY
+EncoderMismatch = fast_bpe.EncoderMismatch  # the fast encoder and the tokenizer gave different ids
 
 
 def encode_documents(texts: list[str], tokenizer, encoder=None) -> tuple[np.ndarray, np.ndarray, int]:
@@ -83,17 +79,7 @@ def encode_documents(texts: list[str], tokenizer, encoder=None) -> tuple[np.ndar
         ids = document_token_ids(texts, tokenizer)
         lengths = np.fromiter(map(len, ids), dtype=np.int64, count=len(ids))
         return np.fromiter(itertools.chain.from_iterable(ids), dtype=np.uint32, count=int(lengths.sum())), lengths, 0
-
-    tokens, lengths = encoder.encode_documents(texts, tokenizer.eos_token_id)
-    sample = range(0, len(texts), CHECK_EVERY)
-    if differing := differing_documents(
-        tokens, lengths, document_token_ids([texts[i] for i in sample], tokenizer), sample
-    ):
-        index = differing[0]
-        raise EncoderMismatch(
-            f"fast encoder and tokenizer disagree on document {index} of the batch ({texts[index][:60]!r})"
-        )
-    return tokens, lengths, len(sample)
+    return fast_bpe.encode_checked(encoder, texts, tokenizer)
 
 
 def tokenizer_bos_id(tokenizer) -> int | None:
@@ -142,26 +128,30 @@ def stage_tokenizer(cfg):
 
 
 @functools.lru_cache(maxsize=2)
-def _stage_encoder(model_path: str, trust_remote_code: bool, choice: str):
-    if choice == "huggingface":
-        return None
-    tokenizer = _stage_tokenizer(model_path, trust_remote_code)
-    encoder, why = fast_bpe.convert(tokenizer)
-    if encoder is not None:
-        why = fast_bpe.verify(encoder, tokenizer)
+def _stage_encoder(model_path: str, trust_remote_code: bool, choice: str) -> tuple[object | None, str]:
+    encoder, why = None, "tokenize.encoder = huggingface"
+    if choice != "huggingface":
+        encoder, why = fast_bpe.choose_encoder(_stage_tokenizer(model_path, trust_remote_code), choice)
     if why:
         if choice == "tiktoken":
             raise ValueError(
                 f"tokenize.encoder = tiktoken, but {model_path}'s tokenizer has no exact tiktoken equivalent: {why}"
             )
         logger.info("tokenize: the Hugging Face tokenizer encodes (no tiktoken equivalent: %s)", why)
-        return None
-    return encoder
+    else:
+        logger.info("tokenize: the tiktoken encoder encodes (exact equivalent of %s's tokenizer)", model_path)
+    return encoder, why
+
+
+def stage_encoder_choice(cfg) -> dict:
+    """What the manifest records: {"name": "tiktoken" | "huggingface", "reason": why not tiktoken ("" if it ran)}."""
+    encoder, why = _stage_encoder(resolve_model_path(cfg.base_model), cfg.trust_remote_code, cfg.tokenize.encoder)
+    return {"name": "huggingface" if encoder is None else "tiktoken", "reason": why}
 
 
 def stage_encoder(cfg):
     """The fast encoder for the base model's tokenizer, or None to use the tokenizer itself."""
-    return _stage_encoder(resolve_model_path(cfg.base_model), cfg.trust_remote_code, cfg.tokenize.encoder)
+    return _stage_encoder(resolve_model_path(cfg.base_model), cfg.trust_remote_code, cfg.tokenize.encoder)[0]
 
 
 def model_context_length(cfg) -> int | None:
@@ -472,7 +462,12 @@ def commit(run, cfg, shard_counts: list[ShardCounts], started: float) -> dict:
         run,
         final,
         started,
-        extra={"token_shards": token_shards, "token_metadata": metadata, "packing": summary},
+        extra={
+            "token_shards": token_shards,
+            "token_metadata": metadata,
+            "packing": summary,
+            "encoder": stage_encoder_choice(cfg),  # shards that fell back count in encoder_fallbacks
+        },
         known_outputs=known,
     )
 

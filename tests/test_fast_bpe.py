@@ -16,6 +16,7 @@ from tokenizers import Regex, Tokenizer, decoders, models, normalizers, pre_toke
 from transformers import PreTrainedTokenizerFast  # noqa: E402
 
 from cptflow import fast_bpe  # noqa: E402
+from cptflow.tokenization import document_token_ids  # noqa: E402
 
 DATA = Path(__file__).resolve().parents[1] / "data"
 SPECIALS = ["<unk>", "<s>", "</s>", "<pad>"]
@@ -146,10 +147,81 @@ def test_tokenizers_without_an_exact_equivalent_are_refused_with_a_reason(build,
     assert encoder is None and reason in why
 
 
-def test_non_special_added_tokens_are_refused(texts):
+@pytest.fixture(scope="module")
+def qwen_like(tmp_path_factory):
+    """The Qwen2.5 stand-in of tests/families.py: NFC, Qwen's split regex, special and non-special added tokens."""
+    from families import build_family
+    from transformers import AutoTokenizer
+
+    return AutoTokenizer.from_pretrained(str(build_family("qwen2.5", tmp_path_factory.mktemp("families"))))
+
+
+def added_token_texts(tokenizer, texts: list[str]) -> list[str]:
+    """Sample texts with every added token (special or not) spliced in: inside words, adjacent to each
+    other, at the ends, next to a combining accent (NFC runs on the pieces between tokens)."""
+    tokens = [token.content for token in tokenizer.added_tokens_decoder.values()]
+    rng = random.Random(0)
+    spliced = []
+    for index, text in enumerate(texts[:300]):
+        cut = rng.randrange(len(text) + 1)
+        a, b = rng.choice(tokens), rng.choice(tokens)
+        spliced.append(text[:cut] + a + b + text[cut:] + (tokens[index % len(tokens)] if index % 2 else ""))
+    spliced += [
+        "<tool_call>",
+        "<tool_call></tool_call><|im_start|><tool_call>",
+        "e\u0301<tool_call>\u0301e",
+        "<|fim_prefix|>def f():<|fim_suffix|>\n    return 1<|fim_middle|>",
+        "<|im_start|>user\nHi<|im_end|>\n<|endoftext|>",
+        "<tool_call<tool_call>>",
+    ]
+    return spliced
+
+
+def test_non_special_added_tokens_are_matched_as_hf_matches_them(qwen_like, texts):
+    """Qwen's non-special added tokens (<tool_call>, <|fim_prefix|>, ...) are found in any text, even with
+    split_special_tokens; its special ones stay text. The fast path splits on them as HF does."""
+    assert any(not token.special for token in qwen_like.added_tokens_decoder.values())
+    encoder, why = fast_bpe.convert(qwen_like)
+    assert why == "" and encoder.added is not None
+    assert fast_bpe.verify(encoder, qwen_like) == ""
+    sample = texts + added_token_texts(qwen_like, texts)
+    tokens, lengths = encoder.encode_documents(sample, qwen_like.eos_token_id)
+    expected = document_token_ids(sample, qwen_like)
+    assert fast_bpe.differing_documents(tokens, lengths, expected, range(len(sample))) == []
+    tool_call = qwen_like.convert_tokens_to_ids("<tool_call>")
+    assert int((tokens == tool_call).sum()) >= 8  # the added token's own id, not its pieces
+    assert fast_bpe.choose_encoder(qwen_like)[1] == ""
+
+
+@pytest.mark.parametrize("option", ["single_word", "lstrip", "rstrip"])
+def test_added_tokens_with_matching_options_fall_back_with_the_reason(option, texts):
+    from tokenizers import AddedToken
+
     tokenizer = train(texts[:200], pre_tokenizers.ByteLevel(add_prefix_space=False), vocab_size=400)
-    tokenizer.add_tokens(["<tool_call>"])  # HF matches it even with split_special_tokens
-    assert fast_bpe.convert(tokenizer) == (None, "non-special added tokens")
+    tokenizer.add_tokens([AddedToken("<tool_call>", special=False, **{option: True})])
+    assert fast_bpe.convert(tokenizer) == (None, f"non-special added token '<tool_call>' with {option}")
+    assert fast_bpe.choose_encoder(tokenizer) == (None, f"non-special added token '<tool_call>' with {option}")
+
+
+def test_normalized_added_tokens_are_matched_after_the_normalizer(texts):
+    """transformers' add_tokens makes normalized tokens: matched on the NFC pieces, after the raw ones."""
+    tokenizer = train(texts[:300], pre_tokenizers.ByteLevel(add_prefix_space=False), normalizers.NFC(), 500)
+    tokenizer.add_tokens(["caf\u00e9", "<tool_call>"])
+    encoder, why = fast_bpe.convert(tokenizer)
+    assert why == ""
+    sample = ["a cafe\u0301 and a caf\u00e9<tool_call>x", "<tool_call>cafe\u0301"] + texts[:100]
+    tokens, lengths = encoder.encode_documents(sample, tokenizer.eos_token_id)
+    expected = document_token_ids(sample, tokenizer)
+    assert fast_bpe.differing_documents(tokens, lengths, expected, range(len(sample))) == []
+
+
+def test_choose_encoder_says_why_not(texts):
+    tokenizer = train(texts[:200], pre_tokenizers.ByteLevel(add_prefix_space=False), vocab_size=400)
+    assert fast_bpe.choose_encoder(tokenizer, "huggingface") == (None, "tokenize.encoder = huggingface")
+    encoder, why = fast_bpe.choose_encoder(tokenizer)
+    assert why == "" and encoder is not None
+    tokenizer.eos_token = None
+    assert fast_bpe.choose_encoder(tokenizer) == (None, "the tokenizer has no EOS token")
 
 
 def _with(core: Tokenizer, pre_tokenizer) -> Tokenizer:

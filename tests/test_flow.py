@@ -142,6 +142,16 @@ def assert_graph_is_the_chain(graph: dict) -> None:
         ), keys
 
 
+def assert_run_page_cards(flow_run_id, stages) -> None:
+    from prefect.client.orchestration import get_client
+    from prefect.client.schemas.filters import FlowRunFilter
+
+    with get_client(sync_client=True) as client:
+        keys = [a.key for a in client.read_artifacts(flow_run_filter=FlowRunFilter(id={"any_": [flow_run_id]}))]
+    assert {f"{stage}-counts" for stage in stages} | {"mix-schedule", "pipeline-summary"} <= set(keys), keys
+    assert len(keys) == len(set(keys)), sorted(keys)  # one card per kind
+
+
 def test_run_rerun_change_and_force(prefect_harness, corpus, tiny_llama_dir, tmp_path):
     from cptflow.flows.pipeline import run_pipeline
 
@@ -150,7 +160,10 @@ def test_run_rerun_change_and_force(prefect_harness, corpus, tiny_llama_dir, tmp
     assert [(r["stage"], r["state"]) for r in reports] == [(s, "ran") for s in PIPELINE_STAGES]
 
     assert_graph_is_the_chain(latest_pipeline_run_graph())
-    latest = latest_pipeline_run()  # named and tagged for the runs list, not Prefect's random two words
+    latest = latest_pipeline_run()
+    assert_run_page_cards(
+        latest.id, PIPELINE_STAGES[:5]
+    )  # named and tagged for the runs list, not Prefect's random two words
     assert re.fullmatch(r"flow-test-\d{8}-\d{6}", latest.name), latest.name
     assert {"cptflow", "flow-test", *PIPELINE_STAGES} <= set(latest.tags)
 
@@ -189,6 +202,9 @@ def test_run_rerun_change_and_force(prefect_harness, corpus, tiny_llama_dir, tmp
     rerun = run_pipeline(config)
     assert [r["state"] for r in rerun] == ["cached"] * len(PIPELINE_STAGES)
     assert file_times(work) == before  # no stage work: nothing written, nothing touched
+    # The run page tells the story even when every stage is cached: each data stage's tables sit on the
+    # pipeline run itself (not only on the stage's subflow), one card per kind.
+    assert_run_page_cards(latest_pipeline_run().id, DATA_STAGES)
 
     status = {row["stage"]: row["state"] for row in stage_status(load_config(config))}
     assert status == {s: "done" for s in PIPELINE_STAGES}

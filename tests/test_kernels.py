@@ -22,10 +22,16 @@ import torch.nn.functional as F
 from cptflow.kernels import (
     apply_kernels,
     fused_linear_cross_entropy,
+    geglu,
+    geglu_reference,
+    gemma_rms_norm,
+    gemma_rms_norm_reference,
     linear_cross_entropy_reference,
     rms_norm,
     rms_norm_reference,
     swiglu,
+    swiglu_gate_up,
+    swiglu_gate_up_reference,
     swiglu_reference,
     use_triton,
 )
@@ -241,6 +247,59 @@ def test_rms_norm_frozen_weight_gets_no_grad(device):
     assert rel_err(x.grad, x_ref.grad) <= FP32_TOL
 
 
+@pytest.mark.parametrize(
+    "dtype,weight_dtype,tol",
+    [
+        (torch.float32, torch.float32, FP32_TOL),
+        (torch.bfloat16, torch.bfloat16, BF16_TOL),
+        (torch.bfloat16, torch.float32, BF16_TOL),
+    ],
+)
+def test_gemma_rms_norm_matches_hf_gemma2_rmsnorm(device, dtype, weight_dtype, tol):
+    from transformers.models.gemma2.modeling_gemma2 import Gemma2RMSNorm
+
+    gen = torch.Generator().manual_seed(17)
+    hf = Gemma2RMSNorm(37, eps=1e-6).to(weight_dtype)
+    with torch.no_grad():  # Gemma's weight is an offset from 1 (it starts at 0)
+        hf.weight.copy_(0.3 * torch.randn(37, generator=gen))
+    x = (2 * torch.randn(3, 7, 37, generator=gen)).to(dtype)
+    grad_out = torch.randn(3, 7, 37, generator=gen)
+
+    x_ref = x.clone().requires_grad_()
+    y_ref = hf(x_ref)
+    y_ref.backward(grad_out.to(y_ref.dtype))
+
+    weight = hf.weight.detach().to(device).requires_grad_()
+    x_ours = x.to(device).requires_grad_()
+    y = gemma_rms_norm(x_ours, weight, eps=1e-6)
+    y.backward(grad_out.to(device, y.dtype))
+    assert y.dtype == y_ref.dtype == dtype and y.shape == y_ref.shape  # x's dtype, whatever the weight's
+    assert rel_err(y, y_ref) <= tol
+    assert rel_err(x_ours.grad, x_ref.grad) <= tol
+    assert weight.grad.dtype == weight_dtype
+    assert rel_err(weight.grad, hf.weight.grad) <= tol
+
+
+@pytest.mark.parametrize("family", ["gemma", "gemma2", "gemma3"])
+def test_gemma_rms_norm_reference_is_hf_gemma_rmsnorm_exactly(family):
+    module = importlib.import_module(f"transformers.models.{family}.modeling_{family}")
+    hf = getattr(module, f"{family.capitalize()}RMSNorm")(24)
+    with torch.no_grad():
+        hf.weight.normal_()
+    x = torch.randn(5, 24, dtype=torch.bfloat16)
+    assert torch.equal(gemma_rms_norm_reference(x, hf.weight, hf.eps), hf(x))
+
+
+def test_gemma_rms_norm_frozen_weight_gets_no_grad(device):
+    x = torch.randn(6, 24, device=device, requires_grad=True)
+    weight = torch.randn(24, device=device)
+    gemma_rms_norm(x, weight).sum().backward()
+    x_ref = x.detach().cpu().requires_grad_()
+    gemma_rms_norm_reference(x_ref, weight.cpu()).sum().backward()
+    assert weight.grad is None
+    assert rel_err(x.grad, x_ref.grad) <= FP32_TOL
+
+
 # --- SwiGLU -----------------------------------------------------------------------------------
 
 
@@ -262,6 +321,51 @@ def test_swiglu_matches_silu_times_up(device, dtype, tol):
     assert rel_err(up_ours.grad, up_ref.grad) <= tol
 
 
+@pytest.mark.parametrize("dtype,tol", [(torch.float32, FP32_TOL), (torch.bfloat16, BF16_TOL)])
+@pytest.mark.parametrize("row_padding", [0, 6])
+def test_swiglu_gate_up_matches_phi3_mlp_activation(device, dtype, tol, row_padding):
+    gen = torch.Generator().manual_seed(19)
+    # Intermediate 1100: two column blocks a row, the second partial. row_padding: rows further
+    # apart than 2 * intermediate (a view of a wider buffer), read through the row stride.
+    buffer = 3 * torch.randn(3, 4, 2 * 1100 + row_padding, generator=gen)
+    grad_out = torch.randn(3, 4, 1100, generator=gen)
+    gate_up_ref = buffer[..., :2200].to(dtype).clone().requires_grad_()
+    gate, up = gate_up_ref.chunk(2, dim=-1)
+    out_ref = up * F.silu(gate)  # Phi3MLP.forward's op order
+    out_ref.backward(grad_out.to(dtype))
+    assert torch.equal(swiglu_gate_up_reference(gate_up_ref), out_ref)
+
+    buffer_ours = buffer.to(device, dtype).requires_grad_()
+    gate_up = buffer_ours[..., :2200]
+    out = swiglu_gate_up(gate_up)
+    out.backward(grad_out.to(device, dtype))
+    assert out.dtype == dtype and out.shape == (3, 4, 1100)
+    assert rel_err(out, out_ref) <= tol
+    assert rel_err(buffer_ours.grad[..., :2200], gate_up_ref.grad) <= tol
+    assert torch.count_nonzero(buffer_ours.grad[..., 2200:]) == 0
+
+
+@pytest.mark.parametrize("dtype,tol", [(torch.float32, FP32_TOL), (torch.bfloat16, BF16_TOL)])
+def test_geglu_matches_gelu_tanh_times_up(device, dtype, tol):
+    from transformers.activations import ACT2FN
+
+    gen = torch.Generator().manual_seed(18)
+    gate, up, grad_out = (3 * torch.randn(3, 5, 139, generator=gen) for _ in range(3))  # 2085: 3 blocks
+    gate_ref, up_ref = gate.to(dtype).clone().requires_grad_(), up.to(dtype).clone().requires_grad_()
+    out_ref = F.gelu(gate_ref, approximate="tanh") * up_ref
+    out_ref.backward(grad_out.to(dtype))
+    assert torch.equal(geglu_reference(gate_ref, up_ref), ACT2FN["gelu_pytorch_tanh"](gate_ref) * up_ref)
+
+    gate_ours = gate.to(device, dtype).requires_grad_()
+    up_ours = up.to(device, dtype).requires_grad_()
+    out = geglu(gate_ours, up_ours)
+    out.backward(grad_out.to(device, dtype))
+    assert out.dtype == dtype
+    assert rel_err(out, out_ref) <= tol
+    assert rel_err(gate_ours.grad, gate_ref.grad) <= tol
+    assert rel_err(up_ours.grad, up_ref.grad) <= tol
+
+
 def test_dispatch_sends_cpu_tensors_to_pytorch_without_the_interpreter(monkeypatch):
     monkeypatch.delenv("TRITON_INTERPRET", raising=False)
     assert not use_triton(torch.zeros(1))
@@ -269,6 +373,9 @@ def test_dispatch_sends_cpu_tensors_to_pytorch_without_the_interpreter(monkeypat
     x = torch.ones(2, 3, requires_grad=True)
     assert type(rms_norm(x, torch.ones(3)).grad_fn).__name__ == "MulBackward0"
     assert swiglu_reference(torch.zeros(2), torch.ones(2)).sum() == 0
+    assert geglu(torch.ones(2), torch.ones(2)).grad_fn is None
+    assert type(swiglu_gate_up(torch.ones(2, 4, requires_grad=True)).grad_fn).__name__ == "MulBackward0"
+    assert gemma_rms_norm(torch.ones(2, 3), torch.zeros(3)).grad_fn is None
 
 
 # --- patch.py: kernels inside real (tiny) Hugging Face models ----------------------------------
@@ -283,25 +390,57 @@ TINY = dict(
 )
 
 
+# family: (config class, model class, config fields the family needs at this size; cf. tests/families.py)
+TINY_FAMILIES = {
+    "llama": ("LlamaConfig", "LlamaForCausalLM", {}),
+    "mistral": ("MistralConfig", "MistralForCausalLM", {}),
+    "qwen2": ("Qwen2Config", "Qwen2ForCausalLM", {}),
+    "qwen3": ("Qwen3Config", "Qwen3ForCausalLM", {"head_dim": 8}),
+    "phi3": ("Phi3Config", "Phi3ForCausalLM", {"pad_token_id": 0, "bos_token_id": 1, "eos_token_id": 2}),
+    "gemma": ("GemmaConfig", "GemmaForCausalLM", {"head_dim": 8}),
+    # Soft-capped logits and attention scores, as the real Gemma 2 has.
+    "gemma2": (
+        "Gemma2Config",
+        "Gemma2ForCausalLM",
+        {"head_dim": 8, "query_pre_attn_scalar": 8, "final_logit_softcapping": 30.0, "attn_logit_softcapping": 50.0},
+    ),
+    "gemma3_text": (
+        "Gemma3TextConfig",
+        "Gemma3ForCausalLM",
+        {"head_dim": 8, "query_pre_attn_scalar": 8, "sliding_window": 16},
+    ),
+    # Multimodal: text fields go into text_config (tiny_model); a 1-layer SigLIP tower beside it.
+    "gemma3": ("Gemma3Config", "Gemma3ForConditionalGeneration", {}),
+}
+TINY_SIGLIP = dict(hidden_size=16, intermediate_size=32, num_hidden_layers=1, num_attention_heads=2, image_size=28)
+
+
 def tiny_model(family: str, **overrides):
     import transformers
 
-    config_class = {
-        "llama": transformers.LlamaConfig,
-        "mistral": transformers.MistralConfig,
-        "qwen2": transformers.Qwen2Config,
-    }[family]
-    model_class = {
-        "llama": transformers.LlamaForCausalLM,
-        "mistral": transformers.MistralForCausalLM,
-        "qwen2": transformers.Qwen2ForCausalLM,
-    }[family]
+    config_name, model_name, fields = TINY_FAMILIES[family]
+    if family == "gemma3":
+        text_config = {**TINY, **TINY_FAMILIES["gemma3_text"][2], **overrides}
+        # Image token ids past the text vocabulary: the random text ids never hit them.
+        config = transformers.Gemma3Config(
+            text_config=text_config,
+            vision_config={**TINY_SIGLIP, "patch_size": 14},
+            mm_tokens_per_image=4,
+            image_token_index=200,
+            boi_token_index=201,
+            eoi_token_index=202,
+        )
+    else:
+        config = getattr(transformers, config_name)(**{**TINY, **fields, **overrides})
     torch.manual_seed(0)
-    model = model_class(config_class(**{**TINY, **overrides}))
-    with torch.no_grad():  # norms start at 1.0: make their weight gradients non-trivial
+    model = getattr(transformers, model_name)(config)
+    with torch.no_grad():  # norms start at 1.0 (Gemma: at 1 + 0): make their weight gradients non-trivial
         for module in model.modules():
             if type(module).__name__.endswith("RMSNorm"):
-                module.weight.mul_(1 + 0.2 * torch.randn_like(module.weight))
+                if family.startswith("gemma"):
+                    module.weight.add_(0.2 * torch.randn_like(module.weight))
+                else:
+                    module.weight.mul_(1 + 0.2 * torch.randn_like(module.weight))
     return model
 
 
@@ -314,16 +453,28 @@ def logits_and_grads(model, device):
     return logits.detach().cpu(), grads
 
 
-@pytest.mark.parametrize("family", ["llama", "mistral", "qwen2"])
+# RMSNorms in the 2-layer models: Llama-like 2 a layer + final; Qwen3 adds q_norm/k_norm, Gemma 2
+# has 4 a layer, Gemma 3 4 plus q_norm/k_norm (multimodal: plus the projector's mm_soft_emb_norm).
+NORMS = {"qwen3": 9, "gemma2": 9, "gemma3_text": 13, "gemma3": 14}
+
+
+@pytest.mark.parametrize("family", sorted(TINY_FAMILIES))
 def test_apply_kernels_keeps_logits_and_grads(device, family):
     eager = tiny_model(family)
     patched = copy.deepcopy(eager)
     report = apply_kernels(patched, rms_norm="on", swiglu="on")
     assert report == {
         "family": family,
-        "rms_norm": {"mode": "on", "patched": 5},
+        "rms_norm": {"mode": "on", "patched": NORMS.get(family, 5)},
         "swiglu": {"mode": "on", "patched": 2},
-    }  # 2 layers x 2 norms + final norm; 2 MLPs
+    }
+    patched_classes = {type(m).__name__ for m in patched.modules() if "forward" in vars(m)}
+    every_norm_and_mlp = {
+        type(m).__name__
+        for m in eager.modules()
+        if type(m).__name__.endswith(("RMSNorm", "MLP")) and not type(m).__name__.startswith("Siglip")
+    }  # SigLIP (Gemma 3's vision tower): LayerNorm and a plain GELU MLP, no gated kernel applies
+    assert patched_classes == every_norm_and_mlp and len(patched_classes) == 2
     logits_ref, grads_ref = logits_and_grads(eager, "cpu")
     logits, grads = logits_and_grads(patched, device)
     assert rel_err(logits, logits_ref) <= FP32_TOL
@@ -332,17 +483,21 @@ def test_apply_kernels_keeps_logits_and_grads(device, family):
         assert rel_err(grads[name], grads_ref[name]) <= FP32_TOL, name
 
 
-def test_apply_kernels_on_lora_wrapped_mlp_keeps_lora_grads(device):
+@pytest.mark.parametrize(
+    "family,targets",
+    [("llama", ["gate_proj", "up_proj", "down_proj"]), ("phi3", ["gate_up_proj", "down_proj"])],
+)
+def test_apply_kernels_on_lora_wrapped_mlp_keeps_lora_grads(device, family, targets):
     from peft import LoraConfig, get_peft_model
 
     lora = LoraConfig(
         r=4,
         lora_alpha=8,
-        target_modules=["gate_proj", "up_proj", "down_proj"],
+        target_modules=targets,
         lora_dropout=0.0,
         init_lora_weights=False,
     )  # non-zero B: the adapters take part in the forward
-    eager = get_peft_model(tiny_model("llama"), lora)
+    eager = get_peft_model(tiny_model(family), lora)
     patched = copy.deepcopy(eager)
     assert apply_kernels(patched)["swiglu"]["patched"] == 2
     logits_ref, grads_ref = logits_and_grads(eager, "cpu")
@@ -372,6 +527,23 @@ def test_apply_kernels_skips_swiglu_when_the_mlp_is_not_silu():
         apply_kernels(tiny_model("llama", hidden_act="gelu"), swiglu="on")
 
 
+@pytest.mark.parametrize(
+    "family,field,value",
+    [
+        ("phi3", "hidden_act", "gelu"),
+        ("gemma2", "hidden_activation", "gelu"),
+        ("gemma3_text", "hidden_activation", "silu"),
+    ],
+)
+def test_apply_kernels_skips_the_mlp_whose_activation_the_kernel_does_not_compute(family, field, value):
+    report = apply_kernels(tiny_model(family, **{field: value}))
+    assert report["rms_norm"]["patched"] == NORMS.get(family, 5)
+    assert report["swiglu"]["patched"] == 0
+    assert field in report["swiglu"]["reason"] and repr(value) in report["swiglu"]["reason"]
+    with pytest.raises(ValueError, match=field):
+        apply_kernels(tiny_model(family, **{field: value}), swiglu="on")
+
+
 def test_apply_kernels_unsupported_family_raises_on_and_reports_on_auto():
     from transformers import GPT2Config, GPT2LMHeadModel
 
@@ -394,8 +566,14 @@ def test_kernels_compile_to_h100_machine_code(tmp_path, monkeypatch):
     from triton.compiler import ASTSource
     from triton.runtime.jit import JITFunction
 
+    from cptflow.kernels.geglu import _geglu_backward_kernel, _geglu_forward_kernel
     from cptflow.kernels.rms_norm import _rms_norm_backward_kernel, _rms_norm_forward_kernel
-    from cptflow.kernels.swiglu import _swiglu_backward_kernel, _swiglu_forward_kernel
+    from cptflow.kernels.swiglu import (
+        _swiglu_backward_kernel,
+        _swiglu_forward_kernel,
+        _swiglu_gate_up_backward_kernel,
+        _swiglu_gate_up_forward_kernel,
+    )
 
     if not isinstance(_swiglu_forward_kernel, JITFunction):
         pytest.skip("this process imported triton in interpreter mode")
@@ -429,7 +607,7 @@ def test_kernels_compile_to_h100_machine_code(tmp_path, monkeypatch):
                 "n_cols": "i32",
                 "eps": "fp32",
             },
-            {"BLOCK": 4096},
+            {"GEMMA": False, "BLOCK": 4096},
             8,
         ),
         (
@@ -448,7 +626,7 @@ def test_kernels_compile_to_h100_machine_code(tmp_path, monkeypatch):
                 "n_cols": "i32",
                 "rows_per_program": "i32",
             },
-            {"COMPUTE_DW": True, "BLOCK": 4096},
+            {"COMPUTE_DW": True, "GEMMA": False, "BLOCK": 4096},
             8,
         ),
         (
@@ -464,6 +642,27 @@ def test_kernels_compile_to_h100_machine_code(tmp_path, monkeypatch):
             4,
         ),
     ]
+    # Gemma's RMSNorm variant and the GeGLU kernels: same signatures as their Llama/SwiGLU siblings.
+    gemma_norms = [(k, sig, {**c, "GEMMA": True}, w) for k, sig, c, w in kernels_and_signatures[1:3]]
+    geglus = [
+        (g, sig, c, w)
+        for g, (_, sig, c, w) in zip((_geglu_forward_kernel, _geglu_backward_kernel), kernels_and_signatures[3:5])
+    ]
+    gate_up = [
+        (
+            _swiglu_gate_up_forward_kernel,
+            {"Out": "*bf16", "GateUp": "*bf16", "stride_in": "i64", "n_cols": "i32"},
+            {"BLOCK": 1024},
+            4,
+        ),
+        (
+            _swiglu_gate_up_backward_kernel,
+            {"DGateUp": "*bf16", "DOut": "*bf16", "GateUp": "*bf16", "stride_in": "i64", "n_cols": "i32"},
+            {"BLOCK": 1024},
+            4,
+        ),
+    ]
+    kernels_and_signatures += gemma_norms + geglus + gate_up
     for kernel, signature, constexprs, num_warps in kernels_and_signatures:
         source = ASTSource(kernel, {**signature, **{name: "constexpr" for name in constexprs}}, constexprs=constexprs)
         compiled = triton.compile(source, target=GPUTarget("cuda", 90, 32), options={"num_warps": num_warps})

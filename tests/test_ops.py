@@ -330,6 +330,7 @@ def test_failure_artifact_names_stage_error_and_rerun_command(prefect_harness, w
     assert "stage **quality**" in artifact.data and "RuntimeError: langdetect profile missing" in artifact.data
     assert command in artifact.data and webhook.secret not in artifact.data
     assert str(artifact.flow_run_id) == payload["flow_run_id"]
+    assert "Retry" not in artifact.data  # `prefect flow-run retry` needs a deployment: this run has none
 
 
 def test_failure_notification_problems_are_logged_without_the_url(prefect_harness, tmp_path, caplog):
@@ -565,6 +566,11 @@ def test_retry_reruns_only_the_failed_stage_onward_and_cancel_kills_training(
             os.kill(workers[0], signal.SIGKILL)  # the OOM killer, a few steps before the end
             failed = final_state(flow_run.id)
             assert failed.is_failed(), failed.message
+            (report,) = client.read_artifacts(
+                artifact_filter=ArtifactFilter(key=ArtifactFilterKey(any_=["pipeline-failure"])),
+                flow_run_filter=FlowRunFilter(id=FlowRunFilterId(any_=[flow_run.id])),
+            )
+            assert "*Retry* on this flow run" in report.data  # a deployment's run: Retry works
             assert not runs["cpt"].is_done() and not training_processes(str(work))
             data_manifests = {stage: (runs[stage].path / "manifest.json").stat().st_mtime_ns for stage in DATA_STAGES}
 

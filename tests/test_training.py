@@ -721,6 +721,46 @@ def test_sft_accounts_for_every_line(tiny_llama_dir, tmp_path):
     }
 
 
+def test_sft_rejections_are_summarised_in_the_log_and_listed_in_full(tiny_llama_dir, tmp_path, caplog):
+    """A file of bad lines gives the first few by file:line and one summary per reason in the log, not a
+    line per record; every rejected line is in the list the stage writes to rejects.jsonl."""
+    from transformers import AutoTokenizer
+
+    from cptflow.tasks.sft import REJECTS_LOGGED, SftDataError, load_examples, write_rejects
+
+    path = tmp_path / "chat.jsonl"
+    good = json.dumps({"instruction": "Define clearance.", "output": "Plasma volume cleared per unit time."})
+    path.write_text("\n".join([good, *[json.dumps({"prompt": f"q{i}"}) for i in range(40)], "{bad"]) + "\n")
+    config_path = tmp_path / "c.yaml"
+    config_path.write_text(
+        f"name: t\nbase_model: {tiny_llama_dir}\nsources: [{{name: d, role: domain, paths: [{path}]}}]\n"
+        f"sft: {{data: [{{path: {path}}}], eval_fraction: 0.0}}\n"
+    )
+    cfg = load_config(config_path)
+    tokenizer = AutoTokenizer.from_pretrained(str(tiny_llama_dir))
+    rejects: list[dict] = []
+    caplog.set_level("WARNING", logger="cptflow.tasks.sft")
+    _, _, counts = load_examples(cfg, tokenizer, None, rejects)
+    assert counts["rejected"] == {"missing_field:messages_or_instruction": 40, "invalid_json": 1}
+    named = [r.getMessage() for r in caplog.records if ": rejected (" in r.getMessage()]
+    assert len(named) == REJECTS_LOGGED and named[0].startswith("chat.jsonl:2: rejected (missing_field")
+    (summary,) = [r.getMessage() for r in caplog.records if "lines rejected" in r.getMessage()]
+    assert "41 lines rejected (invalid_json: 1, missing_field:messages_or_instruction: 40)" in summary
+    assert "36 more not logged" in summary and "rejects.jsonl" in summary
+    assert len(rejects) == 41 and rejects[-1] == {
+        "file": "chat.jsonl",
+        "line": 42,
+        "reason": "invalid_json",
+        "detail": rejects[-1]["detail"],
+    }
+    write_rejects(tmp_path, rejects)
+    assert len((tmp_path / "rejects.jsonl").read_text().splitlines()) == 41
+
+    path.write_text("\n".join(json.dumps({"prompt": f"q{i}"}) for i in range(3)) + "\n")  # nothing usable
+    with pytest.raises(SftDataError, match=r"first: chat.jsonl:1 \(missing_field"):
+        load_examples(cfg, tokenizer, None)
+
+
 def test_sft_continues_from_the_cpt_adapter_with_embeddings_frozen(prepared, tmp_path):
     import cptflow.tasks.cpt as cpt
     import cptflow.tasks.sft as sft
