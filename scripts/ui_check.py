@@ -178,7 +178,8 @@ def start_and_kill_a_run(config: str, work_dir: str, env: dict, api_url: str) ->
     while True:
         runs = httpx.post(
             f"{api_url}/flow_runs/filter",
-            json={"flows": {"name": {"any_": ["data-stage"]}}, "flow_runs": {"state": {"type": {"any_": ["RUNNING"]}}}},
+            # the clean stage's subflow (its flow takes the stage's name, its run too), working
+            json={"flow_runs": {"name": {"any_": ["clean"]}, "state": {"type": {"any_": ["RUNNING"]}}}},
             timeout=30,
         ).json()
         if runs:

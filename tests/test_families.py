@@ -43,21 +43,13 @@ CONVERSATION = [
 ]
 
 
-# Known differences, each with its reason (strict: a fixed one must lose its mark).
-MARKS = {
-    "gpt2": [
-        pytest.mark.xfail(
-            strict=True, reason="evaluate's sft perplexity differs from sft's own final eval by 0.09% (under study)"
-        )
-    ],
-}
 QUICK = "llama3"  # the one row `make test` runs: the matrix takes 60-90 s on 2 busy cores
 
 
 def family_params():
     for name in FAMILIES:
         slow = [] if name == QUICK else [pytest.mark.slow]
-        yield pytest.param(name, marks=MARKS.get(name, []) + slow, id=name)
+        yield pytest.param(name, marks=slow, id=name)
 
 
 @pytest.fixture(scope="session")
@@ -194,6 +186,13 @@ def test_family_trains_evaluates_and_exports(name, shared_data, corpus, tiny_lla
     assert cpt_manifest["lora_targets"] == {"blocks": 2, "per_block": kinds, "not_wrapped": []}
     assert lora_wrapped_layers(runs["cpt"].path / cpt_manifest["adapter"]) >= set(layers)  # every block's
     assert cpt_manifest["tied_embeddings"] is family.tied
+    # The family's kernels are applied, or the manifest says why not (GPT-2: no RMSNorm, no gated MLP).
+    patched = cpt_manifest["kernels"]["patched"]
+    if name == "gpt2":
+        assert patched["rms_norm"]["patched"] == 0 and "not supported" in patched["rms_norm"]["reason"], patched
+    else:
+        norms = sum(1 for m in base.modules() if type(m).__name__.endswith("RMSNorm"))
+        assert patched["rms_norm"]["patched"] == norms and patched["swiglu"]["patched"] == 2, patched
     groups = {g["group"]: g for g in cpt_manifest["param_groups"]}
     assert groups["embeddings"]["lr"] == cfg.cpt.embedding_learning_rate
     assert groups["embeddings"]["tensors"] == (1 if family.tied else 2)  # the tied matrix once
