@@ -255,6 +255,8 @@ class TreeSampler(threading.Thread):
         self.root, self.runner = pid, runner
         self.peak: dict[int, tuple[int, str]] = {}  # pid -> (peak rss, label)
         self.cpu: dict[int, float] = {}  # pid -> last seen user + system seconds
+        # pid -> peak anonymous RSS (rss minus file-backed and shared pages: what memory pressure is made of)
+        self.anon: dict[int, int] = {}
         self.stop = threading.Event()
 
     def sample(self) -> None:
@@ -265,10 +267,12 @@ class TreeSampler(threading.Thread):
             return
         for proc in procs:
             try:
-                rss = proc.memory_info().rss
+                memory = proc.memory_info()
                 times = proc.cpu_times()
             except psutil.Error:
                 continue
+            rss = memory.rss
+            self.anon[proc.pid] = max(self.anon.get(proc.pid, 0), rss - getattr(memory, "shared", 0))
             self.cpu[proc.pid] = times.user + times.system
             if rss > self.peak.get(proc.pid, (0, ""))[0]:
                 self.peak[proc.pid] = (rss, self.peak.get(proc.pid, (0, ""))[1] or _label(proc, self.runner, self.root))
@@ -386,6 +390,7 @@ def measure(cmd: list[str], runner: str, log: Path, env: dict, server: PrefectSe
         "peak_rss_rusage_bytes": rusage["maxrss_bytes"],
         "biggest_process": biggest,
         "peak_rss_by_process": {k: v for k, v in sorted(per_kind.items(), key=lambda kv: -kv[1])},
+        "peak_anon_rss_bytes": max(sampler.anon.values(), default=0),
         "processes_seen": len(sampler.peak),
         "server_cpu_s": round(server_cpu, 2) if server_cpu is not None else None,
     }

@@ -14,6 +14,8 @@ rendered summary (ui-check-summary.png), full page, under the ignored work/ (doc
     python scripts/ui_check.py [--config configs/demo.yaml] [--screenshot work/ui-check/ui-check.png]
                                [--api-url http://127.0.0.1:4200/api]   # use a running server instead
 
+Subprocesses run with `python -P`: the checkout root on sys.path would let its kernels/ shadow Hugging Face's.
+
 Not part of `make test`: it needs a browser and runs the whole demo (about 8 minutes on 2 CPU cores).
 """
 
@@ -168,7 +170,7 @@ def start_and_kill_a_run(config: str, work_dir: str, env: dict, api_url: str) ->
     """A pipeline run SIGKILLed (with its whole process group) once its first stage works: nothing tells
     the server, so only its missing heartbeats can mark it Crashed. Returns its flow run id."""
     killed = subprocess.Popen(
-        [sys.executable, "-m", "cptflow.cli", "run", config, "--work-dir", work_dir],
+        [sys.executable, "-P", "-m", "cptflow.cli", "run", config, "--work-dir", work_dir],
         env=env,
         stdout=subprocess.DEVNULL,
         stderr=subprocess.DEVNULL,
@@ -230,7 +232,7 @@ def main() -> int:
             api_url = f"http://127.0.0.1:{port}/api"
             env = dict(os.environ, PREFECT_HOME=str(scratch / "prefect-home"))
             server = subprocess.Popen(
-                [sys.executable, "-m", "cptflow.cli", "ui", "--port", str(port)],
+                [sys.executable, "-P", "-m", "cptflow.cli", "ui", "--port", str(port)],
                 env=env,
                 stdout=open(scratch / "server.log", "w"),
                 stderr=subprocess.STDOUT,
@@ -246,7 +248,9 @@ def main() -> int:
             print(f"ui-check: killed run {crashed_run_id}; the full run follows (it resumes the killed one's work)")
             started = time.monotonic()
             subprocess.run(
-                [sys.executable, "-m", "cptflow.cli", "run", args.config, "--work-dir", work_dir], env=env, check=True
+                [sys.executable, "-P", "-m", "cptflow.cli", "run", args.config, "--work-dir", work_dir],
+                env=env,
+                check=True,
             )
             print(f"ui-check: pipeline ran in {time.monotonic() - started:.0f} s")
 
