@@ -38,9 +38,9 @@ from cptflow.plan import PIPELINE_STAGES
 
 REPO = Path(__file__).resolve().parents[1]
 EXPECTED = {
-    # artifact key: text its rendering must show
-    "pipeline-summary": "cptflow run:",
-    "evaluate-forgetting": "base",
+    # artifact key: (the element its rendering must have, the text that element must show)
+    "pipeline-summary": ("h1", "cptflow run:"),
+    "evaluate-forgetting": ("table", "base"),  # markdown: the table in reading order (eval set, base, ...)
 }
 # Listed on the pipeline run's Artifacts tab too (not only on each stage's subflow).
 COUNTS = [f"{stage}-counts" for stage in ("clean", "quality", "perplexity", "mix", "tokenize")]
@@ -108,6 +108,13 @@ def graph_problems(api_url: str, flow_run_id: str) -> list[str]:
     return problems
 
 
+def load_lazy_sections(page, rounds: int = 12) -> None:
+    """Scroll down the page in steps, waiting at each, so sections that load on sight are loaded."""
+    for _ in range(rounds):
+        page.mouse.wheel(0, 3000)
+        page.wait_for_timeout(700)
+
+
 def check_in_browser(
     ui_url: str,
     flow_run_id: str,
@@ -128,18 +135,22 @@ def check_in_browser(
         screenshot.parent.mkdir(parents=True, exist_ok=True)
         page.screenshot(path=str(screenshot.with_name(f"{screenshot.stem}-graph{screenshot.suffix}")), full_page=True)
         page.get_by_role("tablist").get_by_text("Artifacts", exact=True).click()
+        load_lazy_sections(page)  # the task runs' artifacts load as they scroll into view
         for key in [*EXPECTED, *COUNTS]:
             try:
                 page.get_by_text(key, exact=True).first.wait_for(timeout=30_000)
             except Exception:
                 problems.append(f"flow run page: artifact '{key}' not listed")
         screenshot.parent.mkdir(parents=True, exist_ok=True)
+        # The UI scrolls inside its own container, so full_page alone stops at the viewport: a tall one.
+        page.set_viewport_size({"width": 1400, "height": 4200})
+        page.wait_for_timeout(1_000)
         page.screenshot(path=str(screenshot), full_page=True)
-        for key, text in EXPECTED.items():
+        page.set_viewport_size({"width": 1400, "height": 1000})
+        for key, (rendered, text) in EXPECTED.items():
             if key not in artifacts:
                 continue
             page.goto(f"{ui_url}/artifacts/artifact/{artifacts[key]['id']}", wait_until="networkidle")
-            rendered = "h1" if artifacts[key]["type"] == "markdown" else "table"
             try:
                 page.locator(rendered).filter(has_text=text).first.wait_for(timeout=30_000)
             except Exception:
