@@ -332,7 +332,10 @@ KILL_IN_BAND_SCRIPT = textwrap.dedent(
 
 
 # Killed in a shard: `make test`; killed in an LSH band merge: `make test-slow`.
-@pytest.mark.parametrize("kill_in", ["shard", pytest.param("band", marks=pytest.mark.slow)])
+# Both slow (`make test-slow`): tests/test_drills.py's quick drill kills data and training stages in `make test`.
+@pytest.mark.parametrize(
+    "kill_in", [pytest.param("shard", marks=pytest.mark.slow), pytest.param("band", marks=pytest.mark.slow)]
+)
 def test_killed_stage_resumes_and_ends_byte_identical(prefect_harness, corpus, tiny_llama_dir, tmp_path, kill_in):
     from cptflow.flows.pipeline import run_pipeline
 

@@ -121,6 +121,7 @@ def stop_serving(server: subprocess.Popen) -> str:
         return server.communicate()[0]
 
 
+@pytest.mark.slow  # 80 s: `make test-slow` (the served retry/cancel test there serves deployments too)
 def test_served_stage_deployment_runs_the_stage(prefect_harness, corpus, tiny_llama_dir, tmp_path):  # noqa: F811
     """`cptflow serve` in a subprocess; a run of `<name>-clean` created through the API runs clean only."""
     from prefect.client.orchestration import get_client
@@ -189,6 +190,7 @@ def test_ui_command_binds_loopback_with_project_home_and_no_analytics(monkeypatc
     assert ui_command("127.0.0.1", 4200)[1]["PREFECT_HOME"] == "/srv/prefect"
 
 
+@pytest.mark.slow  # a real server's start-up: `make test-slow`
 def test_ui_serves_health_on_loopback_and_stops_on_ctrl_c(tmp_path):
     """The real server: healthy on 127.0.0.1 although the environment asks for 0.0.0.0; SIGINT stops it."""
     port = free_port()
