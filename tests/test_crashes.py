@@ -12,7 +12,7 @@ import time
 import pytest
 import yaml
 from test_flow import corpus, write_config  # noqa: F401  (corpus is a fixture)
-from test_ops import api, free_port
+from test_ops import api, real_prefect_server, stop_process_group
 
 from cptflow.config import load_config
 from cptflow.plan import plan_pipeline
@@ -135,87 +135,62 @@ def test_a_run_killed_mid_cpt_is_crashed_and_the_next_run_trains(corpus, tiny_ll
     the server marks it Crashed within the bound and frees its `gpu` slot; the next run says who holds
     the slot while it waits, trains cpt from the killed run's checkpoint, and writes the dead run's
     failure report."""
-    port = free_port()
-    base = f"http://127.0.0.1:{port}/api"
-    env = dict(
-        os.environ,
-        PREFECT_HOME=str(tmp_path / "prefect-home"),
-        PREFECT_API_URL=base,
-        CPTFLOW_CRASH_AFTER_SECONDS="45",
-        PREFECT_SERVER_SERVICES_REPOSSESSOR_LOOP_SECONDS="5",
-    )
-    ui = subprocess.Popen(
-        [sys.executable, "-m", "cptflow.cli", "ui", "--port", str(port)],
-        env=env,
-        stdout=open(tmp_path / "server.log", "w"),
-        stderr=subprocess.STDOUT,
-        start_new_session=True,
-    )
-    first = second = None
-    try:
-        deadline = time.monotonic() + 180
-        while True:
-            try:
-                if api(base, "/health"):
-                    break
-            except OSError:
-                assert ui.poll() is None and time.monotonic() < deadline, (tmp_path / "server.log").read_text()
-                time.sleep(1)
-        config = write_config(tmp_path, corpus, tiny_llama_dir, launch={"launcher": "torchrun"})
-        data = yaml.safe_load(config.read_text())
-        data["cpt"].update(max_steps=200, save_steps=4, eval_steps=200, retries=0)
-        config.write_text(yaml.safe_dump(data))
-        runs = plan_pipeline(load_config(config))
-        checkpoints = runs["cpt"].path / "checkpoints"
-        first = subprocess.Popen(
-            [sys.executable, "-m", "cptflow.cli", "run", str(config)],
-            env=env,
-            cwd=tmp_path,
-            stdout=open(tmp_path / "first.log", "w"),
-            stderr=subprocess.STDOUT,
-            start_new_session=True,
-        )
-        deadline = time.monotonic() + 600
-        while not any(checkpoints.glob("step-*")):
-            assert first.poll() is None and time.monotonic() < deadline, (tmp_path / "first.log").read_text()[-3000:]
-            time.sleep(0.5)
-        os.killpg(first.pid, signal.SIGKILL)  # the run, its torchrun tree, its heartbeats: all at once
-        killed_at = time.monotonic()
-        first.wait()
+    first = None
+    with real_prefect_server(
+        tmp_path, CPTFLOW_CRASH_AFTER_SECONDS="45", PREFECT_SERVER_SERVICES_REPOSSESSOR_LOOP_SECONDS="5"
+    ) as (base, env):
+        try:
+            config = write_config(tmp_path, corpus, tiny_llama_dir, launch={"launcher": "torchrun"})
+            data = yaml.safe_load(config.read_text())
+            data["cpt"].update(max_steps=200, save_steps=4, eval_steps=200, retries=0)
+            config.write_text(yaml.safe_dump(data))
+            runs = plan_pipeline(load_config(config))
+            checkpoints = runs["cpt"].path / "checkpoints"
+            first = subprocess.Popen(
+                [sys.executable, "-m", "cptflow.cli", "run", str(config)],
+                env=env,
+                cwd=tmp_path,
+                stdout=open(tmp_path / "first.log", "w"),
+                stderr=subprocess.STDOUT,
+                start_new_session=True,
+            )
+            deadline = time.monotonic() + 600
+            while not any(checkpoints.glob("step-*")):
+                assert first.poll() is None and time.monotonic() < deadline, (tmp_path / "first.log").read_text()[
+                    -3000:
+                ]
+                time.sleep(0.5)
+            os.killpg(first.pid, signal.SIGKILL)  # the run, its torchrun tree, its heartbeats: all at once
+            killed_at = time.monotonic()
+            first.wait()
 
-        (killed,) = api(base, "/flow_runs/filter", {"flows": {"name": {"any_": ["cptflow-pipeline"]}}})
-        assert killed["state_type"] == "RUNNING"  # nobody told the server
-        second = subprocess.run(
-            [sys.executable, "-m", "cptflow.cli", "run", str(config), "--only", "cpt"],
-            env=env,
-            cwd=tmp_path,
-            capture_output=True,
-            text=True,
-            timeout=900,
-        )
-        log = second.stdout + second.stderr
-        assert second.returncode == 0, log[-4000:]
-        state = api(base, f"/flow_runs/{killed['id']}")
-        assert state["state_type"] == "CRASHED", state
-        assert "no heartbeat for 45 s" in state["state"]["message"]
-        crashed_after = time.monotonic() - killed_at  # an upper bound: the second run ended after it was marked
-        assert "waiting for a slot of concurrency limit 'gpu'" in log, log[-4000:]
-        assert f"held by run {killed['name']} (stage cpt" in " ".join(log.split()), log[-4000:]
-        cpt = read_manifest(runs["cpt"].path)
-        assert cpt["train"]["resumed_from"].startswith("step-")  # the killed run's checkpoint, not from scratch
-        artifacts = api(
-            base,
-            "/artifacts/filter",
-            {"artifacts": {"key": {"any_": ["pipeline-failure"]}}, "flow_runs": {"id": {"any_": [killed["id"]]}}},
-        )
-        assert artifacts and "Crashed in stage **cpt**" in artifacts[0]["data"], artifacts
-        print(f"killed run marked Crashed and the next run done {crashed_after:.0f} s after the kill")
-    finally:
-        for process in (first, ui):
-            if process is not None and process.poll() is None:
-                os.killpg(process.pid, signal.SIGKILL if process is first else signal.SIGINT)
-                try:
-                    process.wait(timeout=30)
-                except subprocess.TimeoutExpired:
-                    os.killpg(process.pid, signal.SIGKILL)
-        print((tmp_path / "server.log").read_text()[-3000:] if (tmp_path / "server.log").exists() else "")
+            (killed,) = api(base, "/flow_runs/filter", {"flows": {"name": {"any_": ["cptflow-pipeline"]}}})
+            assert killed["state_type"] == "RUNNING"  # nobody told the server
+            second = subprocess.run(
+                [sys.executable, "-m", "cptflow.cli", "run", str(config), "--only", "cpt"],
+                env=env,
+                cwd=tmp_path,
+                capture_output=True,
+                text=True,
+                timeout=900,
+            )
+            log = second.stdout + second.stderr
+            assert second.returncode == 0, log[-4000:]
+            state = api(base, f"/flow_runs/{killed['id']}")
+            assert state["state_type"] == "CRASHED", state
+            assert "no heartbeat for 45 s" in state["state"]["message"]
+            crashed_after = time.monotonic() - killed_at  # an upper bound: the second run ended after it was marked
+            assert "waiting for a slot of concurrency limit 'gpu'" in log, log[-4000:]
+            assert f"held by run {killed['name']} (stage cpt" in " ".join(log.split()), log[-4000:]
+            cpt = read_manifest(runs["cpt"].path)
+            assert cpt["train"]["resumed_from"].startswith("step-")  # the killed run's checkpoint, not from scratch
+            artifacts = api(
+                base,
+                "/artifacts/filter",
+                {"artifacts": {"key": {"any_": ["pipeline-failure"]}}, "flow_runs": {"id": {"any_": [killed["id"]]}}},
+            )
+            assert artifacts and "Crashed in stage **cpt**" in artifacts[0]["data"], artifacts
+            print(f"killed run marked Crashed and the next run done {crashed_after:.0f} s after the kill")
+        finally:
+            stop_process_group(first, signal.SIGKILL)
+            print((tmp_path / "server.log").read_text()[-3000:])

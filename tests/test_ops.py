@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import os
@@ -720,29 +721,32 @@ def api(base: str, path: str, body: dict | None = None):
         return json.loads(response.read())
 
 
-@pytest.mark.slow
-def test_a_schedule_fires_on_a_real_server_and_finds_every_stage_cached(corpus, tiny_llama_dir, tmp_path):  # noqa: F811
-    """`prefect server start` (through `cptflow ui`) with its scheduler; the pipeline once, then `cptflow
-    serve --interval`: the scheduler creates runs and one completes having recomputed nothing."""
-    from test_flow import file_times
+def stop_process_group(process: subprocess.Popen | None, sig: int = signal.SIGINT) -> None:
+    """`sig` to the process group (Ctrl-C by default), then SIGKILL after 30 s."""
+    if process is not None and process.poll() is None:
+        os.killpg(process.pid, sig)
+        try:
+            process.wait(timeout=30)
+        except subprocess.TimeoutExpired:
+            os.killpg(process.pid, signal.SIGKILL)
 
+
+@contextlib.contextmanager
+def real_prefect_server(tmp_path: Path, **settings: str):
+    """`prefect server start` (through `cptflow ui`) on a free port with its own PREFECT_HOME and these
+    settings, with every service a production server runs: yields (API URL, the environment for commands
+    that talk to it). Its log is tmp_path/server.log."""
     port = free_port()
     base = f"http://127.0.0.1:{port}/api"
-    env = dict(
-        os.environ,
-        PREFECT_HOME=str(tmp_path / "prefect-home"),
-        PREFECT_API_URL=base,
-        PREFECT_SERVER_SERVICES_SCHEDULER_LOOP_SECONDS="5",
-        PREFECT_RUNNER_POLL_FREQUENCY="2",
-    )
+    env = dict(os.environ, PREFECT_HOME=str(tmp_path / "prefect-home"), PREFECT_API_URL=base, **settings)
+    log = tmp_path / "server.log"
     ui = subprocess.Popen(
         [sys.executable, "-m", "cptflow.cli", "ui", "--port", str(port)],
         env=env,
-        stdout=open(tmp_path / "server.log", "w"),
+        stdout=open(log, "w"),
         stderr=subprocess.STDOUT,
         start_new_session=True,
     )
-    served = None
     try:
         deadline = time.monotonic() + 180
         while True:
@@ -750,38 +754,53 @@ def test_a_schedule_fires_on_a_real_server_and_finds_every_stage_cached(corpus, 
                 if api(base, "/health"):
                     break
             except OSError:
-                assert ui.poll() is None and time.monotonic() < deadline, (tmp_path / "server.log").read_text()
+                assert ui.poll() is None and time.monotonic() < deadline, log.read_text()
                 time.sleep(1)
-        config = write_config(tmp_path, corpus, tiny_llama_dir)
-        work = tmp_path / "work"
-        subprocess.run(
-            [sys.executable, "-m", "cptflow.cli", "run", str(config)], env=env, check=True, timeout=900, cwd=tmp_path
-        )
-        before = file_times(work)
-        served = subprocess.Popen(
-            [sys.executable, "-m", "cptflow.cli", "serve", str(config), "--interval", "15"],
-            env=env,
-            cwd=tmp_path,
-            stdout=open(tmp_path / "serve.log", "w"),
-            stderr=subprocess.STDOUT,
-            start_new_session=True,
-        )
-        deadline = time.monotonic() + 300
-        while True:
-            runs = api(base, "/flow_runs/filter", {"deployments": {"name": {"any_": ["flow-test"]}}})
-            states = [run["state_type"] for run in runs]
-            if "COMPLETED" in states:
-                break
-            assert time.monotonic() < deadline, f"{states}\n{(tmp_path / 'serve.log').read_text()[-3000:]}"
-            assert "FAILED" not in states and "CRASHED" not in states, (tmp_path / "serve.log").read_text()[-3000:]
-            time.sleep(2)
-        assert any(run["auto_scheduled"] for run in runs)  # created by the server's scheduler, not by us
-        assert file_times(work) == before  # every stage came back cached: nothing written
+        yield base, env
     finally:
-        for process in (served, ui):
-            if process is not None and process.poll() is None:
-                os.killpg(process.pid, signal.SIGINT)
-                try:
-                    process.wait(timeout=30)
-                except subprocess.TimeoutExpired:
-                    os.killpg(process.pid, signal.SIGKILL)
+        stop_process_group(ui)
+
+
+@pytest.mark.slow
+def test_a_schedule_fires_on_a_real_server_and_finds_every_stage_cached(corpus, tiny_llama_dir, tmp_path):  # noqa: F811
+    """`prefect server start` (through `cptflow ui`) with its scheduler; the pipeline once, then `cptflow
+    serve --interval`: the scheduler creates runs and one completes having recomputed nothing."""
+    from test_flow import file_times
+
+    served = None
+    with real_prefect_server(
+        tmp_path, PREFECT_SERVER_SERVICES_SCHEDULER_LOOP_SECONDS="5", PREFECT_RUNNER_POLL_FREQUENCY="2"
+    ) as (base, env):
+        try:
+            config = write_config(tmp_path, corpus, tiny_llama_dir)
+            work = tmp_path / "work"
+            subprocess.run(
+                [sys.executable, "-m", "cptflow.cli", "run", str(config)],
+                env=env,
+                check=True,
+                timeout=900,
+                cwd=tmp_path,
+            )
+            before = file_times(work)
+            served = subprocess.Popen(
+                [sys.executable, "-m", "cptflow.cli", "serve", str(config), "--interval", "15"],
+                env=env,
+                cwd=tmp_path,
+                stdout=open(tmp_path / "serve.log", "w"),
+                stderr=subprocess.STDOUT,
+                start_new_session=True,
+            )
+            deadline = time.monotonic() + 300
+            while True:
+                runs = api(base, "/flow_runs/filter", {"deployments": {"name": {"any_": ["flow-test"]}}})
+                states = [run["state_type"] for run in runs]
+                if "COMPLETED" in states:
+                    break
+                serve_log = (tmp_path / "serve.log").read_text()[-3000:]
+                assert time.monotonic() < deadline, f"{states}\n{serve_log}"
+                assert "FAILED" not in states and "CRASHED" not in states, serve_log
+                time.sleep(2)
+            assert any(run["auto_scheduled"] for run in runs)  # created by the server's scheduler, not by us
+            assert file_times(work) == before  # every stage came back cached: nothing written
+        finally:
+            stop_process_group(served)
