@@ -347,15 +347,12 @@ def choose_encoder(tokenizer, choice: str = "auto") -> tuple[FastEncoder | None,
     return (None, why) if why else (encoder, "")
 
 
-def encode_checked(
-    encoder: FastEncoder, texts: list[str], tokenizer, *, compare=None
-) -> tuple[np.ndarray, np.ndarray, int]:
+def encode_checked(encoder: FastEncoder, texts: list[str], tokenizer) -> tuple[np.ndarray, np.ndarray, int]:
     """`encoder.encode_documents` with every CHECK_EVERY-th document also encoded by the tokenizer itself:
-    (tokens, lengths, documents checked). A difference raises EncoderMismatch rather than change the ids.
-    `compare`: the comparison (default `differing_documents`; a caller's tests may swap in their own)."""
+    (tokens, lengths, documents checked). A difference raises EncoderMismatch rather than change the ids."""
     tokens, lengths = encoder.encode_documents(texts, tokenizer.eos_token_id)
     sample = range(0, len(texts), CHECK_EVERY)
-    if differing := (compare or differing_documents)(
+    if differing := differing_documents(
         tokens, lengths, document_token_ids([texts[i] for i in sample], tokenizer), sample
     ):
         index = differing[0]

@@ -162,9 +162,10 @@ def stage_at_crash(flow_run_id: UUID) -> str | None:
     return next((stage for stage in PIPELINE_STAGES if stage in unfinished), None)
 
 
-def crash_report(flow_run) -> tuple[str, str, dict | None]:
-    """(markdown, description, notification payload) for a crashed pipeline run, from its parameters:
-    the stage it died in is the first selected stage the store does not have as done."""
+def crash_report(flow_run) -> tuple[str, str]:
+    """(markdown, description) of a crashed pipeline run's report, from its parameters; the configured
+    notification goes out too. The stage is the one the server saw unfinished (stage_at_crash), else the
+    first selected stage the store does not have as done."""
     parameters = flow_run.parameters or {}
     cause = (flow_run.state.message if flow_run.state else None) or "the run crashed"
     try:
@@ -180,7 +181,7 @@ def crash_report(flow_run) -> tuple[str, str, dict | None]:
                 f"    (its config could not be read to name the stage: {type(error).__name__}: {error})",
             ]
         )
-        return markdown, f"cptflow {flow_run.name}: crashed", None
+        return markdown, f"cptflow {flow_run.name}: crashed"
     stage = stage_at_crash(flow_run.id) or failed_stage(runs, selected)
     report = failure_report(
         cfg,
@@ -203,7 +204,7 @@ def crash_report(flow_run) -> tuple[str, str, dict | None]:
         "flow_run_id": str(flow_run.id),
     }
     notify(cfg, payload)
-    return markdown, f"cptflow {cfg.name}: crashed in {stage}", payload
+    return markdown, f"cptflow {cfg.name}: crashed in {stage}"
 
 
 def report_crashed_runs(log: Callable[[str], None] | None = None) -> list[UUID]:
@@ -211,7 +212,7 @@ def report_crashed_runs(log: Callable[[str], None] | None = None) -> list[UUID]:
     done = []
     with get_client(sync_client=True) as client:
         for flow_run in crashed_runs_without_report(client):
-            markdown, description, _ = crash_report(flow_run)
+            markdown, description = crash_report(flow_run)
             client.create_artifact(
                 ArtifactCreate(
                     key=FAILURE_KEY, type="markdown", data=markdown, description=description, flow_run_id=flow_run.id

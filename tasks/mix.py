@@ -43,7 +43,6 @@ from cptflow.docshards import (
     mark_shard_finished,
     shard_work_file,
 )
-from cptflow.fast_bpe import differing_documents
 from cptflow.models import load_tokenizer, model_fingerprint, resolve_model_path
 from cptflow.stage import Artifact, commit_data_stage, counts_artifact, upstream_shard_path, upstream_shards
 from cptflow.store import WORK, atomic_path, atomic_write_json, file_entry, read_json
@@ -268,8 +267,7 @@ def count_tokens(texts: list[str], tokenizer, encoder) -> np.ndarray:
     also made by the tokenizer, as tokenize checks them: a difference raises EncoderMismatch."""
     if encoder is None:
         return np.asarray(document_tokens(texts, tokenizer), dtype=np.int64).reshape(len(texts))
-    # differing_documents through this module: tests/test_mix.py swaps it to force a mismatch.
-    _, lengths, _ = fast_bpe.encode_checked(encoder, texts, tokenizer, compare=differing_documents)
+    _, lengths, _ = fast_bpe.encode_checked(encoder, texts, tokenizer)
     return lengths.astype(np.int64, copy=False)
 
 

@@ -371,7 +371,12 @@ def _generation_spans(messages: list[dict], tokenizer, template: str, text: str)
 
 
 def tokenize_conversation(
-    messages: list[dict], tokenizer, template: str | None, max_length: int, system_message: str = "merge"
+    messages: list[dict],
+    tokenizer,
+    template: str | None,
+    max_length: int,
+    system_message: str = "merge",
+    terminators: list[str] | None = None,
 ) -> dict:
     """input_ids with labels on the assistant answers, each with exactly one end token, and -100 elsewhere.
 
@@ -382,7 +387,8 @@ def tokenize_conversation(
     terminator right after it (`<|im_end|>`, `<|eot_id|>`, `<end_of_turn>`, `</s>`, `<|end|>`); only when the
     template puts none there does it get EOS, once. Matching is on text, then token offsets, because BPE
     merges across a turn boundary make token-level prefixes unreliable; a token that straddles the start of
-    an answer (" About" after "[/INST]") is trained. Returns {"input_ids", "labels", "truncated", "system"}.
+    an answer (" About" after "[/INST]") is trained. `terminators`: end_tokens(tokenizer, template), which
+    a caller tokenizing many conversations computes once. Returns {"input_ids", "labels", "truncated", "system"}.
     """
     text, rendered, system = render_conversation(messages, tokenizer, template, system_message)
     source = template if template is not None else tokenizer.chat_template
@@ -391,7 +397,8 @@ def tokenize_conversation(
         spans = _generation_spans(rendered, tokenizer, source, text)
     if spans is None:
         spans = _content_spans(text, rendered)
-    terminators = end_tokens(tokenizer, template)
+    if terminators is None:
+        terminators = end_tokens(tokenizer, template)
     eos = tokenizer.eos_token
     trained, shift = [], 0
     for start, end in spans:
@@ -474,6 +481,7 @@ def load_examples(
         raise SftDataError("sft.data names no instruction file; add one (JSONL, Alpaca or chat form)")
     train, held, system_counts = [], [], Counter()
     rejections = Rejections()
+    terminators = end_tokens(tokenizer, template)  # once, not per conversation (it renders a probe twice)
     per_file = {}
     for item in section.data:
         path = cfg.resolve(item.path)
@@ -498,7 +506,7 @@ def load_examples(
                     continue
                 try:
                     example = tokenize_conversation(
-                        messages, tokenizer, template, section.max_length, section.system_message
+                        messages, tokenizer, template, section.max_length, section.system_message, terminators
                     )
                 except SystemRoleUnsupported as err:
                     raise SftDataError(f"{path}:{line_number}: {err}") from err

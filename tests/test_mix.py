@@ -20,6 +20,7 @@ import numpy as np
 import pytest
 from pydantic import ValidationError
 
+from cptflow import fast_bpe
 from cptflow.tasks import mix
 from cptflow.tasks.mix import (
     MixConfig,
@@ -680,7 +681,7 @@ def test_token_counts_are_the_tokenizers_with_and_without_the_fast_encoder(tiny_
     hf_cfg = types.SimpleNamespace(**vars(cfg), tokenize=types.SimpleNamespace(encoder="huggingface"))
     assert mix.token_counter(hf_cfg)[1] is None
     assert summarised(tmp_path / "hf", hf_cfg)[0] == expected
-    monkeypatch.setattr(mix, "differing_documents", lambda tokens, lengths, expected, indices: [indices[0]])
+    monkeypatch.setattr(fast_bpe, "differing_documents", lambda tokens, lengths, expected, indices: [indices[0]])
     disagreeing, counts = summarised(tmp_path / "fallback", cfg)
     assert disagreeing == expected and all(c["stats"]["encoder_fallbacks"] == 1 for c in counts)
 
